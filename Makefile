@@ -1,0 +1,35 @@
+# Two commands for a new user (see README):
+#   make run    install the pinned environment into .venv and run the main job
+#   make test   install the pinned environment into .venv and run the test suite
+# Both install exactly requirements/lock.txt (torch 2.13.0 CPU and the versions tested with it)
+# and creditlib itself in editable mode; the install is skipped when nothing changed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.creditlib-installed
+
+.PHONY: install run demo test bench clean
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/lock.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python recipes/demo_trace.py $(ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python recipes/demo_trace.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,rounds $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
