@@ -18,10 +18,10 @@ def _seed():
 
 def available_backends():
     """Trace backends that run on this machine's CPU: always "torch"; "cpp" when it can build."""
-    from creditlib._kernels import cpu
-
     out = ["torch"]
     try:
+        from creditlib._kernels import cpu
+
         if cpu.can_build():
             out.append("cpp")
     except Exception:  # pragma: no cover - a broken toolchain is reported by test_kernel_cpu
