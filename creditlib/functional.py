@@ -66,29 +66,42 @@ def _check_mask(mask, like: torch.Tensor, like_name: str = "x") -> torch.Tensor:
     return mask
 
 
-# ----------------------------------------------------------------------------- autograd
-class _TraceFn(torch.autograd.Function):
-    """z = W x (or W^T x). Linear in x, so the backward is the transposed operator, itself a
-    `_TraceFn` (which makes double backward and gradgradcheck work)."""
+# ----------------------------------------------------------------------------- the operator
+# The trace is one opaque custom op: torch.compile treats it as a single node (no tracing into the
+# kernels, no graph breaks), autograd uses the registered backward, and fake tensors get its shape.
+@torch.library.custom_op("creditlib::trace_scan", mutates_args=())
+def _trace_op(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+              d: float, eps: float, both: bool, transpose: bool, backend: str) -> torch.Tensor:
+    return _kernels.trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose, backend)
 
-    @staticmethod
-    def forward(ctx, x, mask_u8, cu_seqlens, d, eps, both, transpose, backend):
-        ctx.save_for_backward(mask_u8, cu_seqlens)
-        ctx.params = (d, eps, both, transpose, backend)
-        return _kernels.trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose, backend)
 
-    @staticmethod
-    def backward(ctx, grad_z):
-        mask_u8, cu_seqlens = ctx.saved_tensors
-        d, eps, both, transpose, backend = ctx.params
-        grad_x = _TraceFn.apply(grad_z.contiguous(), mask_u8, cu_seqlens, d, eps, both, not transpose, backend)
-        return grad_x, None, None, None, None, None, None, None
+@_trace_op.register_fake
+def _(x, mask_u8, cu_seqlens, d, eps, both, transpose, backend):
+    return torch.empty_like(x)
+
+
+def _trace_setup(ctx, inputs, output):
+    x, mask_u8, cu_seqlens, d, eps, both, transpose, backend = inputs
+    ctx.save_for_backward(mask_u8, cu_seqlens)
+    ctx.params = (d, eps, both, transpose, backend)
+
+
+def _trace_backward(ctx, grad_z):
+    # z = W x is linear in x: the gradient is the transposed operator, itself this op (so double
+    # backward and gradgradcheck work)
+    mask_u8, cu_seqlens = ctx.saved_tensors
+    d, eps, both, transpose, backend = ctx.params
+    grad_x = _trace_op(grad_z.contiguous(), mask_u8, cu_seqlens, d, eps, both, not transpose, backend)
+    return grad_x, None, None, None, None, None, None, None
+
+
+_trace_op.register_autograd(_trace_backward, setup_context=_trace_setup)
 
 
 def _apply(x2: torch.Tensor, mask_u8: Optional[torch.Tensor], cu: Optional[torch.Tensor],
            style: DecayStyle, transpose: bool, backend: str) -> torch.Tensor:
     _kernels.check_backend(backend)
-    return _TraceFn.apply(x2, mask_u8, cu, style.decay, style.eps, style.both, transpose, backend)
+    return _trace_op(x2, mask_u8, cu, style.decay, style.eps, style.both, transpose, backend)
 
 
 def _padded(x: torch.Tensor, mask: Optional[torch.Tensor], style: DecayStyle, transpose: bool,

@@ -315,3 +315,27 @@ def test_bad_inputs_name_the_argument():
         F.group_advantage(torch.randn(6), 3, scale="max")
     with pytest.raises(ValueError, match="T"):
         F.trace_weights(-1, s)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_compiled_equals_eager_without_graph_breaks():
+    """The trace is one opaque custom op: a user's loss compiles with fullgraph=True around it."""
+    s = DecayStyle("both", lam=0.9, eps=0.05)
+
+    def loss(logp, old, m, adv):
+        z = F.eligibility_trace(logp - old, m, s)  # [B, T]
+        return -(torch.exp(z) * adv[:, None] * m).sum() / m.sum()
+
+    B, T = 4, 50
+    old = torch.randn(B, T)
+    m = torch.rand(B, T) < 0.8
+    adv = torch.randn(B)
+    lp1 = (old + 0.1 * torch.randn(B, T)).requires_grad_(True)
+    lp2 = lp1.detach().clone().requires_grad_(True)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    l1 = compiled(lp1, old, m, adv)
+    l1.backward()
+    l2 = loss(lp2, old, m, adv)
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(lp1.grad, lp2.grad)
