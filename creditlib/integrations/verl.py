@@ -1,0 +1,387 @@
+"""GRPO-lambda in verl (optional extra ``creditlib[verl]``; in an existing verl environment
+``pip install --no-deps creditlib``: this module needs only torch and numpy. See ``docs/verl.md``).
+
+Two functions with verl's registry signatures, registered under the name ``"grpo_lambda"`` when
+this module is imported and verl is importable:
+
+* :func:`grpo_lambda_policy_loss` -- a policy loss for ``@register_policy_loss``
+  (``actor_rollout_ref.actor.policy_loss.loss_mode=grpo_lambda``): the PPO-clipped surrogate with
+  the eligibility-traced ratio ``exp(z)``, computed by :func:`creditlib.losses.grpo_lambda_loss`
+  and aggregated like verl's ``agg_loss`` (``loss_agg_mode`` and ``config.global_batch_info``:
+  data-parallel size, global token and sequence counts, ``loss_scale_factor``);
+* :func:`grpo_lambda_advantage` -- an advantage estimator for ``@register_adv_est``
+  (``algorithm.adv_estimator=grpo_lambda``): the group-relative GRPO advantage
+  (:func:`creditlib.functional.group_advantage`) followed by the negative clamp ``max(A, c)``.
+
+Without verl the module still imports and both functions work on plain tensors; only
+:func:`register` needs verl. verl's configs are strict dataclasses that refuse unknown keys, so
+the trace parameters come from the environment (read at each call, so they can be set per Ray
+worker through ``ray_kwargs.ray_init.runtime_env.env_vars``) or are bound in code with
+:func:`register`:
+
+=========================  ===========  ==============================================
+variable                   default      meaning
+=========================  ===========  ==============================================
+``CREDITLIB_TRACE_STYLE``  ``recent``   ``recent`` or ``both``
+``CREDITLIB_TRACE_GAMMA``  ``1.0``      discount gamma in [0, 1]
+``CREDITLIB_TRACE_LAM``    ``0.99``     trace decay lambda in [0, 1]
+``CREDITLIB_TRACE_EPS``    ``0.0``      weight floor in [0, 1]
+``CREDITLIB_CLAMP_MIN``    ``-0.1``     advantage clamp (a float <= 0, or ``none``)
+=========================  ===========  ==============================================
+
+The clip range is verl's own ``actor.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .. import functional as F
+from ..losses.functional import clamp_advantages, grpo_lambda_loss
+from ..style import DecayStyle
+
+__all__ = [
+    "NAME",
+    "ENV_VARS",
+    "grpo_lambda_policy_loss",
+    "grpo_lambda_advantage",
+    "make_policy_loss",
+    "make_advantage_estimator",
+    "style_from_env",
+    "clamp_min_from_env",
+    "register",
+    "verl_available",
+]
+
+#: The name both functions are registered under.
+NAME = "grpo_lambda"
+
+#: Environment variables read by the registered functions (see the module docstring).
+ENV_VARS = {
+    "style": "CREDITLIB_TRACE_STYLE",
+    "gamma": "CREDITLIB_TRACE_GAMMA",
+    "lam": "CREDITLIB_TRACE_LAM",
+    "eps": "CREDITLIB_TRACE_EPS",
+    "clamp_min": "CREDITLIB_CLAMP_MIN",
+}
+_DEFAULTS = {"style": "recent", "gamma": 1.0, "lam": 0.99, "eps": 0.0, "clamp_min": -0.1}
+_FROM_ENV = object()  # sentinel: read the parameter from the environment at call time
+
+
+# ----------------------------------------------------------------------------- configuration
+def _env_float(name: str, default: float, environ: Mapping[str, str]) -> float:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+
+
+def style_from_env(environ: Optional[Mapping[str, str]] = None) -> DecayStyle:
+    """The :class:`~creditlib.DecayStyle` described by ``CREDITLIB_TRACE_{STYLE,GAMMA,LAM,EPS}``.
+
+    Unset variables take the defaults ``recent``, 1.0, 0.99, 0.0.
+
+    Raises:
+        ValueError: a value is not a number or is out of range (the message names the variable).
+    """
+    env = os.environ if environ is None else environ
+    style = (env.get(ENV_VARS["style"]) or _DEFAULTS["style"]).strip()
+    vals = {k: _env_float(ENV_VARS[k], _DEFAULTS[k], env) for k in ("gamma", "lam", "eps")}
+    try:
+        return DecayStyle(style, vals["gamma"], vals["lam"], vals["eps"])
+    except ValueError as e:
+        key = str(e).split(" ", 1)[0]
+        var = ENV_VARS.get(key)
+        raise ValueError(f"{var}: {e}" if var else str(e)) from None
+
+
+def clamp_min_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[float]:
+    """The advantage clamp from ``CREDITLIB_CLAMP_MIN`` (default -0.1; ``none`` disables it)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_VARS["clamp_min"])
+    if raw is not None and raw.strip().lower() in ("none", "null", "off"):
+        return None
+    c = _env_float(ENV_VARS["clamp_min"], _DEFAULTS["clamp_min"], env)
+    if not (c <= 0.0) or math.isinf(c):
+        raise ValueError(f"{ENV_VARS['clamp_min']} must be a finite float <= 0 or 'none', got {raw!r}")
+    return c
+
+
+def _cfg_get(config: Any, key: str, default: Any = None) -> Any:
+    """``config.key`` for verl's dataclass configs, OmegaConf ``DictConfig``s and plain dicts."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping) or hasattr(config, "get"):
+        try:
+            value = config.get(key, default)
+        except Exception:  # noqa: BLE001 - a config type whose get() refuses unknown keys
+            value = getattr(config, key, default)
+    else:
+        value = getattr(config, key, default)
+    return default if value is None else value
+
+
+def _clip_eps(config: Any) -> Tuple[float, float]:
+    clip = float(_cfg_get(config, "clip_ratio", 0.2))
+    return float(_cfg_get(config, "clip_ratio_low", clip)), float(_cfg_get(config, "clip_ratio_high", clip))
+
+
+def _as_float(v) -> Optional[float]:
+    if v is None:
+        return None
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _global_factor(mask: torch.Tensor, loss_agg_mode: str, info: Mapping[str, Any]) -> float:
+    """Turn creditlib's local aggregation into verl's ``agg_loss`` (verl 0.9) with global batch info.
+
+    verl: ``token-mean = sum / N_global * dp``; ``token-sum = sum * dp``; ``seq-mean-token-{mean,sum}
+    = sum_i s_i / B_global * dp``; ``seq-mean-token-sum-norm = sum / B_global * dp / S``. creditlib
+    divides by the local ``N`` / ``B'`` (and ``S``), so the ratio is a scalar.
+    """
+    dp = float(info.get("dp_size") or 1)
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        n_local = float(mask.sum())
+        if loss_agg_mode == "token-sum":
+            return max(n_local, 1.0) * dp
+        n_global = _as_float(info.get("batch_num_tokens"))
+        return max(n_local, 1.0) / (n_global if n_global else max(n_local, 1.0)) * dp
+    b_local = float((mask.sum(-1) > 0).sum())
+    b_global = _as_float(info.get("global_batch_size"))
+    denom = b_global if b_global else max(b_local, 1.0)
+    return max(b_local, 1.0) / denom * dp
+
+
+# ----------------------------------------------------------------------------- policy loss
+def grpo_lambda_policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    style: Optional[DecayStyle] = None,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """GRPO-lambda policy loss with verl's ``PolicyLossFn`` signature.
+
+    Args:
+        old_log_prob: float ``[bs, T]``, log-probs of the response tokens under the rollout-time policy.
+        log_prob: float ``[bs, T]``, the same under the policy being trained (carries the gradient).
+        advantages: float ``[bs, T]`` (verl's token-level advantages) or ``[bs]``.
+        response_mask: ``[bs, T]`` bool/int, right-padded response mask.
+        loss_agg_mode: ``"token-mean"``, ``"token-sum"``, ``"seq-mean-token-mean"``,
+            ``"seq-mean-token-sum"`` or ``"seq-mean-token-sum-norm"``.
+        config: verl's ``ActorConfig`` (or a DictConfig/dict): ``clip_ratio``, ``clip_ratio_low``,
+            ``clip_ratio_high``, ``global_batch_info`` are read; missing keys take verl's defaults.
+        rollout_is_weights: optional float ``[bs, T]`` (or ``[bs, 1]``) non-negative rollout
+            importance-sampling weights, multiplied into the per-token loss as in verl's losses.
+        style: the trace; ``None`` reads ``CREDITLIB_TRACE_*`` from the environment.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss and a dict of floats (``actor/pg_clipfrac`` is the
+        fraction of tokens whose *traced* ratio is clipped, ``actor/ppo_kl`` the k1 estimate).
+
+    The advantages are used as given (no clamp here: the ``grpo_lambda`` estimator clamps).
+    Unlike verl's ``vanilla`` loss there is no dual-clip (``clip_ratio_c``) and no [-20, 20]
+    clamp of the log-ratio: this is the paper's loss.
+    """
+    if style is None:
+        style = style_from_env()
+    if not isinstance(response_mask, torch.Tensor):
+        raise ValueError(f"response_mask must be a torch.Tensor [bs, T], got {type(response_mask).__name__}")
+    mask = response_mask.bool()  # [bs, T]
+    if loss_agg_mode == "token-sum":
+        aggregation = "token-mean"  # rescaled by the token count below
+    else:
+        aggregation = loss_agg_mode
+    info = _cfg_get(config, "global_batch_info", {}) or {}
+    scale = None
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = _as_float(info.get("loss_scale_factor")) or _as_float(_cfg_get(config, "loss_scale_factor"))
+
+    adv = advantages  # [bs, T] or [bs]
+    if rollout_is_weights is not None:
+        # w >= 0, so -min(r A, clip(r) A) * w == -min(r (A w), clip(r) (A w)): fold w into A.
+        if not isinstance(rollout_is_weights, torch.Tensor):
+            raise ValueError("rollout_is_weights must be a torch.Tensor [bs, T] or [bs, 1], got "
+                             f"{type(rollout_is_weights).__name__}")
+        w = rollout_is_weights.to(log_prob.dtype)
+        if w.shape not in (mask.shape, mask.shape[:1] + (1,)):
+            raise ValueError(f"rollout_is_weights must have shape {tuple(mask.shape)} or "
+                             f"({mask.shape[0]}, 1), got {tuple(w.shape)}")
+        w = w.expand(mask.shape)  # [bs, T]
+        if bool(((w < 0) & mask).any()):
+            raise ValueError("rollout_is_weights must be non-negative on the response tokens")
+        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * w  # [bs, T]
+
+    loss, m = grpo_lambda_loss(
+        log_prob, old_log_prob.detach(), adv, mask, style, clip_eps=_clip_eps(config), clamp_min=None,
+        aggregation=aggregation, loss_scale_factor=scale)
+    loss = loss * _global_factor(mask, loss_agg_mode, info)
+    metrics = {
+        "actor/pg_clipfrac": float(m["traced_clip_fraction"]),
+        "actor/ppo_kl": float(m["approx_kl"]),
+        "actor/creditlib/trace_abs_mean": float(m["trace_abs_mean"]),
+        "actor/creditlib/ratio_mean": float(m["ratio_mean"]),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- advantage estimator
+def grpo_lambda_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index=None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    config: Any = None,
+    *,
+    clamp_min: Any = _FROM_ENV,
+    **unused: Any,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's group-relative advantage with the negative clamp, as a verl advantage estimator.
+
+    ``A_i = (R_i - mean_g(R)) / (std_g(R) + epsilon)`` over the responses sharing a prompt ``uid``
+    (``R_i`` = the response's summed token-level reward), then ``A_i <- max(A_i, clamp_min)``,
+    broadcast over the response tokens. Groups of one response get advantage 0 (verl's ``grpo``
+    gives them the raw score).
+
+    Args:
+        token_level_rewards: float ``[bs, T]``.
+        response_mask: ``[bs, T]`` bool/int.
+        index: ``[bs]`` array of prompt uids (verl passes ``non_tensor_batch["uid"]``).
+        epsilon: added to the group std.
+        norm_adv_by_std_in_grpo: divide by the group std (GRPO) or not (Dr. GRPO); ``None`` reads
+            ``config.norm_adv_by_std_in_grpo`` (default True).
+        config: verl's ``AlgoConfig`` (or DictConfig / dict), optional.
+        clamp_min: float ``<= 0`` or ``None``; default: ``CREDITLIB_CLAMP_MIN`` (-0.1).
+
+    Returns:
+        ``(advantages, returns)``, both ``[bs, T]`` (0 on padding), like verl's estimators.
+    """
+    if not isinstance(token_level_rewards, torch.Tensor) or token_level_rewards.dim() != 2:
+        raise ValueError("token_level_rewards must be a float tensor [bs, T], got "
+                         f"{getattr(token_level_rewards, 'shape', type(token_level_rewards).__name__)}")
+    if not isinstance(response_mask, torch.Tensor) or response_mask.shape != token_level_rewards.shape:
+        raise ValueError(f"response_mask must be a tensor of shape {tuple(token_level_rewards.shape)}")
+    bs = token_level_rewards.shape[0]
+    if index is None or len(index) != bs:
+        raise ValueError(f"index must give the prompt uid of each of the {bs} responses, got "
+                         f"{None if index is None else len(index)} entries")
+    if clamp_min is _FROM_ENV:
+        clamp_min = clamp_min_from_env()
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+    first: Dict[Any, int] = {}
+    ids = torch.tensor([first.setdefault(u, len(first)) for u in index], dtype=torch.long,
+                       device=token_level_rewards.device)  # [bs] group ids
+    scores = token_level_rewards.sum(-1)  # [bs]
+    with torch.no_grad():
+        adv = F.group_advantage(scores, scale="std" if norm_adv_by_std_in_grpo else "none", group_ids=ids,
+                                eps=float(epsilon))  # [bs]
+        adv = clamp_advantages(adv, clamp_min)
+        adv = adv.unsqueeze(-1) * response_mask.to(adv.dtype)  # [bs, T]
+    return adv, adv
+
+
+# ----------------------------------------------------------------------------- factories and registration
+def make_policy_loss(style: DecayStyle) -> Callable[..., Tuple[torch.Tensor, Dict[str, float]]]:
+    """A verl policy loss with the trace bound to ``style`` (instead of the environment)."""
+    if not isinstance(style, DecayStyle):
+        raise ValueError(f"style must be a creditlib.DecayStyle, got {type(style).__name__}")
+
+    def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                    config=None, rollout_is_weights=None):
+        return grpo_lambda_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                                       config, rollout_is_weights, style=style)
+
+    policy_loss.__doc__ = f"GRPO-lambda policy loss with style {style} (see grpo_lambda_policy_loss)."
+    policy_loss._creditlib = True
+    return policy_loss
+
+
+def make_advantage_estimator(clamp_min: Optional[float]) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """A verl advantage estimator with the clamp bound to ``clamp_min`` (``None``: no clamp)."""
+    if clamp_min is not None and (not (float(clamp_min) <= 0.0) or math.isinf(float(clamp_min))):
+        raise ValueError(f"clamp_min must be None or a finite float <= 0, got {clamp_min!r}")
+
+    def estimator(token_level_rewards, response_mask, index=None, epsilon=1e-6, norm_adv_by_std_in_grpo=None,
+                  config=None, **unused):
+        return grpo_lambda_advantage(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo,
+                                     config, clamp_min=clamp_min)
+
+    estimator.__doc__ = f"GRPO advantage clamped at {clamp_min} (see grpo_lambda_advantage)."
+    estimator._creditlib = True
+    return estimator
+
+
+grpo_lambda_policy_loss._creditlib = True
+grpo_lambda_advantage._creditlib = True
+
+
+def verl_available() -> bool:
+    """True when verl can be imported here."""
+    return importlib.util.find_spec("verl") is not None
+
+
+def _core_algos():
+    try:
+        return importlib.import_module("verl.trainer.ppo.core_algos")
+    except ImportError as e:
+        raise ImportError("registering GRPO-lambda with verl needs verl: pip install 'creditlib[verl]' "
+                          "(or, in an existing verl environment, pip install --no-deps creditlib); "
+                          f"import failed: {e}") from e
+
+
+def register(policy_loss_name: Optional[str] = NAME, adv_estimator_name: Optional[str] = NAME, *,
+             style: Optional[DecayStyle] = None, clamp_min: Any = _FROM_ENV) -> None:
+    """Register the policy loss and the advantage estimator in verl's registries.
+
+    Called with no arguments when this module is imported (if verl is importable): ``grpo_lambda``
+    for both, reading the environment at each call. Call it yourself, from a module that verl
+    imports in its workers (``VERL_USE_EXTERNAL_MODULES`` / ``actor_rollout_ref.model.external_lib``),
+    to bind parameters in code, e.g. ``register("grpo_lambda_both", "grpo_lambda_c02",
+    style=DecayStyle("both", lam=0.95), clamp_min=-0.2)``. ``None`` skips one of the two.
+
+    Raises:
+        ImportError: verl is not installed (the message names the ``creditlib[verl]`` extra).
+        ValueError: the name is taken by a function that is not creditlib's.
+    """
+    core = _core_algos()
+    if policy_loss_name is not None:
+        fn = grpo_lambda_policy_loss if style is None else make_policy_loss(style)
+        _check_free(core.POLICY_LOSS_REGISTRY, policy_loss_name, "policy loss")
+        core.register_policy_loss(policy_loss_name)(fn)
+    if adv_estimator_name is not None:
+        fn = grpo_lambda_advantage if clamp_min is _FROM_ENV else make_advantage_estimator(clamp_min)
+        registry = core.ADV_ESTIMATOR_REGISTRY
+        _check_free(registry, adv_estimator_name, "advantage estimator")
+        registry.pop(adv_estimator_name, None)  # ours (e.g. after a reload): verl refuses to re-register
+        core.register_adv_est(adv_estimator_name)(fn)
+
+
+def _check_free(registry: Mapping[str, Any], name: str, what: str) -> None:
+    current = registry.get(name)
+    if current is not None and not getattr(current, "_creditlib", False):
+        raise ValueError(f"verl already has a {what} named {name!r} that is not creditlib's ({current!r})")
+
+
+if verl_available():  # registration happens only where verl is importable
+    try:
+        register()
+    except ImportError as _e:  # verl is present but broken: the plain functions still work
+        import warnings
+
+        warnings.warn(f"creditlib.integrations.verl: verl is installed but could not be imported, so "
+                      f"'{NAME}' was not registered: {_e}", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,432 @@
+"""creditlib.losses.functional: the GRPO-lambda objective on plain tensors.
+
+Everything here takes ``[B, T]`` tensors (``B`` sequences, ``T`` token positions, a bool ``mask``
+marking the tokens that count) and no framework objects, so any trainer (TRL, verl, a hand-written
+loop, :class:`creditlib.losses.GRPOLambdaLoss` for TorchRL) can call it with its own tensors::
+
+    loss, metrics = grpo_lambda_loss(logp, old_logp, advantages, mask, DecayStyle("recent", lam=0.99))
+
+The pieces of the loss are public too, for trainers that assemble their own objective:
+
+* :func:`traced_log_ratio` -- ``z = W (logp - old_logp)``, the eligibility trace of the token
+  log-ratios (the importance ratio of GRPO-lambda is ``exp(z)``);
+* :func:`clamp_advantages` -- the negative-advantage clamp ``max(A, c)``;
+* :func:`clipped_surrogate` -- the per-token PPO-clipped loss of a (traced) log-ratio;
+* :func:`aggregate` / :func:`aggregation_weights` -- verl's ``loss_agg_mode`` reductions
+  (``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``,
+  ``"seq-mean-token-sum-norm"``), and the per-token weight each of them gives.
+
+Masked positions never leak: their inputs may hold NaN or inf (padding, prompt tokens) and are
+replaced before any arithmetic, in the forward and the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import functional as _F
+from ..style import DecayStyle
+
+__all__ = [
+    "AGGREGATIONS",
+    "grpo_lambda_loss",
+    "traced_log_ratio",
+    "clamp_advantages",
+    "clipped_surrogate",
+    "aggregate",
+    "aggregation_weights",
+    "normalize_aggregation",
+    "parse_clip_eps",
+]
+
+#: Aggregation names, as verl's ``actor.loss_agg_mode``.
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+ClipEps = Union[float, Tuple[float, float], Sequence[float]]
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_float(name: str, x, shape: Optional[torch.Size] = None, like: Optional[torch.Tensor] = None):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (like logp), got {tuple(x.shape)}")
+    if like is not None and x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but logp is on {like.device}")
+    return x
+
+
+def _check_mask(mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = token counts), got dtype {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal {like_name} shape {tuple(like.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but {like_name} is on {like.device}")
+    return mask
+
+
+def _check_style(style) -> Optional[DecayStyle]:
+    if style is not None and not isinstance(style, DecayStyle):
+        raise ValueError(f"style must be a creditlib.DecayStyle or None (plain GRPO), got {type(style).__name__}")
+    return style
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def normalize_aggregation(aggregation: str) -> str:
+    """Canonical aggregation name: one of :data:`AGGREGATIONS` (``_`` is accepted for ``-``).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if not isinstance(aggregation, str):
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    name = aggregation.replace("_", "-")
+    if name not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    return name
+
+
+def parse_clip_eps(clip_eps: ClipEps) -> Tuple[float, float]:
+    """``clip_eps`` as ``(eps_low, eps_high)``: the ratio is clipped to ``[1 - eps_low, 1 + eps_high]``.
+
+    Args:
+        clip_eps: a float ``e`` (symmetric, ``(e, e)``) or a pair ``(eps_low, eps_high)``
+            (DAPO's clip-higher), with ``0 <= eps_low < 1`` and ``eps_high >= 0``.
+    """
+    if isinstance(clip_eps, (tuple, list)):
+        if len(clip_eps) != 2 or not all(_is_real(e) for e in clip_eps):
+            raise ValueError(f"clip_eps must be a float or a pair (eps_low, eps_high) of floats, got {clip_eps!r}")
+        low, high = float(clip_eps[0]), float(clip_eps[1])
+    elif _is_real(clip_eps):
+        low = high = float(clip_eps)
+    else:
+        raise ValueError(f"clip_eps must be a float or a pair (eps_low, eps_high) of floats, got {clip_eps!r}")
+    if not (0.0 <= low < 1.0):
+        raise ValueError(f"clip_eps low must be in [0, 1) so that 1 - eps_low > 0, got {low}")
+    if not high >= 0.0:
+        raise ValueError(f"clip_eps high must be >= 0, got {high}")
+    return low, high
+
+
+def _check_scale_factor(loss_scale_factor, aggregation: str):
+    if loss_scale_factor is None:
+        return None
+    if aggregation != "seq-mean-token-sum-norm":
+        raise ValueError(f"loss_scale_factor is only used by aggregation='seq-mean-token-sum-norm', "
+                         f"got it with aggregation={aggregation!r}")
+    if not _is_real(loss_scale_factor) or float(loss_scale_factor) <= 0:
+        raise ValueError(f"loss_scale_factor must be a positive number (e.g. the generation budget "
+                         f"max_new_tokens), got {loss_scale_factor!r}")
+    return float(loss_scale_factor)
+
+
+# ----------------------------------------------------------------------------- pieces
+def traced_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                     style: Optional[DecayStyle], *, backend: str = "auto") -> torch.Tensor:
+    """Traced log importance ratio ``z_t = sum_{j<=t} w(t, j) (logp_j - old_logp_j)``.
+
+    Positions ``t, j`` count the valid tokens of each row from 0 (left padding, several valid runs
+    per row: all fine). ``exp(z)`` is the importance ratio of GRPO-lambda.
+
+    Args:
+        logp: float ``[..., T]``, log-probabilities of the sampled tokens under the current policy.
+        old_logp: float ``[..., T]``, the same under the sampling (old) policy.
+        mask: bool ``[..., T]``, True where the token counts. Masked inputs are ignored even
+            when NaN/inf.
+        style: a :class:`~creditlib.DecayStyle`, or ``None`` for plain GRPO (``z = x``).
+        backend: trace backend (see :func:`creditlib.functional.eligibility_trace`).
+    Returns:
+        ``z`` ``[..., T]`` in the dtype of ``logp - old_logp``, 0 at masked positions.
+    """
+    style = _check_style(style)
+    _check_float("logp", logp)
+    _check_float("old_logp", old_logp, shape=logp.shape, like=logp)
+    _check_mask(mask, logp, "logp")
+    zero = torch.zeros((), dtype=torch.promote_types(logp.dtype, old_logp.dtype), device=logp.device)
+    x = torch.where(mask, logp - old_logp, zero)  # [..., T], NaN-free (where, not multiply)
+    if style is None or style.is_identity():
+        return x
+    return _F.eligibility_trace(x, mask, style, backend=backend)
+
+
+def clamp_advantages(advantages: torch.Tensor, clamp_min: Optional[float]) -> torch.Tensor:
+    """The negative-advantage clamp of GRPO-lambda: ``max(A, clamp_min)`` (``None``: no clamp).
+
+    Large negative advantages times accumulated (traced) log-ratios give destructive gradients;
+    the paper's default is ``clamp_min = -0.1``. Works on any shape.
+    """
+    if clamp_min is None:
+        return advantages
+    if not _is_real(clamp_min):
+        raise ValueError(f"clamp_min must be a finite float or None, got {clamp_min!r}")
+    return advantages.clamp_min(float(clamp_min))
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor,
+                      clip_eps: ClipEps = 0.2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clipped loss ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``r = exp(log_ratio)``.
+
+    The clip is applied to the log-ratio (``clamp(log r, log(1 - eps_low), log(1 + eps_high))``),
+    exactly as TorchRL's ``GRPOLoss`` does, so both give bit-identical values.
+
+    Args:
+        log_ratio: float ``[..., T]`` (for GRPO-lambda, the traced ``z``).
+        advantages: broadcastable to ``log_ratio``.
+        clip_eps: float or ``(eps_low, eps_high)``.
+    Returns:
+        ``(loss, clipped)``: per-token loss ``[..., T]`` and a bool ``[..., T]``, True where the
+        ratio lies outside the clip range.
+    """
+    low, high = parse_clip_eps(clip_eps)
+    lo = math.log1p(-low)
+    hi = math.log1p(high)
+    gain1 = log_ratio.exp() * advantages  # [..., T]
+    log_ratio_clip = log_ratio.clamp(lo, hi)  # [..., T]
+    gain2 = log_ratio_clip.exp() * advantages  # [..., T]
+    loss = -torch.minimum(gain1, gain2)
+    return loss, (log_ratio_clip != log_ratio)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean",
+              *, loss_scale_factor: Optional[float] = None) -> torch.Tensor:
+    """Reduce per-token ``values`` ``[..., T]`` to a scalar, as verl's ``agg_loss``.
+
+    With ``n_i`` the valid tokens of sequence ``i``, ``N = sum_i n_i`` and ``B'`` the number of
+    sequences with ``n_i > 0``:
+
+    * ``"token-mean"``: ``sum_{i,t} v / N`` (DAPO; every token weighs the same);
+    * ``"seq-mean-token-mean"``: ``(1/B') sum_i (1/n_i) sum_t v`` (GRPO paper);
+    * ``"seq-mean-token-sum"``: ``(1/B') sum_i sum_t v``;
+    * ``"seq-mean-token-sum-norm"``: ``(1/B') sum_{i,t} v / S`` with the constant ``S =
+      loss_scale_factor`` (default: ``T``, the padded response length), Dr. GRPO's length-unbiased
+      form, as verl 0.9's ``agg_loss`` (the mean over sequences of the token sums, divided by ``S``).
+
+    Masked values are ignored even when NaN. An all-masked input gives 0 (not NaN).
+
+    Args:
+        values: float ``[..., T]``.
+        mask: bool ``[..., T]``.
+        aggregation: one of :data:`AGGREGATIONS`.
+        loss_scale_factor: ``S`` for ``"seq-mean-token-sum-norm"`` only.
+    """
+    aggregation = normalize_aggregation(aggregation)
+    scale = _check_scale_factor(loss_scale_factor, aggregation)
+    _check_float("values", values)
+    _check_mask(mask, values, "values")
+    if values.dim() == 0:
+        raise ValueError("values must have a token dimension [..., T], got a scalar")
+    v = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))  # [..., T]
+    if aggregation == "token-mean":
+        return v.sum() / mask.sum().clamp_min(1).to(values.dtype)
+    n = mask.sum(-1)  # [...] valid tokens per sequence
+    n_seq = (n > 0).sum().clamp_min(1).to(values.dtype)  # B'
+    if aggregation == "seq-mean-token-sum":
+        return v.sum() / n_seq
+    if aggregation == "seq-mean-token-sum-norm":
+        return v.sum() / n_seq / (scale if scale is not None else float(values.shape[-1]))
+    seq = v.sum(-1) / n.clamp_min(1).to(values.dtype)  # [...] per-sequence token mean
+    return seq.sum() / n_seq
+
+
+def aggregation_weights(mask: torch.Tensor, aggregation: str = "token-mean", *,
+                        loss_scale_factor: Optional[float] = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token weights ``c_t`` with ``aggregate(v, mask, aggregation) == sum_t c_t v_t``.
+
+    This is the "aggregation weight" of the forward view: at ratio 1 the gradient of the
+    GRPO-lambda loss equals the gradient of ``-sum_j C_j logp_j`` with
+    ``C = creditlib.functional.traced_credit(A * c, mask, style)``. Trainers that take per-token
+    advantages with a plain token-sum loss can use ``traced_credit(A * c, ...)`` directly.
+
+    Args:
+        mask: bool ``[..., T]``.
+        aggregation, loss_scale_factor: as in :func:`aggregate`.
+        dtype: float dtype of the result.
+    Returns:
+        ``[..., T]`` weights, 0 at masked positions.
+    """
+    aggregation = normalize_aggregation(aggregation)
+    scale = _check_scale_factor(loss_scale_factor, aggregation)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() == 0:
+        raise ValueError(f"mask must be a bool tensor [..., T], got {getattr(mask, 'dtype', type(mask).__name__)}")
+    m = mask.to(dtype)  # [..., T]
+    if aggregation == "token-mean":
+        return m / mask.sum().clamp_min(1).to(dtype)
+    n = mask.sum(-1, keepdim=True)  # [..., 1]
+    n_seq = (n > 0).sum().clamp_min(1).to(dtype)
+    if aggregation == "seq-mean-token-sum":
+        return m / n_seq
+    if aggregation == "seq-mean-token-sum-norm":
+        return m / n_seq / (scale if scale is not None else float(mask.shape[-1]))
+    return m / (n.clamp_min(1).to(dtype) * n_seq)
+
+
+def _masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device)).sum() / mask.sum().clamp_min(1).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- the loss
+def grpo_lambda_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    style: Optional[DecayStyle],
+    *,
+    clip_eps: ClipEps = 0.2,
+    clamp_min: Optional[float] = -0.1,
+    aggregation: str = "token-mean",
+    loss_scale_factor: Optional[float] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    entropy: Optional[torch.Tensor] = None,
+    entropy_coef: float = 0.0,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GRPO-lambda loss (arXiv 2510.00194) from plain tensors.
+
+    ``L = agg_t[ -min(exp(z_t) A'_t, clip(exp(z_t), 1 - eps_low, 1 + eps_high) A'_t) ]
+    + kl_coef * agg_t[KL_t] - entropy_coef * agg_t[H_t]``
+
+    with ``z = traced_log_ratio(logp, old_logp, mask, style)``, ``A' = max(A, clamp_min)``,
+    ``KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1`` (the k3 estimator, verl's
+    ``low_var_kl``) and ``agg`` the chosen aggregation. ``style=None`` (or ``lam = 0`` with the
+    ``recent`` style) with ``clamp_min=None`` is plain GRPO / PPO-clip.
+
+    At ratio 1 the loss value is ``-agg(A')``, identical for every ``style``: the trace only shows
+    in the gradient (see ``docs/torchrl.md``).
+
+    Args:
+        logp: float ``[B, T]``, log-probs of the sampled tokens under the policy being trained
+            (carries the gradient).
+        old_logp: float ``[B, T]``, log-probs under the sampling policy (must not require grad).
+        advantages: float ``[B]`` / ``[B, 1]`` (one per sequence) or ``[B, T]`` (per token).
+        mask: bool ``[B, T]``, True on the tokens that count (response tokens). Any pattern:
+            left/right padding, several runs per row. Masked entries of every input may be NaN.
+        style: :class:`~creditlib.DecayStyle` or ``None``.
+        clip_eps: float or ``(eps_low, eps_high)`` pair.
+        clamp_min: negative-advantage clamp ``c`` (paper: -0.1); ``None`` disables it.
+        aggregation: one of :data:`AGGREGATIONS` (verl's ``loss_agg_mode`` names).
+        loss_scale_factor: the constant of ``"seq-mean-token-sum-norm"`` (default ``T``).
+        ref_logp: float ``[B, T]``, reference-policy log-probs (for the KL term/metric).
+        kl_coef: weight of the KL-to-reference term (needs ``ref_logp`` when > 0).
+        entropy: float ``[B, T]`` per-token entropy of the policy (for the entropy bonus/metric).
+        entropy_coef: weight of the entropy bonus (needs ``entropy`` when != 0).
+        backend: trace backend (see :func:`creditlib.functional.eligibility_trace`).
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss (float32 for half inputs, else the input dtype) and a
+        dict of detached scalar tensors:
+
+        * ``loss_policy``, and ``loss_kl`` / ``loss_entropy`` when those terms are on;
+        * ``trace_abs_mean``: mean ``|z|`` over valid tokens; ``log_ratio_abs_mean``: mean
+          ``|logp - old_logp|`` (the untraced ratio);
+        * ``adv_clamped_fraction``: fraction of advantages raised by the clamp (per sequence for
+          ``[B]`` advantages, per valid token for ``[B, T]``);
+        * ``traced_clip_fraction``: fraction of valid tokens whose traced ratio is outside the
+          clip range;
+        * ``ratio_mean``: mean ``exp(z)``; ``approx_kl``: mean ``old_logp - logp`` (k1);
+        * ``kl_to_ref`` (with ``ref_logp``), ``entropy`` (with ``entropy``), ``num_tokens``.
+
+    Raises:
+        ValueError: on shapes, dtypes, devices, ``clip_eps``, ``aggregation``, coefficient or
+            ``style`` errors (the message names the argument).
+    """
+    # ---- validation
+    style = _check_style(style)
+    _check_float("logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
+    B, T = logp.shape
+    _check_float("old_logp", old_logp, shape=logp.shape, like=logp)
+    if old_logp.requires_grad:
+        raise ValueError("old_logp must not require grad (pass old_logp.detach()): the old policy is a constant")
+    _check_mask(mask, logp, "logp")
+    _check_float("advantages", advantages, like=logp)
+    if advantages.shape in ((B,), (B, 1)):
+        per_token_adv = False
+    elif advantages.shape == (B, T):
+        per_token_adv = True
+    else:
+        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
+    low_high = parse_clip_eps(clip_eps)
+    aggregation = normalize_aggregation(aggregation)
+    scale = _check_scale_factor(loss_scale_factor, aggregation)
+    if clamp_min is not None and not _is_real(clamp_min):
+        raise ValueError(f"clamp_min must be a finite float or None, got {clamp_min!r}")
+    if not _is_real(kl_coef) or kl_coef < 0:
+        raise ValueError(f"kl_coef must be a float >= 0, got {kl_coef!r}")
+    if not _is_real(entropy_coef):
+        raise ValueError(f"entropy_coef must be a finite float, got {entropy_coef!r}")
+    if ref_logp is not None:
+        _check_float("ref_logp", ref_logp, shape=logp.shape, like=logp)
+    elif kl_coef > 0:
+        raise ValueError("kl_coef > 0 needs ref_logp [B, T] (reference-policy log-probs)")
+    if entropy is not None:
+        _check_float("entropy", entropy, shape=logp.shape, like=logp)
+    elif entropy_coef != 0:
+        raise ValueError("entropy_coef != 0 needs entropy [B, T] (per-token policy entropy)")
+
+    # ---- compute in float32 for half inputs (ratios of bf16 log-probs are too coarse)
+    cdt = torch.float32 if logp.dtype in _HALF else logp.dtype
+    zero = torch.zeros((), dtype=cdt, device=logp.device)
+    lp = logp.to(cdt)
+    old = old_logp.to(cdt)
+    z = traced_log_ratio(lp, old, mask, style, backend=backend)  # [B, T], 0 where masked
+
+    adv = advantages.to(cdt)
+    adv = adv.reshape(B, 1) if not per_token_adv else torch.where(mask, adv, zero)  # [B, 1] or [B, T]
+    adv_c = clamp_advantages(adv, clamp_min)
+    per_tok, clipped = clipped_surrogate(z, adv_c, low_high)  # [B, T]
+    loss_policy = aggregate(per_tok, mask, aggregation, loss_scale_factor=scale)
+    loss = loss_policy
+
+    metrics: Dict[str, torch.Tensor] = {}
+    if ref_logp is not None:
+        d = torch.where(mask, ref_logp.to(cdt) - lp, zero)  # [B, T]
+        kl = d.exp() - d - 1.0  # [B, T] k3 estimator, >= 0
+        kl_agg = aggregate(kl, mask, aggregation, loss_scale_factor=scale)
+        metrics["kl_to_ref"] = kl_agg.detach()
+        if kl_coef > 0:
+            loss_kl = kl_coef * kl_agg
+            loss = loss + loss_kl
+            metrics["loss_kl"] = loss_kl.detach()
+    if entropy is not None:
+        ent = aggregate(torch.where(mask, entropy.to(cdt), zero), mask, aggregation, loss_scale_factor=scale)
+        metrics["entropy"] = ent.detach()
+        if entropy_coef != 0:
+            loss_ent = -entropy_coef * ent
+            loss = loss + loss_ent
+            metrics["loss_entropy"] = loss_ent.detach()
+
+    with torch.no_grad():
+        x = torch.where(mask, lp - old, zero)  # [B, T] untraced log-ratio
+        metrics["loss_policy"] = loss_policy.detach()
+        metrics["trace_abs_mean"] = _masked_mean(z.abs(), mask)
+        metrics["log_ratio_abs_mean"] = _masked_mean(x.abs(), mask)
+        if clamp_min is None:
+            metrics["adv_clamped_fraction"] = zero.clone()
+        elif per_token_adv:
+            metrics["adv_clamped_fraction"] = _masked_mean((adv < clamp_min).to(cdt), mask)
+        else:
+            metrics["adv_clamped_fraction"] = (adv < clamp_min).to(cdt).mean() if B else zero.clone()
+        metrics["traced_clip_fraction"] = _masked_mean(clipped.to(cdt), mask)
+        metrics["ratio_mean"] = _masked_mean(z.exp(), mask)
+        metrics["approx_kl"] = _masked_mean(-x, mask)
+        metrics["num_tokens"] = mask.sum().to(cdt)
+    return loss, metrics

@@ -1,0 +1,214 @@
+"""`GRPOLambdaLoss`: GRPO-lambda as a drop-in subclass of TorchRL's ``GRPOLoss``.
+
+Switching a TorchRL GRPO recipe to GRPO-lambda changes one class::
+
+    from creditlib import DecayStyle
+    from creditlib.losses import GRPOLambdaLoss
+
+    loss_fn = GRPOLambdaLoss(actor, style=DecayStyle("recent", lam=0.99), clamp_min=-0.1)
+    out = loss_fn(batch)                       # same input tensordict as GRPOLoss
+    (out.loss_objective + out.loss_entropy).backward()
+
+What changes with respect to ``GRPOLoss`` (TorchRL 0.14):
+
+1. the per-token log-weight ``x_t = log pi(o_t) - log pi_old(o_t)`` is replaced by its
+   eligibility trace ``z = W x`` (:func:`creditlib.functional.eligibility_trace`), computed over
+   the tokens of the loss mask (``masking_strategy="sft"``: the response tokens; ``"rlhf"``: the
+   assistant tokens, several runs per row allowed; ``"generic"``: all attended tokens). TorchRL's
+   sequences are prompt + response, left-padded: trace positions count the masked-in tokens only,
+   so position 0 is the first response token whatever the padding or prompt length;
+2. the advantage passes through the negative clamp ``max(A, clamp_min)`` first;
+3. extra metrics: ``trace_abs_mean`` (mean ``|z|``), ``adv_clamped_fraction``,
+   ``traced_clip_fraction`` (over the tokens of the loss mask);
+4. extra aggregations: verl's ``"seq-mean-token-sum"`` and ``"seq-mean-token-sum-norm"`` (Dr.
+   GRPO, with an explicit ``loss_scale_factor``) and ``"token-mean"`` / ``"seq-mean-token-mean"``,
+   beside the parent's ``"token_mean"``, ``"prompt_mean"`` and ``"none"``.
+
+Everything else is the parent's code path: clip (symmetric or DAPO's asymmetric pair), KL to the
+reference and to the inference policy, entropy bonus, ESS (on the traced weights), and KL-Mask. With
+``kl_mask_threshold`` set, tokens the parent drops from the loss also contribute 0 to the trace (their
+positions still count), so a filtered token gets no gradient through later tokens either.
+
+With ``style=None`` (or ``lam = 0`` in the ``recent`` style) and ``clamp_min=None`` the loss and its
+gradients equal ``GRPOLoss`` exactly (tested for every parent aggregation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.objectives.llm.grpo import GRPOLoss, GRPOLossOutput
+
+from .. import functional as _F
+from .._kernels import check_backend
+from ..style import DecayStyle
+from . import functional as LF
+
+__all__ = ["GRPOLambdaLoss", "GRPOLambdaLossOutput"]
+
+_PARENT_AGGREGATIONS = ("token_mean", "prompt_mean", "none")
+_DEFAULT_STYLE = DecayStyle("recent", gamma=1.0, lam=0.99)
+
+
+class GRPOLambdaLossOutput(GRPOLossOutput):
+    """``GRPOLossOutput`` plus the GRPO-lambda diagnostics (all detached scalars).
+
+    * ``trace_abs_mean``: mean ``|z|`` of the traced log-ratio over the loss-mask tokens;
+    * ``adv_clamped_fraction``: fraction of advantages raised by the clamp (per sequence for
+      ``[B, 1, 1]`` advantages, per loss-mask token for ``[B, T, 1]``);
+    * ``traced_clip_fraction``: fraction of loss-mask tokens whose traced ratio ``exp(z)`` lies
+      outside ``[1 - eps_low, 1 + eps_high]`` (the parent's ``clip_fraction`` divides by all
+      positions, padding and prompt included).
+    """
+
+    trace_abs_mean: Optional[torch.Tensor] = None
+    adv_clamped_fraction: Optional[torch.Tensor] = None
+    traced_clip_fraction: Optional[torch.Tensor] = None
+
+
+class GRPOLambdaLoss(GRPOLoss):
+    """GRPO-lambda loss (arXiv 2510.00194) for TorchRL LLM pipelines.
+
+    A subclass of :class:`torchrl.objectives.llm.GRPOLoss` that takes the same input tensordict
+    and every parent option; see the module docstring for what changes.
+
+    Args:
+        actor_network: the policy (e.g. a ``TransformersWrapper`` with ``generate=False``).
+
+    Keyword Args:
+        style (DecayStyle | None): trace weights; ``None`` = plain GRPO (no trace). Default
+            ``DecayStyle("recent", gamma=1.0, lam=0.99)``.
+        clamp_min (float | None): negative-advantage clamp ``max(A, clamp_min)``; the paper's
+            ``-0.1`` by default; ``None`` disables it.
+        aggregation (str): the parent's ``"token_mean"`` (default), ``"prompt_mean"``, ``"none"``,
+            or one of verl's :data:`creditlib.losses.AGGREGATIONS`.
+        loss_scale_factor (float | None): the constant ``S`` of ``"seq-mean-token-sum-norm"``
+            (required with it: TorchRL sequences hold the prompt too, so the padded length is not
+            a meaningful default; pass the generation budget ``max_new_tokens``).
+        trace_backend (str): backend of the trace (``"auto"``, ``"cpp"``, ``"triton"``,
+            ``"torch"``, ``"reference"``).
+        **kwargs: every ``GRPOLoss`` keyword (``clip_epsilon``, ``kl_mask_threshold``,
+            ``entropy_bonus``, ``entropy_coeff``, ``kl_to_ref_coeff``, ``kl_to_inference_coeff``,
+            ``masking_strategy``, ``reduction``, ``device``, ...).
+    """
+
+    output_type = GRPOLambdaLossOutput
+
+    def __init__(self, actor_network=None, *, style: Optional[DecayStyle] = _DEFAULT_STYLE,
+                 clamp_min: Optional[float] = -0.1, aggregation: Optional[str] = "token_mean",
+                 loss_scale_factor: Optional[float] = None, trace_backend: str = "auto", **kwargs):
+        if style is not None and not isinstance(style, DecayStyle):
+            raise ValueError(f"style must be a creditlib.DecayStyle or None (plain GRPO), got {type(style).__name__}")
+        if clamp_min is not None and not LF._is_real(clamp_min):
+            raise ValueError(f"clamp_min must be a finite float or None, got {clamp_min!r}")
+        agg = aggregation or "token_mean"
+        if agg in _PARENT_AGGREGATIONS:
+            verl_agg = None
+            if loss_scale_factor is not None:
+                raise ValueError("loss_scale_factor is only used by aggregation='seq-mean-token-sum-norm'")
+        else:
+            try:
+                verl_agg = LF.normalize_aggregation(agg)
+            except ValueError:
+                raise ValueError(f"aggregation must be one of {_PARENT_AGGREGATIONS + LF.AGGREGATIONS}, "
+                                 f"got {aggregation!r}") from None
+            LF._check_scale_factor(loss_scale_factor, verl_agg)
+            if verl_agg == "seq-mean-token-sum-norm" and loss_scale_factor is None:
+                raise ValueError("aggregation='seq-mean-token-sum-norm' needs loss_scale_factor (a constant, "
+                                 "e.g. the generation budget max_new_tokens)")
+        check_backend(trace_backend)
+        super().__init__(actor_network, aggregation=agg, **kwargs)
+        self.style = style
+        self.clamp_min = None if clamp_min is None else float(clamp_min)
+        self.loss_scale_factor = None if loss_scale_factor is None else float(loss_scale_factor)
+        self.trace_backend = trace_backend
+        self._verl_aggregation = verl_agg
+        self._trace_ctx = None
+
+    @property
+    def out_keys(self):
+        if getattr(self, "_out_keys", None) is None:
+            keys = list(super().out_keys)
+            self._out_keys = keys + ["trace_abs_mean", "adv_clamped_fraction", "traced_clip_fraction"]
+        return self._out_keys
+
+    @out_keys.setter
+    def out_keys(self, values):
+        self._out_keys = values
+
+    # ------------------------------------------------------------------ hooks into GRPOLoss
+    def _log_weight(self, tensordict: TensorDictBase, adv_shape: torch.Size):
+        """Parent log-weight ``x`` ``[B, T, 1]`` (0 outside the mask), replaced by its trace ``z``."""
+        log_weight, dist, kl_approx, mask = super()._log_weight(tensordict, adv_shape)
+        x = log_weight.squeeze(-1)  # [B, T]
+        keep = None
+        if self.kl_mask_threshold is not None and self.kl_mask_threshold > 0:
+            # the parent's KL-Mask (same expression on the same values): filtered tokens enter the
+            # trace as 0, so they get no gradient through later tokens either
+            keep = 0.5 * (x.detach() ** 2) <= self.kl_mask_threshold  # [B, T]
+        if self.style is None or self.style.is_identity():
+            z = x
+        else:
+            x_in = x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            z = _F.eligibility_trace(x_in, mask, self.style, backend=self.trace_backend)  # [B, T]
+            if keep is not None:
+                # filtered tokens are out of the loss (the parent masks them); they keep their own
+                # log-weight so the parent's ESS / clip_fraction see the same values as GRPOLoss
+                z = torch.where(keep, z, x)
+        self._trace_ctx = {"z": z.detach(), "mask": mask if keep is None else mask & keep, "filtered": keep is not None}
+        return z.unsqueeze(-1), dist, kl_approx, mask
+
+    def _compute_policy_objective(self, log_weight: torch.Tensor, advantage: torch.Tensor):
+        """Parent PPO-clip objective on the traced weight, with the clamped advantage."""
+        return super()._compute_policy_objective(log_weight, LF.clamp_advantages(advantage, self.clamp_min))
+
+    def _aggregate_loss_value(self, value: torch.Tensor, mask: torch.Tensor,
+                              tensordict: Optional[TensorDictBase] = None) -> torch.Tensor:
+        if self._verl_aggregation is None or self.reduction == "none":
+            return super()._aggregate_loss_value(value, mask, tensordict=tensordict)
+        v = value.squeeze(-1) if value.dim() == mask.dim() + 1 else value  # [B, T]
+        return LF.aggregate(v, mask, self._verl_aggregation, loss_scale_factor=self.loss_scale_factor)
+
+    def forward(self, tensordict: TensorDictBase) -> GRPOLambdaLossOutput:
+        self._trace_ctx = None
+        try:
+            out = super().forward(tensordict)
+            ctx = self._trace_ctx
+            if ctx is None:  # pragma: no cover - the parent always calls _log_weight
+                raise RuntimeError("GRPOLambdaLoss: _log_weight was not called by GRPOLoss.forward")
+            with torch.no_grad():
+                out.trace_abs_mean, out.traced_clip_fraction = self._trace_metrics(ctx, out)
+                out.adv_clamped_fraction = self._clamped_fraction(tensordict, ctx["mask"],
+                                                                  out.trace_abs_mean.dtype)
+            return out
+        finally:
+            self._trace_ctx = None
+
+    def _trace_metrics(self, ctx, out):
+        """(mean |z|, fraction of clipped traced ratios) over the tokens of the loss mask."""
+        z, mask = ctx["z"], ctx["mask"]  # [B, T], [B, T]
+        half = z.dtype in (torch.float16, torch.bfloat16)
+        if ctx["filtered"]:  # KL-Mask: filtered tokens hold their raw log-weight, leave them out
+            z = torch.where(mask, z, torch.zeros((), dtype=z.dtype, device=z.device))
+        if ctx["filtered"] or half:
+            lo, hi = self._clip_bounds  # the parent's bounds, as it clamps
+            n_clipped = (z.clamp(lo.to(z.dtype), hi.to(z.dtype)) != z).sum()
+        else:
+            # z is exactly 0 outside the mask, and 0 is inside the clip range: the parent's
+            # clip_fraction (a mean over all B * T positions) holds the count, no extra pass needed
+            n_clipped = torch.round(out.clip_fraction.to(torch.float64) * z.numel())
+        mdt = torch.float32 if half else z.dtype  # sums and counts of half values lose precision
+        n = mask.sum().clamp_min(1).to(mdt)
+        abs_sum = z.abs().sum(dtype=mdt)  # 0 outside the mask
+        return abs_sum / n, n_clipped.to(mdt) / n
+
+    def _clamped_fraction(self, tensordict: TensorDictBase, mask: torch.Tensor, dtype) -> torch.Tensor:
+        if self.clamp_min is None:
+            return torch.zeros((), dtype=dtype, device=mask.device)
+        adv = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
+        below = (adv < self.clamp_min).reshape(adv.shape[0], -1)  # [B, 1] or [B, T]
+        if below.shape[-1] == mask.shape[-1] and below.shape[-1] != 1:
+            return LF._masked_mean(below.to(dtype), mask)
+        return below.to(dtype).mean()

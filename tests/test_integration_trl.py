@@ -1,0 +1,280 @@
+"""GRPO-lambda inside TRL's real GRPOTrainer (trl 1.16, CPU).
+
+A tiny Qwen2 (built from a config, saved to a temp dir), an offline character-level tokenizer
+(`tokenizers` + `PreTrainedTokenizerFast`), a toy verifiable reward ("the completion contains the
+answer digit") and a `datasets.Dataset` of "a+b=" prompts. Checks:
+
+(a) with gamma*lam = 0 and no clamp, GRPOLambdaTrainer's loss and gradients equal stock
+    GRPOTrainer's on the same batch, for every TRL loss type and the main options;
+(b) with the trace, they equal creditlib's plain-tensor `grpo_lambda_loss` on the same log-probs;
+(c) the clamp acts on TRL's advantages, and real training steps run and change the parameters.
+"""
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is the optional extra creditlib[trl]")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from creditlib import DecayStyle  # noqa: E402
+from creditlib.integrations.trl import GRPOLambdaConfig, GRPOLambdaTrainer  # noqa: E402
+from creditlib.losses.functional import grpo_lambda_loss  # noqa: E402
+
+G = 4  # completions per prompt
+N_PROMPTS = 2
+B = G * N_PROMPTS
+MAX_LEN = 8  # max_completion_length
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for c in "0123456789+= ":
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def answer_reward(completions, answer, **kwargs):
+    """Verifiable reward: 1 if the completion contains the answer digit, else 0."""
+    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trl_integration")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model_dir = str(root / "tiny-qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(model_dir)  # ~19k parameters
+    tok.save_pretrained(model_dir)
+    pairs = [(a, b) for a in range(4) for b in range(4)][:8]
+    ds = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs],
+                            "answer": [str((a + b) % 10) for a, b in pairs]})
+    return {"root": root, "tok": tok, "model": model_dir, "ds": ds}
+
+
+def _args(env, cls=GRPOConfig, **kw):
+    base = dict(output_dir=str(env["root"] / "out"), per_device_train_batch_size=B, num_generations=G,
+                max_completion_length=MAX_LEN, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                disable_tqdm=True, logging_steps=1)
+    base.update(kw)
+    return cls(**base)
+
+
+def _trainer(env, cls, args):
+    return cls(model=env["model"], reward_funcs=answer_reward, args=args, train_dataset=env["ds"],
+               processing_class=env["tok"])
+
+
+def _rows(env):
+    ds = env["ds"]
+    return [ds[i] for i in range(N_PROMPTS) for _ in range(G)]  # what TRL's RepeatSampler yields
+
+
+@pytest.fixture(scope="module")
+def batch(env):
+    """One real TRL batch (generation, rewards, advantages, reference log-probs), made off-policy."""
+    trainer = _trainer(env, GRPOTrainer, _args(env, beta=0.04))  # beta > 0: ref log-probs in the batch
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions(_rows(env))
+    mask = inputs["completion_mask"].bool()  # [B, T]
+    assert mask.sum() > B and (inputs["advantages"] != 0).any(), "the toy batch must carry a learning signal"
+    with torch.no_grad():
+        logps = _logps(trainer, trainer.model, inputs)  # [B, T]
+    g = torch.Generator().manual_seed(1)
+    # An older policy than the current one: ratios != 1, some outside the clip range.
+    inputs["old_per_token_logps"] = logps + 0.25 * torch.randn(logps.shape, generator=g)  # [B, T]
+    return inputs
+
+
+def _logps(trainer, model, inputs):
+    """TRL's own (untraced) per-token log-probs of the completion tokens, [B, T]."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, model, ids, att, inputs["completion_ids"].size(1))
+    return logps
+
+
+def _loss_and_grads(trainer, inputs):
+    model = trainer.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; we call compute_loss directly
+    loss = trainer.compute_loss(model, dict(inputs))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_grads_close(ga, gb, rtol=1e-5, atol=1e-7):
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    total = sum(float(g.norm()) for g in ga.values())
+    assert total > 0, "gradients are all zero: the comparison would be vacuous"
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def _with_tool_mask(inputs):
+    out = dict(inputs)
+    tool = torch.ones_like(inputs["completion_mask"])  # [B, T]
+    tool[::2, 2:4] = 0  # a "tool result" inside every other completion
+    out["tool_mask"] = tool
+    return out
+
+
+# ----------------------------------------------------------------------------- (a) identity = stock TRL
+IDENTITY_CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo", delta=1.5),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo", epsilon_high=0.28),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.2),
+    "sapo": dict(loss_type="sapo"),
+    "vespo": dict(loss_type="vespo"),
+    "grpo-sequence-is": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    "grpo-kl-tool-mask": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True),
+    "dapo-opsm-entropy": dict(loss_type="dapo", off_policy_mask_threshold=0.02, top_entropy_quantile=0.5,
+                              entropy_coef=0.01),
+}
+
+
+@pytest.mark.parametrize("case", list(IDENTITY_CASES))
+def test_identity_trace_equals_stock_trl(env, batch, case):
+    kw = IDENTITY_CASES[case]
+    inputs = _with_tool_mask(batch) if "tool" in case else batch
+    stock = _trainer(env, GRPOTrainer, _args(env, **kw))
+    lam = _trainer(env, GRPOLambdaTrainer,
+                   _args(env, GRPOLambdaConfig, trace_style="recent", trace_gamma=1.0, trace_lam=0.0,
+                         clamp_min=None, **kw))
+    loss_s, grads_s = _loss_and_grads(stock, inputs)
+    loss_l, grads_l = _loss_and_grads(lam, inputs)
+    torch.testing.assert_close(loss_l, loss_s, rtol=1e-5, atol=1e-7)
+    _assert_grads_close(grads_l, grads_s)
+
+
+def test_identity_requires_the_trace_path(env, batch):
+    """With lam > 0 the same comparison must fail: (a) is not vacuous."""
+    stock = _trainer(env, GRPOTrainer, _args(env))
+    lam = _trainer(env, GRPOLambdaTrainer, _args(env, GRPOLambdaConfig, trace_lam=0.9, clamp_min=None))
+    _, grads_s = _loss_and_grads(stock, batch)
+    _, grads_l = _loss_and_grads(lam, batch)
+    diff = max(float((grads_s[n] - grads_l[n]).abs().max()) for n in grads_s)
+    assert diff > 1e-4
+
+
+# ----------------------------------------------------------------------------- (b) trace = plain-tensor loss
+TRACE_CASES = {
+    # name: (TRL config, DecayStyle, aggregation of the plain loss, scale factor, tool mask)
+    "grpo-recent": (dict(loss_type="grpo"), DecayStyle("recent", 1.0, 0.9), "seq-mean-token-mean", None, False),
+    "bnpo-both-eps": (dict(loss_type="bnpo"), DecayStyle("both", 1.0, 0.8, 0.05), "token-mean", None, False),
+    # TRL's dr_grpo divides the token sum by B * max_completion_length: the mean over sequences / S
+    "dr_grpo-recent-eps": (dict(loss_type="dr_grpo"), DecayStyle("recent", 0.95, 0.9, 0.1),
+                           "seq-mean-token-sum-norm", MAX_LEN, False),
+    "dapo-recent-cliphigh": (dict(loss_type="dapo", epsilon_high=0.28), DecayStyle("recent", 1.0, 0.99),
+                             "token-mean", None, False),
+    "luspo-both": (dict(loss_type="luspo"), DecayStyle("both", 1.0, 0.9), "seq-mean-token-sum", None, False),
+    "grpo-kl-tool-mask": (dict(loss_type="grpo", beta=0.04), DecayStyle("recent", 1.0, 0.9),
+                          "seq-mean-token-mean", None, True),
+}
+
+
+@pytest.mark.parametrize("case", list(TRACE_CASES))
+def test_trace_equals_plain_tensor_loss(env, batch, case):
+    kw, style, aggregation, scale, tool = TRACE_CASES[case]
+    inputs = _with_tool_mask(batch) if tool else batch
+    trainer = _trainer(env, GRPOLambdaTrainer,
+                       _args(env, GRPOLambdaConfig, trace_style=style.style, trace_gamma=style.gamma,
+                             trace_lam=style.lam, trace_eps=style.eps, clamp_min=None, **kw))
+    assert trainer.trace_style == style
+    loss_t, grads_t = _loss_and_grads(trainer, inputs)
+
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    mask = inputs["completion_mask"].bool()  # [B, T]
+    if tool:
+        mask = mask & inputs["tool_mask"].bool()
+    logp = _logps(trainer, model, inputs)  # [B, T], untraced, with grad
+    loss_p, metrics = grpo_lambda_loss(
+        logp, inputs["old_per_token_logps"], inputs["advantages"], mask, style,
+        clip_eps=(trainer.epsilon_low, trainer.epsilon_high), clamp_min=None, aggregation=aggregation,
+        loss_scale_factor=scale, ref_logp=inputs.get("ref_per_token_logps") if trainer.beta else None,
+        kl_coef=trainer.beta)
+    loss_p.backward()
+    grads_p = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert float(metrics["traced_clip_fraction"]) > 0  # off-policy enough that the clip matters
+    torch.testing.assert_close(loss_t, loss_p.detach(), rtol=1e-5, atol=1e-6)
+    _assert_grads_close(grads_t, grads_p, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- (c) clamp and real training
+def test_clamp_on_trl_advantages(env):
+    stock = _trainer(env, GRPOTrainer, _args(env))
+    lam = _trainer(env, GRPOLambdaTrainer, _args(env, GRPOLambdaConfig, trace_lam=0.9, clamp_min=-0.1))
+    stock.model.train()  # as in Trainer's loop (the metrics go to the "train" bucket)
+    lam.model.train()
+    torch.manual_seed(3)
+    out_s = stock._generate_and_score_completions(_rows(env))
+    torch.manual_seed(3)
+    out_l = lam._generate_and_score_completions(_rows(env))
+    assert torch.equal(out_s["completion_ids"], out_l["completion_ids"])  # same generation
+    adv_s = out_s["advantages"]  # [B]
+    assert (adv_s < -0.1).any(), "the batch must contain advantages below the clamp"
+    torch.testing.assert_close(out_l["advantages"], adv_s.clamp(min=-0.1), rtol=0, atol=0)
+    frac = lam._metrics["train"]["creditlib/clamped_frac"][-1]
+    assert frac == pytest.approx(float((adv_s < -0.1).float().mean()))
+
+
+def test_real_training_steps_change_parameters(env):
+    args = _args(env, GRPOLambdaConfig, trace_style="both", trace_lam=0.95, trace_eps=0.01, clamp_min=-0.1,
+                 max_steps=2, num_iterations=2, learning_rate=5e-2, beta=0.02)
+    trainer = _trainer(env, GRPOLambdaTrainer, args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) > 0
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert "creditlib/clamped_frac" in logs[0]  # step 0 generates; step 1 reuses it (num_iterations=2)
+
+
+# ----------------------------------------------------------------------------- configuration errors
+@pytest.mark.parametrize("field, value, match", [
+    ("trace_lam", 1.5, "trace_lam"),
+    ("trace_gamma", -0.1, "trace_gamma"),
+    ("trace_eps", 2.0, "trace_eps"),
+    ("trace_style", "oldest", "trace_style"),
+    ("clamp_min", 0.3, "clamp_min"),
+])
+def test_config_rejects_bad_values(env, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        _args(env, GRPOLambdaConfig, **{field: value})
+
+
+def test_trainer_rejects_plain_grpo_config(env):
+    with pytest.raises(ValueError, match="GRPOLambdaConfig"):
+        _trainer(env, GRPOLambdaTrainer, _args(env))
+
+
+def test_trainer_refuses_liger_grpo_loss(env):
+    args = _args(env, GRPOLambdaConfig)
+    args.use_liger_loss = True  # the TRL < 1.0 flag whose fused loss bypasses _compute_loss
+    with pytest.raises(ValueError, match="Liger"):
+        _trainer(env, GRPOLambdaTrainer, args)

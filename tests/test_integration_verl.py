@@ -1,0 +1,311 @@
+"""GRPO-lambda for verl: the policy loss and the advantage estimator.
+
+Part 1 runs everywhere (verl is not needed): the functions through their public verl signature,
+against creditlib's plain-tensor loss, including verl's global-batch aggregation (data parallel
+ranks simulated by splitting a batch) and rollout importance weights.
+
+Part 2 runs only where verl imports (it cannot be installed beside this project's pins: verl
+0.9 needs tensordict <= 0.10, this project pins 0.14; verl <= 0.8 needs numpy < 2): the
+registered functions through verl's own registry lookup, against verl's ``vanilla`` loss and
+``grpo`` estimator, and through verl's ``compute_advantage``, its actor ``ppo_loss`` and
+``VERL_USE_EXTERNAL_MODULES`` loading.
+Run them with ``PYTHONPATH=. python -m pytest tests/test_integration_verl.py`` in a verl environment
+(tested: verl 0.9.1, torch 2.13.0+cpu, tensordict 0.10.0).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from creditlib import DecayStyle
+from creditlib.integrations import verl as cv
+from creditlib.losses.functional import aggregate, clipped_surrogate, grpo_lambda_loss, traced_log_ratio
+
+BS, T = 6, 10
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+CFG = {"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28}
+STYLE = DecayStyle("both", gamma=1.0, lam=0.9, eps=0.05)
+
+
+def _batch(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([10, 7, 3, 9, 1, 5])  # [BS] right-padded responses
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # [BS, T]
+    old = -torch.rand(BS, T, generator=g, dtype=dtype) * 3  # [BS, T]
+    new = (old + 0.3 * torch.randn(BS, T, generator=g, dtype=dtype)).requires_grad_(True)  # [BS, T]
+    adv_seq = torch.tensor([1.2, -0.8, 0.4, -0.1, 0.9, -1.5], dtype=dtype)  # [BS]
+    adv = adv_seq[:, None] * mask  # [BS, T], verl's token-level advantages
+    return old, new, adv, mask
+
+
+def _grad(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+# ----------------------------------------------------------------------------- part 1: no verl needed
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_equals_plain_tensor_loss(mode):
+    old, new, adv, mask = _batch()
+    loss, metrics = cv.grpo_lambda_policy_loss(old, new, adv, mask.long(), mode, CFG, None, style=STYLE)
+    ref, ref_m = grpo_lambda_loss(new, old, adv, mask, STYLE, clip_eps=(0.2, 0.28), clamp_min=None,
+                                  aggregation=mode)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(loss, new), _grad(ref, new), rtol=1e-12, atol=1e-12)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(float(ref_m["traced_clip_fraction"]))
+    assert 0 < metrics["actor/pg_clipfrac"] < 1
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_global_batch_info_matches_the_full_batch(mode):
+    """Two data-parallel ranks (verl averages their gradients) = the loss on the whole batch."""
+    old, new, adv, mask = _batch(1)
+    S = 16.0  # loss_scale_factor (e.g. the generation budget)
+    info = {"dp_size": 2, "batch_num_tokens": int(mask.sum()), "global_batch_size": BS,
+            "loss_scale_factor": S if mode == "seq-mean-token-sum-norm" else None}
+    halves = (slice(0, 3), slice(3, BS))
+    ranks = [cv.grpo_lambda_policy_loss(old[h], new[h], adv[h], mask[h], mode, {**CFG, "global_batch_info": info},
+                                        style=STYLE)[0] for h in halves]
+    dp_mean = (ranks[0] + ranks[1]) / 2  # what DDP/FSDP gradient averaging optimises
+    full, _ = grpo_lambda_loss(new, old, adv, mask, STYLE, clip_eps=(0.2, 0.28), clamp_min=None,
+                               aggregation=mode, loss_scale_factor=S if mode == "seq-mean-token-sum-norm" else None)
+    torch.testing.assert_close(dp_mean, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(dp_mean, new), _grad(full, new), rtol=1e-12, atol=1e-12)
+
+
+def test_token_sum_mode():
+    old, new, adv, mask = _batch(2)
+    loss, _ = cv.grpo_lambda_policy_loss(old, new, adv, mask, "token-sum", CFG, style=STYLE)
+    per_tok, _ = clipped_surrogate(traced_log_ratio(new, old, mask, STYLE), adv, (0.2, 0.28))  # [BS, T]
+    torch.testing.assert_close(loss, (per_tok * mask).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_rollout_is_weights_weight_the_per_token_loss():
+    old, new, adv, mask = _batch(3)
+    g = torch.Generator().manual_seed(4)
+    w = torch.rand(BS, T, generator=g, dtype=torch.float64) * 2  # [BS, T] IS weights
+    w[0, 3] = 0.0  # a rejected token
+    w[~mask] = float("nan")  # padding may hold anything
+    loss, _ = cv.grpo_lambda_policy_loss(old, new, adv, mask, "seq-mean-token-mean", CFG, w, style=STYLE)
+    z = traced_log_ratio(new, old, mask, STYLE)  # [BS, T]
+    per_tok, _ = clipped_surrogate(z, adv, (0.2, 0.28))  # [BS, T]
+    ref = aggregate(per_tok * w, mask, "seq-mean-token-mean")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(loss, new), _grad(ref, new), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="non-negative"):
+        cv.grpo_lambda_policy_loss(old, new, adv, mask, "token-mean", CFG, -torch.ones(BS, T), style=STYLE)
+
+
+def test_style_comes_from_the_environment(monkeypatch):
+    old, new, adv, mask = _batch(5)
+    for k, v in {"CREDITLIB_TRACE_STYLE": "both", "CREDITLIB_TRACE_GAMMA": "1.0", "CREDITLIB_TRACE_LAM": "0.9",
+                 "CREDITLIB_TRACE_EPS": "0.05"}.items():
+        monkeypatch.setenv(k, v)
+    assert cv.style_from_env() == STYLE
+    from_env, _ = cv.grpo_lambda_policy_loss(old, new, adv, mask, "token-mean", CFG)
+    explicit, _ = cv.grpo_lambda_policy_loss(old, new, adv, mask, "token-mean", CFG, style=STYLE)
+    torch.testing.assert_close(from_env, explicit, rtol=0, atol=0)
+    monkeypatch.setenv("CREDITLIB_TRACE_LAM", "1.7")
+    with pytest.raises(ValueError, match="CREDITLIB_TRACE_LAM"):
+        cv.style_from_env()
+    monkeypatch.setenv("CREDITLIB_TRACE_LAM", "abc")
+    with pytest.raises(ValueError, match="CREDITLIB_TRACE_LAM"):
+        cv.style_from_env()
+    monkeypatch.delenv("CREDITLIB_TRACE_LAM")
+    monkeypatch.delenv("CREDITLIB_TRACE_STYLE")
+    assert cv.style_from_env() == DecayStyle("recent", 1.0, 0.99, 0.05)
+
+
+def test_bound_policy_loss_ignores_the_environment(monkeypatch):
+    old, new, adv, mask = _batch(6)
+    monkeypatch.setenv("CREDITLIB_TRACE_LAM", "0.3")
+    bound = cv.make_policy_loss(STYLE)
+    a, _ = bound(old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask, loss_agg_mode="token-mean",
+                 config=CFG, rollout_is_weights=None)  # verl calls with keywords
+    b, _ = cv.grpo_lambda_policy_loss(old, new, adv, mask, "token-mean", CFG, style=STYLE)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _group_rewards():
+    index = np.array(["p0"] * 4 + ["p1"] * 4 + ["p2"], dtype=object)  # [9] prompt uids; p2 has one response
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # [9]
+    lengths = torch.tensor([4, 6, 2, 5, 6, 3, 6, 1, 2])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()  # [9, 6]
+    rewards = torch.zeros(9, 6)
+    rewards[torch.arange(9), lengths - 1] = scores  # outcome reward on the last response token
+    return rewards, mask, index, scores
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_advantage_estimator_is_clamped_grpo(norm):
+    rewards, mask, index, scores = _group_rewards()
+    adv, ret = cv.grpo_lambda_advantage(rewards, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=norm,
+                                        clamp_min=-0.1)
+    expected = torch.zeros(9)
+    for grp in (slice(0, 4), slice(4, 8)):  # by hand: (R - mean) / (std + eps), unbiased std
+        s = scores[grp]
+        expected[grp] = (s - s.mean()) / ((s.std() + 1e-6) if norm else 1.0)
+    assert (expected < -0.1).any()
+    expected = expected.clamp(min=-0.1)  # the singleton group p2 keeps advantage 0
+    torch.testing.assert_close(adv, expected[:, None] * mask, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ret, adv)
+
+
+def test_advantage_clamp_from_environment_and_config(monkeypatch):
+    rewards, mask, index, _ = _group_rewards()
+    monkeypatch.setenv("CREDITLIB_CLAMP_MIN", "none")
+    free, _ = cv.grpo_lambda_advantage(rewards, mask, index, config={"norm_adv_by_std_in_grpo": False})
+    assert float(free.min()) == pytest.approx(-0.5)
+    monkeypatch.setenv("CREDITLIB_CLAMP_MIN", "-0.25")
+    clamped, _ = cv.grpo_lambda_advantage(rewards, mask, index, config={"norm_adv_by_std_in_grpo": False})
+    torch.testing.assert_close(clamped, free.clamp(min=-0.25) * mask)
+    monkeypatch.setenv("CREDITLIB_CLAMP_MIN", "0.5")
+    with pytest.raises(ValueError, match="CREDITLIB_CLAMP_MIN"):
+        cv.grpo_lambda_advantage(rewards, mask, index)
+    with pytest.raises(ValueError, match="index"):
+        cv.grpo_lambda_advantage(rewards, mask, None, clamp_min=None)
+
+
+def test_register_without_verl_names_the_extra():
+    if cv.verl_available():
+        pytest.skip("verl is installed here: registration is tested in part 2")
+    with pytest.raises(ImportError, match=r"creditlib\[verl\]"):
+        cv.register()
+
+
+# ----------------------------------------------------------------------------- part 2: verl's own registries
+def _verl():
+    """verl's core_algos, or skip: verl cannot be installed beside this project's pinned packages."""
+    if not cv.verl_available():
+        pytest.skip("verl not installed (verl 0.9 needs tensordict<=0.10; the lock pins 0.14): "
+                    "run this file in a verl environment")
+    from verl.trainer.ppo import core_algos
+
+    return core_algos
+
+
+def _actor_config(**kw):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=4, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=4,
+                       clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=10.0,
+                       policy_loss=PolicyLossConfig(loss_mode="grpo_lambda"), **kw)
+
+
+@pytest.mark.parametrize("mode", MODES + ("token-sum",))
+def test_verl_registry_identity_equals_verl_vanilla(mode, monkeypatch):
+    core = _verl()
+    monkeypatch.setenv("CREDITLIB_TRACE_LAM", "0.0")  # gamma*lam = 0: plain PPO-clip
+    cfg = _actor_config()
+    fn = core.get_policy_loss_fn(cfg.policy_loss.loss_mode)
+    assert fn is cv.grpo_lambda_policy_loss
+    old, new, adv, mask = _batch(7, torch.float32)
+    for info in ({}, {"dp_size": 2, "batch_num_tokens": int(mask.sum()) + 7, "global_batch_size": BS + 2,
+                      "loss_scale_factor": 32}):
+        cfg.global_batch_info.clear()
+        cfg.global_batch_info.update(info)
+        kw = dict(old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask, loss_agg_mode=mode,
+                  config=cfg, rollout_is_weights=None)
+        ours, m = fn(**kw)
+        theirs, tm = core.get_policy_loss_fn("vanilla")(**kw)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(_grad(ours, new), _grad(theirs, new), rtol=1e-5, atol=1e-7)
+        assert m["actor/ppo_kl"] == pytest.approx(tm["actor/ppo_kl"], rel=1e-5, abs=1e-7)
+
+
+def test_verl_registry_traced_loss(monkeypatch):
+    core = _verl()
+    for k, v in {"CREDITLIB_TRACE_STYLE": "both", "CREDITLIB_TRACE_LAM": "0.9", "CREDITLIB_TRACE_EPS": "0.05"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = _actor_config()
+    old, new, adv, mask = _batch(8)
+    w = torch.rand(BS, T, dtype=torch.float64) + 0.5  # [BS, T]
+    ours, _ = core.get_policy_loss_fn("grpo_lambda")(old_log_prob=old, log_prob=new, advantages=adv,
+                                                      response_mask=mask, loss_agg_mode="seq-mean-token-mean",
+                                                      config=cfg, rollout_is_weights=w)
+    per_tok, _ = clipped_surrogate(traced_log_ratio(new, old, mask, STYLE), adv, (0.2, 0.28))
+    ref = core.agg_loss(per_tok * w, mask, "seq-mean-token-mean")  # verl's own aggregation
+    torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_verl_estimator_equals_grpo_then_clamp():
+    core = _verl()
+    rewards, mask, index, _ = _group_rewards()
+    keep = slice(0, 8)  # verl gives singleton groups the raw score, creditlib 0: compare groups of 4
+    ours_fn = core.get_adv_estimator_fn("grpo_lambda")
+    assert ours_fn is cv.grpo_lambda_advantage
+    theirs, _ = core.compute_grpo_outcome_advantage(rewards[keep], mask[keep], index[keep])
+    ours, _ = ours_fn(token_level_rewards=rewards[keep], response_mask=mask[keep], index=index[keep], config=None,
+                      clamp_min=None)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    clamped, _ = ours_fn(token_level_rewards=rewards[keep], response_mask=mask[keep], index=index[keep],
+                         clamp_min=-0.1)
+    torch.testing.assert_close(clamped, theirs.clamp(min=-0.1) * mask[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_verl_compute_advantage_call_site(monkeypatch):
+    _verl()
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    monkeypatch.setenv("CREDITLIB_CLAMP_MIN", "-0.1")
+    rewards, mask, index, _ = _group_rewards()
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
+                               non_tensors={"uid": index})
+    cfg = AlgoConfig(adv_estimator="grpo_lambda", norm_adv_by_std_in_grpo=True)
+    out = compute_advantage(data, adv_estimator=cfg.adv_estimator, config=cfg)
+    expected, _ = cv.grpo_lambda_advantage(rewards, mask, index, clamp_min=-0.1)
+    torch.testing.assert_close(out.batch["advantages"], expected)
+    assert float(out.batch["advantages"].min()) == pytest.approx(-0.1)
+
+
+def test_verl_loads_the_module_in_a_fresh_process():
+    """What a Ray worker does: VERL_USE_EXTERNAL_MODULES imports creditlib when verl is imported."""
+    _verl()
+    code = ("from verl.trainer.ppo import core_algos as c; "
+            "print(c.get_policy_loss_fn('grpo_lambda').__module__, c.get_adv_estimator_fn('grpo_lambda').__name__)")
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "creditlib.integrations.verl"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "creditlib.integrations.verl grpo_lambda_advantage" in out.stdout
+
+
+def test_verl_actor_ppo_loss_call_site(monkeypatch):
+    """verl's actor loss entry point (workers/utils/losses.ppo_loss), flat no-padding model output."""
+    _verl()
+    from tensordict import NonTensorData, TensorDict
+    from verl.workers.utils.losses import ppo_loss
+
+    for k, v in {"CREDITLIB_TRACE_STYLE": "both", "CREDITLIB_TRACE_LAM": "0.9", "CREDITLIB_TRACE_EPS": "0.05"}.items():
+        monkeypatch.setenv(k, v)
+    old, new, adv, mask = _batch(9, torch.float32)
+    P = 3
+    plen = torch.tensor([3, 2, 3, 1, 2, 3])  # [BS] left-padded prompts
+    rlen = mask.sum(-1)  # [BS]
+    att = torch.cat([torch.arange(P)[None] >= P - plen[:, None], mask], dim=1).long()  # [BS, P + T]
+    # The model's flat output over prompt + response tokens; response token j's log-prob sits at
+    # position prompt_len - 1 + j of its sequence (next-token prediction).
+    flat = torch.cat([torch.cat([torch.zeros(int(p) - 1), new[i, : int(r)].detach(), torch.zeros(1)])
+                      for i, (p, r) in enumerate(zip(plen, rlen))]).requires_grad_(True)  # [total_nnz]
+    data = TensorDict({"prompts": torch.ones(BS, P, dtype=torch.long), "responses": torch.ones(BS, T, dtype=torch.long),
+                       "attention_mask": att, "response_mask": mask.long(), "old_log_probs": old, "advantages": adv},
+                      batch_size=[BS])
+    data["dp_size"] = NonTensorData(1)
+    data["batch_num_tokens"] = NonTensorData(None)
+    data["global_batch_size"] = NonTensorData(None)
+    cfg = _actor_config(loss_agg_mode="seq-mean-token-mean")
+    loss, metrics = ppo_loss(cfg, {"log_probs": flat}, data)
+    assert "actor/pg_clipfrac" in metrics and "actor/creditlib/trace_abs_mean" in metrics
+    ref, _ = grpo_lambda_loss(new, old, adv, mask, STYLE, clip_eps=(0.2, 0.28), clamp_min=None,
+                              aggregation="seq-mean-token-mean")
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    g_flat, g_ref = _grad(loss, flat), _grad(ref, new)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (plen + rlen).cumsum(0)[:-1]]) + plen - 1  # [BS]
+    for i in range(BS):
+        torch.testing.assert_close(g_flat[starts[i]: starts[i] + rlen[i]], g_ref[i, : rlen[i]], rtol=1e-5, atol=1e-7)
