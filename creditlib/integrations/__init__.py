@@ -3,7 +3,7 @@
 * :mod:`creditlib.integrations.trl`: ``GRPOLambdaConfig`` / ``GRPOLambdaTrainer``, a subclass of
   TRL's ``GRPOTrainer`` (optional extra ``creditlib[trl]``; see ``docs/trl.md``).
 * :mod:`creditlib.integrations.verl`: a ``grpo_lambda`` policy loss and a clamped GRPO advantage
-  estimator for verl's registries (optional extra ``creditlib[verl]``; see ``docs/verl.md``).
+  estimator for verl's registries (install creditlib with ``--no-deps`` into a verl environment; see ``docs/verl.md``).
 
 Nothing here is imported by ``import creditlib``; each submodule imports its trainer only when it
 is itself imported, and says which extra to install when the trainer is missing.

@@ -1,5 +1,6 @@
-"""GRPO-lambda in verl (optional extra ``creditlib[verl]``; in an existing verl environment
-``pip install --no-deps creditlib``: this module needs only torch and numpy. See ``docs/verl.md``).
+"""GRPO-lambda in verl (in an existing verl environment ``pip install --no-deps creditlib``: this
+module needs only torch and numpy; verl 0.9 pins tensordict<=0.10, creditlib's base requirements
+want 0.14, so there is no ``creditlib[verl]`` extra. See ``docs/verl.md``).
 
 Two functions with verl's registry signatures, registered under the name ``"grpo_lambda"`` when
 this module is imported and verl is importable:
@@ -339,8 +340,8 @@ def _core_algos():
     try:
         return importlib.import_module("verl.trainer.ppo.core_algos")
     except ImportError as e:
-        raise ImportError("registering GRPO-lambda with verl needs verl: pip install 'creditlib[verl]' "
-                          "(or, in an existing verl environment, pip install --no-deps creditlib); "
+        raise ImportError("registering GRPO-lambda with verl needs verl: in a verl environment, "
+                          "pip install --no-deps creditlib (verl pins tensordict<=0.10); "
                           f"import failed: {e}") from e
 
 
@@ -355,7 +356,7 @@ def register(policy_loss_name: Optional[str] = NAME, adv_estimator_name: Optiona
     style=DecayStyle("both", lam=0.95), clamp_min=-0.2)``. ``None`` skips one of the two.
 
     Raises:
-        ImportError: verl is not installed (the message names the ``creditlib[verl]`` extra).
+        ImportError: verl is not installed (the message says how to install creditlib beside it).
         ValueError: the name is taken by a function that is not creditlib's.
     """
     core = _core_algos()
