@@ -171,10 +171,10 @@ def test_advantage_clamp_from_environment_and_config(monkeypatch):
         cv.grpo_lambda_advantage(rewards, mask, None, clamp_min=None)
 
 
-def test_register_without_verl_names_the_extra():
+def test_register_without_verl_says_how_to_install():
     if cv.verl_available():
         pytest.skip("verl is installed here: registration is tested in part 2")
-    with pytest.raises(ImportError, match=r"creditlib\[verl\]"):
+    with pytest.raises(ImportError, match=r"--no-deps creditlib"):
         cv.register()
 
 
