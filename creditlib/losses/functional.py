@@ -30,6 +30,7 @@ import torch
 
 from .. import functional as _F
 from ..style import DecayStyle
+from ..functional import _check_mask  # the one mask validator of the library
 
 __all__ = [
     "AGGREGATIONS",
@@ -63,18 +64,6 @@ def _check_float(name: str, x, shape: Optional[torch.Size] = None, like: Optiona
     if like is not None and x.device != like.device:
         raise ValueError(f"{name} is on {x.device} but logp is on {like.device}")
     return x
-
-
-def _check_mask(mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True = token counts), got dtype {mask.dtype}")
-    if mask.shape != like.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal {like_name} shape {tuple(like.shape)}")
-    if mask.device != like.device:
-        raise ValueError(f"mask is on {mask.device} but {like_name} is on {like.device}")
-    return mask
 
 
 def _check_style(style) -> Optional[DecayStyle]:
