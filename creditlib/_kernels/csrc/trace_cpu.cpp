@@ -1,0 +1,885 @@
+// Fused CPU kernel of the eligibility trace z = W x (and W^T y), one pass, O(T), carries in registers.
+//
+// Positions t, j count the valid tokens of a row (or varlen segment) from 0. With d = gamma*lam,
+// the window start a_t and the end b_t of the early region (see docs/trace.md):
+//
+//   z_t = sum_{j=a_t..t} d^(t-j) x_j  +  sum_{j=0..b_t} d^j x_j  +  eps * sum_{j=b_t+1..a_t-1} x_j
+//
+// recent: a_t = 0 (no floor) or max(0, t-L) (floor), b_t = -1;
+// both:   a_t = t/2+1 (no floor) or max(t/2+1, t-L), b_t = t/2 or min(t/2, L).
+// a_t and b_t grow by at most one per step, so one forward pass keeps three carries: R (window),
+// S (early) and E (middle), and reads x at two lagged valid positions a and b.
+// The transpose g_j = sum_{t>=j} w(t, j) y_t is the same pass in reverse with
+// A_j = max{t : a_t <= j} (window [j, A_j]) and B_j = min{t : b_t >= j} (early region t >= B_j,
+// weight d^j times a plain suffix sum).
+//
+// Powers d^k come from a float64 table (cast to the accumulation type); d itself is applied to
+// float32 carries as d_hi + d_lo (two float32 numbers), so that d is never rounded to float32.
+// Masked inputs are never read into a carry (select, never multiply), so NaN/inf there cannot leak.
+//
+// Paths: (1) AVX-512, float32, "recent" without floor, padded [R, T] with any mask: 16 rows per
+// vector (16x16 tile transposes; the mask is transposed 64 columns at a time as 4-byte words), one
+// FMA per step on the carry chain (see recent_blocks).
+// (2) AVX-512, float32, any other style: 16 rows (or varlen segments) per vector on a schedule that
+// is uniform over valid positions. Rows whose valid tokens form one contiguous run (no mask, left or
+// right padding, varlen) are read in place; other masked rows are compacted into a scratch buffer
+// (vcompressps), scanned there and expanded back (vexpandps).
+// (3) scalar, any dtype/style/mask: float64, and float32 where AVX-512 is not available.
+// Half types are converted to float32, scanned, and rounded back (float32 accumulation).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define CREDITLIB_AVX512 1
+#else
+#define CREDITLIB_AVX512 0
+#endif
+
+namespace {
+
+constexpr int64_t kInf = std::numeric_limits<int64_t>::max() / 4;
+
+// ------------------------------------------------------------------------------------ schedule
+struct Sched {
+  bool both;
+  bool floor;  // the eps floor binds somewhere (L finite and below the longest lag)
+  int64_t L;   // window: largest k with d^k >= eps
+  inline int64_t a_of(int64_t t) const {
+    if (both) {
+      const int64_t a = t / 2 + 1;
+      return floor ? std::max(a, t - L) : a;
+    }
+    return floor ? std::max<int64_t>(0, t - L) : 0;
+  }
+  inline int64_t b_of(int64_t t) const {
+    if (!both) return -1;
+    return floor ? std::min(t / 2, L) : t / 2;
+  }
+  // max{t : a_t <= j}
+  inline int64_t A_of(int64_t j) const {
+    if (both) {
+      const int64_t A = 2 * j - 1;
+      return floor ? std::min(A, j + L) : A;
+    }
+    return floor ? j + L : kInf;
+  }
+  // min{t : b_t >= j}
+  inline int64_t B_of(int64_t j) const {
+    if (!both) return kInf;
+    if (floor && j > L) return kInf;
+    return 2 * j;
+  }
+};
+
+// d applied to a carry: float32 carries use d = hi + lo so that d is not rounded to float32.
+template <typename acc_t>
+struct DMul;
+template <>
+struct DMul<float> {
+  float hi, lo;
+  explicit DMul(double d) : hi(static_cast<float>(d)), lo(static_cast<float>(d - static_cast<double>(static_cast<float>(d)))) {}
+  inline float step(float R, float u) const { return std::fma(hi, R, std::fma(lo, R, u)); }
+};
+template <>
+struct DMul<double> {
+  double d;
+  explicit DMul(double d_) : d(d_) {}
+  inline double step(double R, double u) const { return std::fma(d, R, u); }
+};
+
+template <typename acc_t>
+std::vector<acc_t> power_table(double d, int64_t n) {
+  // d^k for k = 0..n, running product in float64 (relative error <= k * 2^-53).
+  std::vector<double> p(static_cast<size_t>(n + 1));
+  double v = 1.0;
+  for (int64_t k = 0; k <= n; ++k) {
+    p[k] = v;
+    v *= d;
+  }
+  return std::vector<acc_t>(p.begin(), p.end());
+}
+
+// ------------------------------------------------------------------------------------ scalar path
+// One row (or segment) of length T; m == nullptr means all valid.
+template <typename acc_t>
+void row_forward(const acc_t* x, const uint8_t* m, int64_t T, acc_t* out, const acc_t* pw,
+                 const DMul<acc_t>& dm, acc_t eps, const Sched& s) {
+  acc_t R = 0, S = 0, E = 0;
+  int64_t t = 0, a = 0, b = -1;
+  int64_t pa = 0;
+  if (m)
+    while (pa < T && !m[pa]) ++pa;
+  int64_t pb = pa;  // array positions of valid index a and b + 1
+  auto next_valid = [&](int64_t p) {
+    ++p;
+    if (m)
+      while (p < T && !m[p]) ++p;
+    return p;
+  };
+  for (int64_t i = 0; i < T; ++i) {
+    if (m && !m[i]) {
+      out[i] = acc_t(0);
+      continue;
+    }
+    acc_t u = x[i];
+    const int64_t na = s.a_of(t);
+    while (a < na) {  // x_a leaves the window for the middle
+      const acc_t xa = x[pa];
+      u -= pw[t - a] * xa;
+      E += xa;
+      ++a;
+      pa = next_valid(pa);
+    }
+    R = dm.step(R, u);
+    const int64_t nb = s.b_of(t);
+    while (b < nb) {  // x_b leaves the middle for the early region
+      ++b;
+      const acc_t xb = x[pb];
+      S += pw[b] * xb;
+      E -= xb;
+      pb = next_valid(pb);
+    }
+    acc_t z = R + S;
+    if (eps != acc_t(0)) z += eps * E;
+    out[i] = z;
+    ++t;
+  }
+}
+
+template <typename acc_t>
+void row_transpose(const acc_t* y, const uint8_t* m, int64_t T, acc_t* out, const acc_t* pw,
+                   const DMul<acc_t>& dm, acc_t eps, const Sched& s) {
+  int64_t n = T, plast = T - 1;
+  if (m) {
+    n = 0;
+    plast = -1;
+    for (int64_t i = 0; i < T; ++i)
+      if (m[i]) {
+        ++n;
+        plast = i;
+      }
+  }
+  acc_t R = 0, U = 0, E = 0;
+  int64_t j = n - 1, Acur = n - 1, Bcur = n;
+  int64_t pA = plast, pB = T;  // array positions of valid index Acur and Bcur
+  auto prev_valid = [&](int64_t p) {
+    --p;
+    if (m)
+      while (p >= 0 && !m[p]) --p;
+    return p;
+  };
+  for (int64_t i = T - 1; i >= 0; --i) {
+    if (m && !m[i]) {
+      out[i] = acc_t(0);
+      continue;
+    }
+    acc_t u = y[i];
+    const int64_t nA = std::min(s.A_of(j), n - 1);
+    while (Acur > nA) {  // y_A leaves the window for the middle
+      const acc_t ya = y[pA];
+      u -= pw[Acur - j] * ya;
+      E += ya;
+      --Acur;
+      pA = prev_valid(pA);
+    }
+    R = dm.step(R, u);
+    const int64_t nB = std::min(s.B_of(j), n);
+    while (Bcur > nB) {  // y_B leaves the middle for the early region
+      --Bcur;
+      pB = prev_valid(pB);
+      const acc_t yb = y[pB];
+      U += yb;
+      E -= yb;
+    }
+    acc_t g = R;
+    if (s.both) g += pw[j] * U;
+    if (eps != acc_t(0)) g += eps * E;
+    out[i] = g;
+    --j;
+  }
+}
+
+#if CREDITLIB_AVX512
+// ------------------------------------------------------------------------------------ AVX-512 helpers
+__attribute__((always_inline)) static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+static inline __mmask16 count_mask(int64_t c) {
+  return c >= 16 ? static_cast<__mmask16>(0xffff) : c <= 0 ? 0 : static_cast<__mmask16>((1u << c) - 1u);
+}
+
+
+
+// Per-thread scratch kept between calls (up to 64 MiB), so that repeated calls do not pay page
+// faults on fresh memory; larger requests are allocated and freed per call.
+class ScratchBuf {
+ public:
+  explicit ScratchBuf(int64_t n) {
+    constexpr int64_t kKeep = int64_t(16) << 20;  // floats
+    if (n <= kKeep) {
+      thread_local std::unique_ptr<float[]> keep;
+      thread_local int64_t cap = 0;
+      if (n > cap) {
+        keep.reset(new float[n]);
+        cap = n;
+      }
+      p_ = keep.get();
+    } else {
+      own_.reset(new float[n]);
+      p_ = own_.get();
+    }
+  }
+  float* get() const { return p_; }
+
+ private:
+  std::unique_ptr<float[]> own_;
+  float* p_ = nullptr;
+};
+
+// ------------------------------------------------------------------------------------ masks
+struct RowInfo {
+  int64_t first = -1, last = -1, count = 0;
+};
+
+static RowInfo analyse_row(const uint8_t* m, int64_t T) {
+  RowInfo ri;
+  for (int64_t c = 0; c < T; c += 64) {
+    const int64_t w = std::min<int64_t>(64, T - c);
+    const __mmask64 k = w >= 64 ? ~__mmask64(0) : ((__mmask64(1) << w) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(k, m + c);
+    const uint64_t b = _mm512_test_epi8_mask(v, v);
+    if (b) {
+      if (ri.first < 0) ri.first = c + __builtin_ctzll(b);
+      ri.last = c + 63 - __builtin_clzll(b);
+      ri.count += __builtin_popcountll(b);
+    }
+  }
+  return ri;
+}
+
+// Valid values of a row to the front of dst (dst needs 16 floats of slack past the count).
+static void compact_row(const float* x, const uint8_t* m, int64_t T, float* dst) {
+  for (int64_t c = 0; c < T; c += 16) {
+    const __mmask16 wm = count_mask(T - c);
+    const __m128i mb = _mm_maskz_loadu_epi8(wm, m + c);
+    const __mmask16 k = _mm_test_epi8_mask(mb, mb);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + c);  // masked lanes never read (NaN-safe)
+    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(k, v));
+    dst += __builtin_popcount(static_cast<unsigned>(k));
+  }
+}
+
+// Inverse of compact_row: values back to the valid positions, 0 elsewhere.
+static void expand_row(const float* src, const uint8_t* m, int64_t T, float* out) {
+  for (int64_t c = 0; c < T; c += 16) {
+    const __mmask16 wm = count_mask(T - c);
+    const __m128i mb = _mm_maskz_loadu_epi8(wm, m + c);
+    const __mmask16 k = _mm_test_epi8_mask(mb, mb);
+    const __m512 v = _mm512_loadu_ps(src);
+    _mm512_mask_storeu_ps(out + c, wm, _mm512_maskz_expand_ps(k, v));
+    src += __builtin_popcount(static_cast<unsigned>(k));
+  }
+}
+
+// ------------------------------------------------------------------------------------ path (1)
+// "recent", no floor, padded float32 [R, T], any mask. NB blocks of 16 rows in lockstep (NB = 1 is
+// used: more blocks meant more concurrent memory streams and ran slower on the 2-core test machine).
+template <int NB, bool MASKED, bool REV>
+void recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int64_t T, int64_t row0,
+                   const DMul<float>& dm) {
+  // R_t = c_t R_{t-1} + u_t with c_t = d (valid) or 1 (masked, u_t = 0) and d = hi + lo. The
+  // small part lo_t R_{t-1} is expanded one step back, lo_t (hi_{t-1} R_{t-2} + u_{t-1}) (dropping
+  // lo_t lo_{t-1} R_{t-2}, ~1e-16 relative), so only one FMA per step is on the carry chain.
+  const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), vone = _mm512_set1_ps(1.0f);
+  const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
+  __m512 R1[NB], R2[NB], U1[NB], H1[NB];
+  const float* xr[NB][16];
+  float* orow[NB][16];
+  const uint8_t* mr[NB][16];
+  for (int b = 0; b < NB; ++b) {
+    R1[b] = R2[b] = U1[b] = _mm512_setzero_ps();
+    H1[b] = vone;
+    for (int l = 0; l < 16; ++l) {
+      const int64_t r = row0 + 16 * b + l;
+      const bool live = r < R;
+      xr[b][l] = live ? x + r * T : nullptr;
+      orow[b][l] = live ? out + r * T : nullptr;
+      mr[b][l] = (live && MASKED) ? m + r * T : nullptr;
+    }
+  }
+  const int64_t ntiles = (T + 15) / 16;
+  alignas(64) float buf[NB][16][16];
+  alignas(64) float mbuf[NB][16][16];  // transposed mask bytes of the current 64 columns
+  int64_t mgroup = -1;
+  __m512i bytesel[4];
+  for (int q = 0; q < 4; ++q) bytesel[q] = _mm512_set1_epi32(0xff << (8 * q));
+  for (int64_t it = 0; it < ntiles; ++it) {
+    const int64_t tile = REV ? ntiles - 1 - it : it;
+    const int64_t c0 = tile * 16;
+    const int64_t w = std::min<int64_t>(16, T - c0);
+    const __mmask16 wm = count_mask(w);
+    for (int b = 0; b < NB; ++b) {
+      __m512 v[16];
+      for (int l = 0; l < 16; ++l)
+        v[l] = xr[b][l] ? _mm512_maskz_loadu_ps(wm, xr[b][l] + c0) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int c = 0; c < 16; ++c) _mm512_store_ps(buf[b][c], v[c]);
+      if (MASKED && (REV ? (c0 >> 6) != mgroup : (c0 & 63) == 0)) {
+        // mask bytes of 64 columns: one cache line per row, transposed as 4-byte words, so that
+        // word k of lane l holds columns 4k..4k+3 of row l
+        const int64_t g0 = c0 & ~int64_t(63);
+        const int64_t gw = std::min<int64_t>(64, T - g0);
+        const __mmask64 gm = gw >= 64 ? ~__mmask64(0) : ((__mmask64(1) << gw) - 1);
+        __m512 v[16];
+        for (int l = 0; l < 16; ++l)
+          v[l] = mr[b][l] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi8(gm, mr[b][l] + g0)) : _mm512_setzero_ps();
+        transpose16(v);
+        for (int k = 0; k < 16; ++k) _mm512_store_ps(mbuf[b][k], v[k]);
+        if (b == NB - 1) mgroup = c0 >> 6;
+      }
+    }
+#pragma GCC unroll 16
+    for (int cc = 0; cc < 16; ++cc) {
+      const int c = REV ? 15 - cc : cc;
+      for (int b = 0; b < NB; ++b) {
+        const __m512 xv = _mm512_load_ps(buf[b][c]);
+        if (MASKED) {
+          const int64_t col = (c0 & 63) + c;
+          const __mmask16 k = _mm512_test_epi32_mask(_mm512_load_si512(mbuf[b][col >> 2]), bytesel[col & 3]);
+          const __m512 u = _mm512_maskz_mov_ps(k, xv);  // masked inputs never enter (NaN-safe)
+          const __m512 h = _mm512_mask_blend_ps(k, vone, vhi);
+          const __m512 lo = _mm512_maskz_mov_ps(k, vlo);
+          const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(lo, H1[b]), R2[b], _mm512_fmadd_ps(lo, U1[b], u));
+          const __m512 r = _mm512_fmadd_ps(h, R1[b], v);
+          R2[b] = R1[b];
+          R1[b] = r;
+          U1[b] = u;
+          H1[b] = h;
+          _mm512_store_ps(buf[b][c], _mm512_maskz_mov_ps(k, r));
+        } else {
+          const __m512 v = _mm512_fmadd_ps(vlohi, R2[b], _mm512_fmadd_ps(vlo, U1[b], xv));
+          const __m512 r = _mm512_fmadd_ps(vhi, R1[b], v);
+          R2[b] = R1[b];
+          R1[b] = r;
+          U1[b] = xv;
+          _mm512_store_ps(buf[b][c], r);
+        }
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      __m512 v[16];
+      for (int c = 0; c < 16; ++c) v[c] = _mm512_load_ps(buf[b][c]);
+      transpose16(v);
+      for (int l = 0; l < 16; ++l)
+        if (orow[b][l]) _mm512_mask_storeu_ps(orow[b][l] + c0, wm, v[l]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ path (2)
+// 16 lanes, lane l reads base[off[l] + i] for valid index i < len[l] (0 beyond), any style.
+struct Lanes {
+  const float* base;
+  int64_t off[16];
+  int64_t len[16];
+  int64_t minlen;  // min over lanes of len: tiles below it need no per-lane masks
+};
+
+// Serves column i (the 16 lanes' values at valid index i) from a transposed 16x16 tile.
+struct Reader {
+  const Lanes* L = nullptr;
+  int64_t lo = std::numeric_limits<int64_t>::min() / 2;
+  alignas(64) float buf[16][16];
+  __attribute__((always_inline)) inline void fill(int64_t start) {
+    __m512 v[16];
+    if (start + 16 <= L->minlen) {
+      for (int l = 0; l < 16; ++l) v[l] = _mm512_loadu_ps(L->base + L->off[l] + start);
+    } else {
+      for (int l = 0; l < 16; ++l) {
+        const __mmask16 k = count_mask(L->len[l] - start);
+        v[l] = k ? _mm512_maskz_loadu_ps(k, L->base + L->off[l] + start) : _mm512_setzero_ps();
+      }
+    }
+    transpose16(v);
+    for (int c = 0; c < 16; ++c) _mm512_store_ps(buf[c], v[c]);
+    lo = start;
+  }
+  inline __m512 get(int64_t i) {
+    if (static_cast<uint64_t>(i - lo) >= 16) fill(i & ~int64_t(15));
+    return _mm512_load_ps(buf[i - lo]);
+  }
+};
+
+struct Writer {
+  const Lanes* L = nullptr;
+  float* obase = nullptr;
+  alignas(64) float buf[16][16];
+  __attribute__((always_inline)) inline void flush(int64_t start) {
+    __m512 v[16];
+    for (int c = 0; c < 16; ++c) v[c] = _mm512_load_ps(buf[c]);
+    transpose16(v);
+    if (start + 16 <= L->minlen) {
+      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(obase + L->off[l] + start, v[l]);
+    } else {
+      for (int l = 0; l < 16; ++l) {
+        const __mmask16 k = count_mask(L->len[l] - start);
+        if (k) _mm512_mask_storeu_ps(obase + L->off[l] + start, k, v[l]);
+      }
+    }
+  }
+};
+
+// Schedules with the style known at compile time (t, j >= 0).
+template <bool BOTH, bool FLOOR>
+inline int64_t a_sched(int64_t t, int64_t L) {
+  if (BOTH) return FLOOR ? std::max((t >> 1) + 1, t - L) : (t >> 1) + 1;
+  return FLOOR ? std::max<int64_t>(0, t - L) : 0;
+}
+template <bool BOTH, bool FLOOR>
+inline int64_t b_sched(int64_t t, int64_t L) {
+  return BOTH ? (FLOOR ? std::min(t >> 1, L) : (t >> 1)) : -1;
+}
+template <bool BOTH, bool FLOOR>
+inline int64_t A_sched(int64_t j, int64_t L) {
+  if (BOTH) return FLOOR ? std::min(2 * j - 1, j + L) : 2 * j - 1;
+  return FLOOR ? j + L : kInf;
+}
+template <bool BOTH, bool FLOOR>
+inline int64_t B_sched(int64_t j, int64_t L) {
+  if (!BOTH) return kInf;
+  return (FLOOR && j > L) ? kInf : 2 * j;
+}
+
+// G groups of 16 lanes in lockstep on one schedule (the schedule's scalar work is shared).
+// Without a floor the middle region is empty (E = 0), and for "both" the token leaving the window
+// is the one entering the early region, so one lagged reader serves both.
+template <bool BOTH, bool FLOOR, int G>
+void lanes_forward(const Lanes* ln, float* obase, int64_t n, const float* pw, const DMul<float>& dm, float eps,
+                   int64_t L) {
+  const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), veps = _mm512_set1_ps(eps);
+  const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
+  __m512 R1[G], R2[G], U1[G], S[G], E[G];  // R1, R2, U1: see recent_blocks
+  Reader rx[G], ra[G], rb[G];
+  Writer wr[G];
+  for (int g = 0; g < G; ++g) {
+    R1[g] = R2[g] = U1[g] = S[g] = E[g] = _mm512_setzero_ps();
+    rx[g].L = ra[g].L = rb[g].L = wr[g].L = &ln[g];
+    wr[g].obase = obase;
+  }
+  int64_t a = 0, b = -1;
+  auto step = [&](int64_t t, int c) __attribute__((always_inline)) {
+    __m512 u[G];
+    for (int g = 0; g < G; ++g) u[g] = _mm512_load_ps(rx[g].buf[c]);
+    if (BOTH || FLOOR) {
+      const int64_t na = a_sched<BOTH, FLOOR>(t, L);
+      while (a < na) {  // x_a leaves the window
+        const __m512 p = _mm512_set1_ps(pw[t - a]);
+        for (int g = 0; g < G; ++g) {
+          const __m512 xa = ra[g].get(a);
+          u[g] = _mm512_fnmadd_ps(p, xa, u[g]);
+          if (FLOOR) E[g] = _mm512_add_ps(E[g], xa);
+          if (BOTH && !FLOOR) S[g] = _mm512_fmadd_ps(p, xa, S[g]);  // ... straight into the early region
+        }
+        ++a;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 r = _mm512_fmadd_ps(vhi, R1[g], _mm512_fmadd_ps(vlohi, R2[g], _mm512_fmadd_ps(vlo, U1[g], u[g])));
+      R2[g] = R1[g];
+      R1[g] = r;
+      U1[g] = u[g];
+    }
+    if (BOTH && FLOOR) {
+      const int64_t nb = b_sched<BOTH, FLOOR>(t, L);
+      while (b < nb) {  // x_b leaves the middle for the early region
+        ++b;
+        const __m512 p = _mm512_set1_ps(pw[b]);
+        for (int g = 0; g < G; ++g) {
+          const __m512 xb = rb[g].get(b);
+          S[g] = _mm512_fmadd_ps(p, xb, S[g]);
+          E[g] = _mm512_sub_ps(E[g], xb);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      __m512 z = R1[g];
+      if (BOTH) z = _mm512_add_ps(z, S[g]);
+      if (FLOOR) z = _mm512_fmadd_ps(veps, E[g], z);
+      _mm512_store_ps(wr[g].buf[c], z);
+    }
+  };
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {  // tiles of 16 steps: main stream in, outputs out
+    for (int g = 0; g < G; ++g) rx[g].fill(t0);
+    if (t0 + 16 <= n) {
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) step(t0 + c, c);
+    } else {
+      for (int c = 0; c < n - t0; ++c) step(t0 + c, c);
+    }
+    for (int g = 0; g < G; ++g) wr[g].flush(t0);
+  }
+}
+
+
+template <bool BOTH, bool FLOOR, int G>
+void lanes_transpose(const Lanes* ln, float* obase, int64_t n, const float* pw, const DMul<float>& dm, float eps,
+                     int64_t L) {
+  const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), veps = _mm512_set1_ps(eps);
+  const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
+  __m512 R1[G], R2[G], U1[G], Us[G], E[G];
+  Reader ry[G], rA[G], rB[G];
+  Writer wr[G];
+  for (int g = 0; g < G; ++g) {
+    R1[g] = R2[g] = U1[g] = Us[g] = E[g] = _mm512_setzero_ps();
+    ry[g].L = rA[g].L = rB[g].L = wr[g].L = &ln[g];
+    wr[g].obase = obase;
+  }
+  int64_t Acur = n - 1, Bcur = n;
+  auto step = [&](int64_t j, int c) __attribute__((always_inline)) {
+    __m512 u[G];
+    for (int g = 0; g < G; ++g) u[g] = _mm512_load_ps(ry[g].buf[c]);
+    if (BOTH || FLOOR) {
+      const int64_t nA = std::min(A_sched<BOTH, FLOOR>(j, L), n - 1);
+      while (Acur > nA) {  // y_A leaves the window
+        const __m512 p = _mm512_set1_ps(pw[Acur - j]);
+        for (int g = 0; g < G; ++g) {
+          const __m512 ya = rA[g].get(Acur);
+          u[g] = _mm512_fnmadd_ps(p, ya, u[g]);
+          if (FLOOR) E[g] = _mm512_add_ps(E[g], ya);
+          if (BOTH && !FLOOR) Us[g] = _mm512_add_ps(Us[g], ya);  // ... straight into the early region
+        }
+        --Acur;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 r = _mm512_fmadd_ps(vhi, R1[g], _mm512_fmadd_ps(vlohi, R2[g], _mm512_fmadd_ps(vlo, U1[g], u[g])));
+      R2[g] = R1[g];
+      R1[g] = r;
+      U1[g] = u[g];
+    }
+    if (BOTH && FLOOR) {
+      const int64_t nB = std::min(B_sched<BOTH, FLOOR>(j, L), n);
+      while (Bcur > nB) {  // y_B leaves the middle for the early region
+        --Bcur;
+        for (int g = 0; g < G; ++g) {
+          const __m512 yb = rB[g].get(Bcur);
+          Us[g] = _mm512_add_ps(Us[g], yb);
+          E[g] = _mm512_sub_ps(E[g], yb);
+        }
+      }
+    }
+    const __m512 pj = _mm512_set1_ps(pw[j]);
+    for (int g = 0; g < G; ++g) {
+      __m512 z = R1[g];
+      if (BOTH) z = _mm512_fmadd_ps(pj, Us[g], z);
+      if (FLOOR) z = _mm512_fmadd_ps(veps, E[g], z);
+      _mm512_store_ps(wr[g].buf[c], z);
+    }
+  };
+  for (int64_t j0 = (n - 1) & ~int64_t(15); j0 >= 0; j0 -= 16) {
+    for (int g = 0; g < G; ++g) ry[g].fill(j0);
+    if (j0 + 16 <= n) {
+#pragma GCC unroll 16
+      for (int c = 15; c >= 0; --c) step(j0 + c, c);
+    } else {
+      for (int c = static_cast<int>(n - 1 - j0); c >= 0; --c) step(j0 + c, c);
+    }
+    for (int g = 0; g < G; ++g) wr[g].flush(j0);
+  }
+}
+
+
+template <int G>
+void lanes_dispatch(const Lanes* ln, float* out, int64_t n, const float* pw, const DMul<float>& dm, float eps,
+                    const Sched& s, bool transpose) {
+  const int64_t L = s.L;
+#define CL_LANES(B, F)                                                   \
+  if (transpose)                                                         \
+    lanes_transpose<B, F, G>(ln, out, n, pw, dm, eps, L);                \
+  else                                                                   \
+    lanes_forward<B, F, G>(ln, out, n, pw, dm, eps, L);
+  if (s.both) {
+    if (s.floor) { CL_LANES(true, true) } else { CL_LANES(true, false) }
+  } else {
+    if (s.floor) { CL_LANES(false, true) } else { CL_LANES(false, false) }
+  }
+#undef CL_LANES
+}
+#endif  // CREDITLIB_AVX512
+
+// ------------------------------------------------------------------------------------ drivers
+Sched make_sched(bool both, int64_t L, int64_t maxlen) {
+  Sched s;
+  s.both = both;
+  s.L = L;
+  s.floor = L >= 0 && L < maxlen - 1;  // otherwise no lag exceeds L: the floor never binds
+  if (!s.floor) s.L = kInf;
+  return s;
+}
+
+template <typename acc_t>
+void scalar_rows(const acc_t* x, const uint8_t* m, acc_t* out, int64_t R, int64_t T, double d, double eps,
+                 const Sched& s, bool transpose) {
+  const std::vector<acc_t> pw = power_table<acc_t>(d, T);
+  const DMul<acc_t> dm(d);
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* mr = m ? m + r * T : nullptr;
+      if (transpose)
+        row_transpose<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s);
+      else
+        row_forward<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s);
+    }
+  });
+}
+
+template <typename acc_t>
+void scalar_segments(const acc_t* x, const int64_t* cu, int64_t S, acc_t* out, double d, double eps,
+                     const Sched& s, bool transpose, int64_t maxlen) {
+  const std::vector<acc_t> pw = power_table<acc_t>(d, maxlen);
+  const DMul<acc_t> dm(d);
+  const acc_t e = static_cast<acc_t>(eps);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t i = s0; i < s1; ++i) {
+      const int64_t o = cu[i], n = cu[i + 1] - cu[i];
+      if (n <= 0) continue;
+      if (transpose)
+        row_transpose<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s);
+      else
+        row_forward<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s);
+    }
+  });
+}
+
+#if CREDITLIB_AVX512
+// Runs path (2) over groups of 16 (offset, length) lanes.
+void lanes_groups(const float* x, float* out, const std::vector<int64_t>& off, const std::vector<int64_t>& len,
+                  double d, double eps, const Sched& s, bool transpose, int64_t maxlen) {
+  constexpr int G = 1;  // groups of 16 lanes sharing one schedule (2 was slower here)
+  const std::vector<float> pw = power_table<float>(d, maxlen);
+  const DMul<float> dm(d);
+  const int64_t nlanes = static_cast<int64_t>(off.size());
+  const int64_t nunits = (nlanes + 16 * G - 1) / (16 * G);
+  at::parallel_for(0, nunits, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      Lanes ln[G];
+      int64_t n = 0;
+      for (int g = 0; g < G; ++g) {
+        ln[g].base = x;
+        for (int l = 0; l < 16; ++l) {
+          const int64_t i = (u * G + g) * 16 + l;
+          ln[g].off[l] = i < nlanes ? off[i] : 0;
+          ln[g].len[l] = i < nlanes ? len[i] : 0;
+          n = std::max(n, ln[g].len[l]);
+        }
+      }
+      if (n == 0) continue;
+      for (int g = 0; g < G; ++g) {
+        ln[g].minlen = ln[g].len[0];
+        for (int l = 1; l < 16; ++l) ln[g].minlen = std::min(ln[g].minlen, ln[g].len[l]);
+      }
+      lanes_dispatch<G>(ln, out, n, pw.data(), dm, static_cast<float>(eps), s, transpose);
+    }
+  });
+}
+#endif
+
+torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<torch::Tensor>& mask,
+                                    const c10::optional<torch::Tensor>& cu, double d, double eps, int64_t L,
+                                    bool both, bool transpose) {
+  const bool is_f64 = x.scalar_type() == at::kDouble;
+  auto out = torch::empty_like(x);
+  if (cu.has_value()) {
+    const torch::Tensor& c = *cu;
+    const int64_t S = c.numel() - 1;
+    const int64_t* cp = c.data_ptr<int64_t>();
+    int64_t maxlen = 0;
+    for (int64_t i = 0; i < S; ++i) maxlen = std::max(maxlen, cp[i + 1] - cp[i]);
+    const Sched s = make_sched(both, L, maxlen);
+    if (is_f64) {
+      scalar_segments<double>(x.data_ptr<double>(), cp, S, out.data_ptr<double>(), d, eps, s, transpose, maxlen);
+      return out;
+    }
+#if CREDITLIB_AVX512
+    std::vector<int64_t> off(S), len(S);
+    for (int64_t i = 0; i < S; ++i) {
+      off[i] = cp[i];
+      len[i] = cp[i + 1] - cp[i];
+    }
+    lanes_groups(x.data_ptr<float>(), out.data_ptr<float>(), off, len, d, eps, s, transpose, maxlen);
+#else
+    scalar_segments<float>(x.data_ptr<float>(), cp, S, out.data_ptr<float>(), d, eps, s, transpose, maxlen);
+#endif
+    return out;
+  }
+
+  const int64_t R = x.size(0), T = x.size(1);
+  const uint8_t* m = mask.has_value() ? mask->data_ptr<uint8_t>() : nullptr;
+  const Sched s = make_sched(both, L, T);
+  if (is_f64) {
+    scalar_rows<double>(x.data_ptr<double>(), m, out.data_ptr<double>(), R, T, d, eps, s, transpose);
+    return out;
+  }
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#if CREDITLIB_AVX512
+  if (!s.both && !s.floor) {
+    const DMul<float> dm(d);
+    constexpr int NB = 1;  // more interleaved row blocks were slower here (more memory streams)
+    const int64_t nblk = (R + 16 * NB - 1) / (16 * NB);
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t row0 = b * 16 * NB;
+        if (m) {
+          if (transpose)
+            recent_blocks<NB, true, true>(xp, m, op, R, T, row0, dm);
+          else
+            recent_blocks<NB, true, false>(xp, m, op, R, T, row0, dm);
+        } else {
+          if (transpose)
+            recent_blocks<NB, false, true>(xp, m, op, R, T, row0, dm);
+          else
+            recent_blocks<NB, false, false>(xp, m, op, R, T, row0, dm);
+        }
+      }
+    });
+    return out;
+  }
+  // Rows whose valid tokens form one contiguous run (no mask, left/right padding) go straight to
+  // path (2); the others are compacted into a scratch buffer, scanned there, and expanded back.
+  std::vector<int64_t> off, len, other;
+  std::vector<RowInfo> info(m ? R : 0);
+  if (m) {
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) info[r] = analyse_row(m + r * T, T);
+    });
+  }
+  off.reserve(R);
+  len.reserve(R);
+  for (int64_t r = 0; r < R; ++r) {
+    if (!m) {
+      off.push_back(r * T);
+      len.push_back(T);
+      continue;
+    }
+    const RowInfo& ri = info[r];
+    if (ri.count > 0 && ri.last - ri.first + 1 != ri.count) {
+      other.push_back(r);
+      continue;
+    }
+    float* orow = op + r * T;  // zero the masked positions around the run
+    const int64_t first = ri.count ? ri.first : T, last = ri.count ? ri.last : T - 1;
+    if (first > 0) std::memset(orow, 0, sizeof(float) * first);
+    if (last < T - 1) std::memset(orow + last + 1, 0, sizeof(float) * (T - 1 - last));
+    if (ri.count) {
+      off.push_back(r * T + first);
+      len.push_back(ri.count);
+    }
+  }
+  if (!off.empty()) lanes_groups(xp, op, off, len, d, eps, s, transpose, T);
+  if (!other.empty()) {
+    const int64_t no = static_cast<int64_t>(other.size());
+    std::vector<int64_t> soff(no), slen(no);
+    int64_t total = 0;
+    for (int64_t i = 0; i < no; ++i) {
+      soff[i] = total;
+      slen[i] = info[other[i]].count;
+      total += slen[i] + 16;  // slack: compaction stores whole vectors
+    }
+    ScratchBuf scr(2 * (total + 16));  // uninitialised, reused across calls (no page faults)
+    float* const sin = scr.get();
+    float* const sout = sin + total + 16;
+    at::parallel_for(0, no, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) compact_row(xp + other[i] * T, m + other[i] * T, T, sin + soff[i]);
+    });
+    lanes_groups(sin, sout, soff, slen, d, eps, s, transpose, T);
+    at::parallel_for(0, no, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) expand_row(sout + soff[i], m + other[i] * T, T, op + other[i] * T);
+    });
+  }
+#else
+  scalar_rows<float>(xp, m, op, R, T, d, eps, s, transpose);
+#endif
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor trace_scan(torch::Tensor x, c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> cu_seqlens,
+                         double d, double eps, int64_t L, bool both, bool transpose) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(d >= 0.0 && d <= 1.0, "d must be in [0, 1], got ", d);
+  TORCH_CHECK(eps >= 0.0 && eps <= 1.0, "eps must be in [0, 1], got ", eps);
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "x must be float16, bfloat16, float32 or float64, got ", st);
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(x.dim() == 1, "packed x must be 1-D [N]");
+    TORCH_CHECK(!mask.has_value(), "mask must be None with cu_seqlens");
+    const auto& c = *cu_seqlens;
+    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kLong && c.dim() == 1 && c.numel() >= 1 && c.is_contiguous(),
+                "cu_seqlens must be a contiguous CPU int64 tensor [S+1]");
+    const int64_t* cp = c.data_ptr<int64_t>();
+    TORCH_CHECK(cp[0] == 0 && cp[c.numel() - 1] == x.numel(), "cu_seqlens must start at 0 and end at N");
+    for (int64_t i = 0; i + 1 < c.numel(); ++i) TORCH_CHECK(cp[i + 1] >= cp[i], "cu_seqlens must be non-decreasing");
+  } else {
+    TORCH_CHECK(x.dim() == 2, "padded x must be 2-D [R, T]");
+    if (mask.has_value()) {
+      const auto& m = *mask;
+      TORCH_CHECK(m.device().is_cpu() && (m.scalar_type() == at::kByte || m.scalar_type() == at::kBool) &&
+                      m.sizes() == x.sizes() && m.is_contiguous(),
+                  "mask must be a contiguous CPU uint8 tensor of the shape of x");
+    }
+  }
+  if (x.numel() == 0) return torch::zeros_like(x);
+  c10::optional<torch::Tensor> m8;
+  if (mask.has_value()) m8 = mask->scalar_type() == at::kBool ? mask->view(at::kByte) : *mask;
+  if (st == at::kHalf || st == at::kBFloat16) {
+    auto xf = x.to(at::kFloat);
+    return trace_scan_float_like(xf, m8, cu_seqlens, d, eps, L, both, transpose).to(st);
+  }
+  return trace_scan_float_like(x, m8, cu_seqlens, d, eps, L, both, transpose);
+}
+
+bool has_avx512() { return CREDITLIB_AVX512 != 0; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("trace_scan", &trace_scan, "eligibility trace scan (z = W x, or W^T x when transpose)",
+          py::arg("x"), py::arg("mask"), py::arg("cu_seqlens"), py::arg("d"), py::arg("eps"), py::arg("L"),
+          py::arg("both"), py::arg("transpose"));
+  mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
+}
