@@ -1,6 +1,7 @@
 # Two commands for a new user (see README):
 #   make run    install the pinned environment into .venv and run the main job
 #   make test   install the pinned environment into .venv and run the test suite
+#               (tests/ plus every benchmark once, untimed, so the suites cannot rot)
 # Both install exactly requirements/lock.txt (torch 2.13.0 CPU and the versions tested with it)
 # and creditlib itself in editable mode; the install is skipped when nothing changed.
 PYTHON ?= python3
@@ -26,10 +27,10 @@ demo: $(STAMP)
 	$(BIN)/python recipes/demo_trace.py $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,rounds $(ARGS)
+	$(BIN)/python benchmarks/report.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
