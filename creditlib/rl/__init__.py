@@ -1,0 +1,40 @@
+"""creditlib.rl: reusable components of the GRPO / GRPO-lambda fine-tuning recipes.
+
+The recipes in ``recipes/`` read top to bottom like the paper's algorithm box; the parts they share
+live here:
+
+* :mod:`~creditlib.rl.config` -- :class:`RecipeConfig` (typed options, YAML files, generated CLI)
+* :mod:`~creditlib.rl.task` -- the embedded dial-walk task and its offline tokenizer
+* :mod:`~creditlib.rl.data` -- prompt sources (synthetic, GSM8K / MATH / local files) with a data position
+* :mod:`~creditlib.rl.model` -- tiny Qwen2 factory, any causal LM, per-token log-probs
+* :mod:`~creditlib.rl.rollout` -- :class:`HFRollout` (transformers generate) and :class:`VLLMRollout`
+* :mod:`~creditlib.rl.rewards` -- :class:`SafeReward` (errors and hangs count as wrong, never stop a run)
+* :mod:`~creditlib.rl.train` -- supervised warm-up, the GRPO-lambda update, evaluation
+* :mod:`~creditlib.rl.checkpoint` -- safetensors checkpoints (model, optimizer, RNG, step, data position)
+* :mod:`~creditlib.rl.metrics` -- ``metrics.jsonl``, PNG plot, summary table
+* :mod:`~creditlib.rl.distributed` -- torchrun + FSDP2 helpers (gloo on CPU)
+"""
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RecipeConfig, load_config, parse_args
+from .data import Example, MathSource, SyntheticSource, build_source
+from .distributed import DistInfo, finish, init_distributed, shard_model
+from .metrics import MetricsLogger, plot_metrics, read_metrics, summary_table
+from .model import NonFiniteError, completion_logprobs, tiny_qwen2
+from .rewards import SafeReward, reward_for_dataset
+from .rollout import HFRollout, RolloutBatch, VLLMRollout
+from .task import ChainTask, build_char_tokenizer, chain_reward
+from .train import evaluate_accuracy, make_style, rl_update, sft_warmup
+
+__all__ = [
+    "RecipeConfig", "load_config", "parse_args",
+    "ChainTask", "build_char_tokenizer", "chain_reward",
+    "Example", "SyntheticSource", "MathSource", "build_source",
+    "tiny_qwen2", "completion_logprobs", "NonFiniteError",
+    "HFRollout", "VLLMRollout", "RolloutBatch",
+    "SafeReward", "reward_for_dataset",
+    "rl_update", "sft_warmup", "evaluate_accuracy", "make_style",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+    "MetricsLogger", "read_metrics", "plot_metrics", "summary_table",
+    "DistInfo", "init_distributed", "shard_model", "finish",
+]

@@ -1,0 +1,112 @@
+"""Policy models: the embedded tiny Qwen2, any causal LM by name/path, and per-token log-probs."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["NonFiniteError", "tiny_qwen2", "load_causal_lm", "resolve_device", "resolve_dtype", "completion_logprobs", "count_parameters"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The policy produced NaN/inf (logits during a rollout, the loss, or the gradient norm)."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: ``cuda`` (this rank's GPU under torchrun) when available, else ``cpu``."""
+    import os
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 on CUDA, float32 on CPU."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def tiny_qwen2(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
+               intermediate_size: int = 512, max_position_embeddings: int = 128, *, pad_token_id: int = 0,
+               bos_token_id: int = 1, eos_token_id: int = 2):
+    """A small Qwen2-architecture causal LM built from a config (random init, no download).
+
+    Default shape: 2 layers, hidden 128, 4 heads (2 key/value heads), tied embeddings.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id, use_cache=True, attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype, device: torch.device,
+                   attn_implementation: str = "sdpa", gradient_checkpointing: bool = False):
+    """Any causal LM (hub name or local ``save_pretrained`` directory) and its tokenizer.
+
+    The tokenizer pads on the left (generation) and gets a pad token (EOS) when it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tok
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 4) -> torch.Tensor:
+    """Log-probs of the completion tokens under ``model`` (tempered), differentiable.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts (mask: 1 = real token).
+        completion_ids, completion_mask: ``[B, T]`` completions (mask: bool, True = valid token).
+        temperature: logits are divided by it, matching the sampling distribution.
+        chunk: rows per log-softmax chunk (bounds the ``[chunk, T, V]`` float32 buffer on large vocabularies).
+    Returns:
+        ``[B, T]`` float32 log-probs (0 at masked positions).
+    """
+    B, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+    attn = torch.cat([prompt_mask.to(torch.long), completion_mask.to(torch.long)], dim=1)  # [B, P+T]
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)  # [B, P+T] positions over real tokens (left padding)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                logits_to_keep=T + 1)
+    logits = out.logits[:, :-1]  # [B, T, V]: logits at positions P-1 .. P+T-2 predict the completion
+    rows = []
+    for s in range(0, B, chunk):
+        lg = logits[s:s + chunk].float() / temperature  # [b, T, V]
+        tok = completion_ids[s:s + chunk].unsqueeze(-1)  # [b, T, 1]
+        rows.append(lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # [b, T]
+    logp = torch.cat(rows, dim=0)  # [B, T]
+    return torch.where(completion_mask, logp, torch.zeros_like(logp))  # NaN-safe at masked positions
