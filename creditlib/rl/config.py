@@ -29,6 +29,9 @@ def _f(default, help: str, group: str, choices=None):
     return field(default=default, metadata={"help": help, "group": group, "choices": choices})
 
 
+SYNTHETIC_DATASETS = ("synthetic", "synthetic-early")  # embedded tasks with their own tokenizer
+
+
 @dataclass
 class RecipeConfig:
     """All options of the GRPO / GRPO-lambda recipes (see ``docs/recipes.md``)."""
@@ -59,13 +62,16 @@ class RecipeConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2').", "model")
 
     # ------------------------------------------------------------------ data
-    dataset: str = _f("synthetic", "'synthetic' (embedded dial-walk task), 'gsm8k', 'math' (MATH500 for eval, "
+    dataset: str = _f("synthetic", "'synthetic' (embedded dial-walk task), 'synthetic-early' (early-decision task: "
+                                   "the first completion token decides, filler follows), 'gsm8k', 'math' (MATH500 for eval, "
                                    "MATH train for RL), or a local .jsonl/.json/.parquet file with problem/question and answer fields.",
                       "data")
     eval_dataset: str = _f("", "Held-out set for the real path (same forms as --dataset; empty = the test split "
                                "of --dataset, or a held-out slice of a local file).", "data")
     eval_size: int = _f(512, "Number of held-out prompts evaluated (greedy decoding).", "data")
     num_ops: int = _f(10, "Synthetic task: moves per walk (the answer depends on every earlier step).", "data")
+    filler_length: int = _f(24, "Early-decision task (--dataset synthetic-early): characters after the decisive "
+                                "first token, none of which affects the reward.", "data")
     data_seed: int = _f(1234, "Synthetic task: seed of the problem generator (fixes the held-out split across --seed).", "data")
     max_prompt_length: int = _f(512, "Real path: prompts longer than this many tokens are dropped.", "data")
     max_new_tokens: int = _f(0, "Completion length cap (0 = task default: num_ops + 3 for the synthetic task, 512 otherwise).", "data")
@@ -116,7 +122,7 @@ class RecipeConfig:
     def validate(self) -> "RecipeConfig":
         """Raise ``ValueError`` naming the first bad option."""
         pos = ["max_steps", "prompts_per_step", "group_size", "eval_size", "num_ops", "save_every", "eval_every",
-               "sft_batch_size", "sft_eval_every", "ppo_epochs", "keep_checkpoints"]
+               "sft_batch_size", "sft_eval_every", "ppo_epochs", "keep_checkpoints", "filler_length"]
         for name in pos:
             v = getattr(self, name)
             if name == "max_steps" and v == 0:
@@ -146,7 +152,7 @@ class RecipeConfig:
                 raise ValueError(f"{f.name} must be one of {list(ch)}, got {getattr(self, f.name)!r}")
         if self.rollout == "vllm" and not self.model:
             raise ValueError("--rollout vllm needs --model NAME_OR_PATH (the embedded model has no checkpoint vLLM can load)")
-        if self.dataset == "synthetic" and self.model:
+        if self.dataset in SYNTHETIC_DATASETS and self.model:
             raise ValueError("--model with --dataset synthetic: the synthetic task has its own tokenizer; "
                              "pass --dataset gsm8k|math|PATH with a real model")
         return self

@@ -285,6 +285,11 @@ def build_source(cfg, tokenizer):
     if cfg.dataset == "synthetic":
         task = ChainTask(cfg.num_ops, cfg.data_seed, {"test": cfg.eval_size, "val": 256})
         return SyntheticSource(task, tokenizer)
+    if cfg.dataset == "synthetic-early":
+        from .study_tasks import EarlyDecisionTask
+
+        task = EarlyDecisionTask(cfg.num_ops, cfg.filler_length, cfg.data_seed, {"test": cfg.eval_size, "val": 256})
+        return SyntheticSource(task, tokenizer)
     return MathSource(cfg.dataset, tokenizer, eval_dataset=cfg.eval_dataset, chat=cfg.chat_template,
                       instruction=cfg.instruction, max_prompt_length=cfg.max_prompt_length, seed=cfg.seed,
                       eval_size=cfg.eval_size)

@@ -131,6 +131,10 @@ def reward_for_dataset(dataset: str) -> Callable[[List[str], List[str]], List[fl
         from .task import chain_reward
 
         return chain_reward
+    if dataset == "synthetic-early":
+        from .study_tasks import early_decision_reward
+
+        return early_decision_reward
     try:
         from creditlib.eval.rewards import accuracy_reward
     except ImportError as e:
