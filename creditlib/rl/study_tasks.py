@@ -24,9 +24,9 @@ embedded tokenizer unchanged; only the reward differs (:func:`early_decision_rew
 from __future__ import annotations
 
 import random
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-from .task import ChainProblem
+from .task import ChainProblem, ChainTask
 
 __all__ = ["EarlyDecisionTask", "early_decision_reward", "extract_decision"]
 
@@ -49,8 +49,11 @@ def early_decision_reward(completions: Sequence[str], answers: Sequence[str]) ->
     return [1.0 if extract_decision(c) == str(a).strip() else 0.0 for c, a in zip(completions, answers)]
 
 
-class EarlyDecisionTask:
+class EarlyDecisionTask(ChainTask):
     """Generator of early-decision problems (see the module docstring).
+
+    Inherits ``heldout``, ``train`` and ``iter_train`` from :class:`ChainTask`; its own
+    ``__init__`` and ``_distinct`` keep the study's held-out splits exactly as they were drawn.
 
     Args:
         num_ops: moves of the walk in the prompt (>= 1); there are ``10 * 2**num_ops`` distinct prompts.
@@ -102,26 +105,3 @@ class EarlyDecisionTask:
                 seen.add(p.prompt)
                 out.append(p)
         return out
-
-    def heldout(self, split: str = "test", n: Optional[int] = None) -> List[ChainProblem]:
-        """The first ``n`` problems of a held-out split (never seen in training)."""
-        if split not in self._heldout:
-            raise ValueError(f"split must be one of {sorted(self._heldout)}, got {split!r}")
-        probs = self._heldout[split]
-        return probs if n is None else probs[:n]
-
-    def train(self, start: int, count: int) -> Tuple[List[ChainProblem], int]:
-        """``count`` training problems from stream position ``start``; returns them and the next position."""
-        out, i = [], start
-        while len(out) < count:
-            p = self.problem("train", i)
-            i += 1
-            if p.prompt not in self._excluded:
-                out.append(p)
-        return out, i
-
-    def iter_train(self, start: int = 0) -> Iterator[ChainProblem]:
-        i = start
-        while True:
-            (p,), i = self.train(i, 1)
-            yield p
