@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python recipes/grpo_lambda_qwen.py $(ARGS)
+	$(BIN)/python recipes/grpo_lambda.py $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python recipes/demo_trace.py $(ARGS)

@@ -8,10 +8,19 @@ Public names (fixed by the design contract)::
     c = traced_credit(adv, mask, style)            # forward view: adv [...] or [..., T] -> [..., T]
     a = group_advantage(rewards, group_size, scale="std", baseline="mean")   # [B] -> [B]
 
-Every trace op is O(T) in time and memory in the forward and the backward pass. The work is done
-by one of several backends (see ``creditlib._kernels``): a fused C++ CPU kernel compiled at first
-use, a Triton kernel on CUDA, and a pure-PyTorch blocked scan that needs no compiler. All give the
-same numbers; ``backend=`` picks one explicitly.
+Every trace op is O(T) in time and memory in the forward and the backward pass, for every
+:class:`DecayStyle`: ``"recent"``, ``"both"``, eps floors, row-normalised weights
+(``normalize=True``: ``z_t`` is a weighted mean of the earlier log-ratios) and the GSPO
+``"sequence"`` style (every valid token carries the row's mean log-ratio). The work is done by one of
+several backends (see ``creditlib._kernels``): a fused C++ CPU kernel compiled at first use, a
+Triton kernel on CUDA, and a pure-PyTorch blocked scan that needs no compiler. All give the same
+numbers; ``backend=`` picks one explicitly.
+
+Edge cases, the same on every backend: ``T = 0``, an empty batch and ``N = 0`` packed tokens return
+an empty result that keeps the autograd graph; masked inputs are ignored even when NaN/inf; a
+NaN/inf at a *valid* token reaches exactly the outputs whose weight includes it (see
+``creditlib._kernels``); a bool mask whose bytes are not 0/1 (``uint8.view(torch.bool)``) counts
+any nonzero byte as a valid token. Validation goes through :mod:`creditlib._validation`.
 """
 
 from __future__ import annotations
@@ -21,7 +30,12 @@ from typing import Optional
 import torch
 
 from . import _kernels
+from ._kernels import Schedule
 from ._reference import eligibility_trace_naive, trace_weights
+from ._prefix import entropy_mask, prefix_td
+from ._validation import check_float as _check_float
+from ._validation import check_positive_int
+from ._validation import check_mask as _check_mask
 from .style import DecayStyle
 
 __all__ = [
@@ -32,12 +46,13 @@ __all__ = [
     "traced_credit",
     "group_advantage",
     "eligibility_trace_naive",
+    "prefix_td",
+    "entropy_mask",
 ]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
+# (the shared checks live in creditlib._validation; _check_float / _check_mask stay importable here)
 def _check_style(style) -> DecayStyle:
     if not isinstance(style, DecayStyle):
         raise ValueError(
@@ -46,53 +61,35 @@ def _check_style(style) -> DecayStyle:
     return style
 
 
-def _check_float(name: str, x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
-    return x
-
-
-def _check_mask(mask, like: torch.Tensor, like_name: str = "x") -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True = valid token), got dtype {mask.dtype}")
-    if mask.shape != like.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal {like_name} shape {tuple(like.shape)}")
-    if mask.device != like.device:
-        raise ValueError(f"mask is on {mask.device} but {like_name} is on {like.device}")
-    return mask
-
-
 # ----------------------------------------------------------------------------- the operator
 # The trace is one opaque custom op: torch.compile treats it as a single node (no tracing into the
 # kernels, no graph breaks), autograd uses the registered backward, and fake tensors get its shape.
+# Its schema takes primitives; the kernels' Schedule is built (and cached) inside.
 @torch.library.custom_op("creditlib::trace_scan", mutates_args=())
 def _trace_op(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-              d: float, eps: float, both: bool, transpose: bool, backend: str) -> torch.Tensor:
-    return _kernels.trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose, backend)
+              kind: str, d: float, eps: float, normalize: bool, transpose: bool, backend: str) -> torch.Tensor:
+    sched = Schedule.make(kind, d, eps, normalize)
+    return _kernels.trace_scan(x, mask_u8, cu_seqlens, sched, transpose, backend)
 
 
 @_trace_op.register_fake
-def _(x, mask_u8, cu_seqlens, d, eps, both, transpose, backend):
+def _(x, mask_u8, cu_seqlens, kind, d, eps, normalize, transpose, backend):
     return torch.empty_like(x)
 
 
 def _trace_setup(ctx, inputs, output):
-    x, mask_u8, cu_seqlens, d, eps, both, transpose, backend = inputs
+    x, mask_u8, cu_seqlens, kind, d, eps, normalize, transpose, backend = inputs
     ctx.save_for_backward(mask_u8, cu_seqlens)
-    ctx.params = (d, eps, both, transpose, backend)
+    ctx.params = (kind, d, eps, normalize, transpose, backend)
 
 
 def _trace_backward(ctx, grad_z):
     # z = W x is linear in x: the gradient is the transposed operator, itself this op (so double
     # backward and gradgradcheck work)
     mask_u8, cu_seqlens = ctx.saved_tensors
-    d, eps, both, transpose, backend = ctx.params
-    grad_x = _trace_op(grad_z.contiguous(), mask_u8, cu_seqlens, d, eps, both, not transpose, backend)
-    return grad_x, None, None, None, None, None, None, None
+    kind, d, eps, normalize, transpose, backend = ctx.params
+    grad_x = _trace_op(grad_z.contiguous(), mask_u8, cu_seqlens, kind, d, eps, normalize, not transpose, backend)
+    return grad_x, None, None, None, None, None, None, None, None
 
 
 _trace_op.register_autograd(_trace_backward, setup_context=_trace_setup)
@@ -101,21 +98,23 @@ _trace_op.register_autograd(_trace_backward, setup_context=_trace_setup)
 def _apply(x2: torch.Tensor, mask_u8: Optional[torch.Tensor], cu: Optional[torch.Tensor],
            style: DecayStyle, transpose: bool, backend: str) -> torch.Tensor:
     _kernels.check_backend(backend)
-    return _trace_op(x2, mask_u8, cu, style.decay, style.eps, style.both, transpose, backend)
+    # the op carries the style's primitives (validated by DecayStyle); it builds the Schedule inside
+    return _trace_op(x2, mask_u8, cu, style.style, style.decay, style.eps, style.normalize, transpose, backend)
 
 
 def _padded(x: torch.Tensor, mask: Optional[torch.Tensor], style: DecayStyle, transpose: bool,
             backend: str) -> torch.Tensor:
     shape = x.shape
     T = shape[-1] if x.dim() > 0 else 1
+    if x.numel() == 0:  # T = 0 or an empty batch: nothing to scan, but keep the autograd graph
+        _kernels.check_backend(backend)
+        return x.clone()
     x2 = x.reshape(-1, T).contiguous()  # [R, T]
     if mask is None:
         m2 = None
     else:
-        # bool -> uint8 as a view (no copy, no conversion pass)
+        # bool -> uint8 as a view (no copy, no conversion pass); kernels treat any nonzero byte as valid
         m2 = mask.reshape(-1, T).contiguous().view(torch.uint8)  # [R, T]
-    if x2.numel() == 0:
-        return torch.zeros_like(x)
     z2 = _apply(x2, m2, None, style, transpose, backend)  # [R, T]
     return z2.reshape(shape)
 
@@ -130,7 +129,8 @@ def eligibility_trace(x: torch.Tensor, mask: Optional[torch.Tensor], style: Deca
         mask: bool ``[..., T]`` (True = valid token), or ``None`` for all valid. Any pattern of
             valid runs is allowed; positions count valid tokens only, masked outputs are 0 and
             masked inputs are ignored even when NaN/inf.
-        style: a :class:`DecayStyle`.
+        style: a :class:`DecayStyle` (any kind, floor, ``normalize``; ``"sequence"`` is not causal:
+            each valid token gets the mean of its row's valid ``x``).
         backend: ``"auto"`` (fastest available), ``"cpp"``, ``"triton"``, ``"torch"`` or
             ``"reference"`` (dense O(T^2), for tests).
 
@@ -163,8 +163,9 @@ def eligibility_trace_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, style: D
     if x.dim() != 1:
         raise ValueError(f"x must be 1-D packed [N] for the varlen form, got shape {tuple(x.shape)}")
     cu = _check_cu_seqlens(cu_seqlens, x)
-    if x.numel() == 0:
-        return torch.zeros_like(x)
+    if x.numel() == 0:  # N = 0: keep the autograd graph
+        _kernels.check_backend(backend)
+        return x.clone()
     return _apply(x.contiguous(), None, cu, style, False, backend)
 
 
@@ -233,6 +234,10 @@ def group_advantage(rewards: torch.Tensor, group_size: Optional[int] = None, sca
             (any order, any group sizes).
     Returns:
         advantages ``[B]``, dtype of ``rewards``.
+
+    Raises:
+        ValueError: a NaN or inf reward (naming the first bad index: mark failed rewards as wrong
+            instead), or a bad argument.
     """
     rewards = _check_float("rewards", rewards)
     if rewards.dim() != 1:
@@ -244,12 +249,16 @@ def group_advantage(rewards: torch.Tensor, group_size: Optional[int] = None, sca
     if not (eps >= 0):
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     B = rewards.shape[0]
+    bad = ~torch.isfinite(rewards)  # [B]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"rewards must be finite: rewards[{i}] = {rewards[i].item()} "
+                         f"({int(bad.sum())} non-finite of {B}); mark failed rewards as wrong (e.g. 0) instead")
     if (group_size is None) == (group_ids is None):
         raise ValueError("give exactly one of group_size or group_ids")
     r = rewards.to(torch.float64)  # [B]
     if group_ids is None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        group_size = check_positive_int("group_size", group_size)
         if B % group_size != 0:
             raise ValueError(f"group_size={group_size} must divide the batch size {B}")
         gid = torch.arange(B, device=r.device) // group_size  # [B]

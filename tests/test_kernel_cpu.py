@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import creditlib.functional as F
 from creditlib import _kernels
-from creditlib._kernels import cpu
+from creditlib._kernels import Schedule, cpu
 from creditlib._reference import eligibility_trace_naive
 from creditlib.style import DecayStyle
 
@@ -26,6 +26,10 @@ pytestmark = pytest.mark.skipif(not (cpu.ready() or cpu.can_build()),
 DS = (0.0, 0.5, 0.9, 0.99, 1.0)
 EPS = (0.0, 0.05, 0.3, 1.0)
 STYLES = [(both, eps) for both in (False, True) for eps in EPS]
+
+
+def _sched(d: float, eps: float, both: bool, normalize: bool = False) -> Schedule:
+    return Schedule.make("both" if both else "recent", d, eps, normalize)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,10 +57,10 @@ def _masks(R: int, T: int, g: torch.Generator) -> dict:
 def _check(x: torch.Tensor, mask, both: bool, eps: float, d: float, transpose: bool) -> None:
     """Kernel in float64 (tolerance 1e-12) and float32 (1e-5), relative to the output's scale."""
     mu = None if mask is None else mask.view(torch.uint8)
-    ref = _kernels.reference_scan(x, mu, None, d, eps, both, transpose)  # [R, T] float64
+    ref = _kernels.reference_scan(x, mu, None, _sched(d, eps, both), transpose)  # [R, T] float64
     scale = max(1.0, ref.abs().max().item())
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        z = cpu.trace_scan(x.to(dtype), mu, None, d, eps, both, transpose)
+        z = cpu.trace_scan(x.to(dtype), mu, None, _sched(d, eps, both), transpose)
         assert z.dtype == dtype and z.shape == x.shape
         err = (z.double() - ref).abs().max().item()
         assert err <= tol * scale, (dtype, both, eps, d, transpose, err, scale)
@@ -100,8 +104,8 @@ def test_decay_is_not_rounded_to_float32():
         for m in (None, mask):
             for transpose in (False, True):
                 mu = None if m is None else m.view(torch.uint8)
-                z = cpu.trace_scan(x.float(), mu, None, 0.999, eps, both, transpose).double()
-                ref = cpu.trace_scan(x, mu, None, 0.999, eps, both, transpose)
+                z = cpu.trace_scan(x.float(), mu, None, _sched(0.999, eps, both), transpose).double()
+                ref = cpu.trace_scan(x, mu, None, _sched(0.999, eps, both), transpose)
                 rel = ((z - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
                 assert rel < 4e-6, (both, eps, m is None, transpose, rel)
 
@@ -118,8 +122,8 @@ def test_masked_nonfinite_does_not_leak(fill, both, eps, dtype):
     xbad = x.masked_fill(~mask, fill)
     xzero = x.masked_fill(~mask, 0.0)
     for transpose in (False, True):
-        zb = cpu.trace_scan(xbad, mu, None, 0.9, eps, both, transpose)
-        zz = cpu.trace_scan(xzero, mu, None, 0.9, eps, both, transpose)
+        zb = cpu.trace_scan(xbad, mu, None, _sched(0.9, eps, both), transpose)
+        zz = cpu.trace_scan(xzero, mu, None, _sched(0.9, eps, both), transpose)
         assert bool(torch.isfinite(zb).all())
         assert torch.equal(zb, zz)
         assert bool((zb[~mask] == 0).all())
@@ -134,13 +138,13 @@ def test_varlen_with_empty_segments(both, eps, dtype, tol):
     x = torch.randn(int(cu[-1]), generator=g, dtype=torch.float64).to(dtype)  # [N]
     for d in (0.0, 0.9, 1.0):
         for transpose in (False, True):
-            z = cpu.trace_scan(x, None, cu, d, eps, both, transpose)
-            ref = _kernels.reference_scan(x.double(), None, cu, d, eps, both, transpose)  # [N]
+            z = cpu.trace_scan(x, None, cu, _sched(d, eps, both), transpose)
+            ref = _kernels.reference_scan(x.double(), None, cu, _sched(d, eps, both), transpose)  # [N]
             assert z.shape == x.shape and z.dtype == dtype
             assert (z.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
     # all segments empty
     cu0 = torch.zeros(4, dtype=torch.long)
-    assert cpu.trace_scan(torch.zeros(0, dtype=dtype), None, cu0, 0.9, eps, both, False).shape == (0,)
+    assert cpu.trace_scan(torch.zeros(0, dtype=dtype), None, cu0, _sched(0.9, eps, both), False).shape == (0,)
 
 
 def test_varlen_equals_padded():
@@ -151,8 +155,8 @@ def test_varlen_equals_padded():
     xp, mask, _ = _kernels.varlen_to_padded(x, cu)  # [S, Tmax]
     for both, eps in STYLES:
         for transpose in (False, True):
-            zv = cpu.trace_scan(x, None, cu, 0.95, eps, both, transpose)  # [N]
-            zp = cpu.trace_scan(xp.contiguous(), mask.view(torch.uint8), None, 0.95, eps, both, transpose)
+            zv = cpu.trace_scan(x, None, cu, _sched(0.95, eps, both), transpose)  # [N]
+            zp = cpu.trace_scan(xp.contiguous(), mask.view(torch.uint8), None, _sched(0.95, eps, both), transpose)
             torch.testing.assert_close(zv, zp[mask], rtol=1e-6, atol=1e-6)
 
 
@@ -168,14 +172,14 @@ def test_half_types_accumulate_in_float32(dtype):
         for transpose in (False, True):
             for m in (None, mask):
                 mu = None if m is None else m.view(torch.uint8)
-                z = cpu.trace_scan(x, mu, None, 0.99, eps, both, transpose)
+                z = cpu.trace_scan(x, mu, None, _sched(0.99, eps, both), transpose)
                 assert z.dtype == dtype
-                z32 = cpu.trace_scan(x.float(), mu, None, 0.99, eps, both, transpose)
+                z32 = cpu.trace_scan(x.float(), mu, None, _sched(0.99, eps, both), transpose)
                 assert torch.equal(z, z32.to(dtype))
-                ref = _kernels.reference_scan(x.double(), mu, None, 0.99, eps, both, transpose)
+                ref = _kernels.reference_scan(x.double(), mu, None, _sched(0.99, eps, both), transpose)
                 assert (z32.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
-            zv = cpu.trace_scan(xv, None, cu, 0.99, eps, both, transpose)
-            assert torch.equal(zv, cpu.trace_scan(xv.float(), None, cu, 0.99, eps, both, transpose).to(dtype))
+            zv = cpu.trace_scan(xv, None, cu, _sched(0.99, eps, both), transpose)
+            assert torch.equal(zv, cpu.trace_scan(xv.float(), None, cu, _sched(0.99, eps, both), transpose).to(dtype))
 
 
 @pytest.mark.parametrize("d", [0.999, 1.0])
@@ -189,8 +193,8 @@ def test_long_row_float32_is_finite_and_accurate(d):
                          (True, 0.05, mask)]:
         mu = None if m is None else m.view(torch.uint8)
         for transpose in (False, True):
-            z32 = cpu.trace_scan(x.float(), mu, None, d, eps, both, transpose)
-            z64 = cpu.trace_scan(x, mu, None, d, eps, both, transpose)
+            z32 = cpu.trace_scan(x.float(), mu, None, _sched(d, eps, both), transpose)
+            z64 = cpu.trace_scan(x, mu, None, _sched(d, eps, both), transpose)
             assert bool(torch.isfinite(z32).all())
             scale = z64.abs().max().item()
             err = (z32.double() - z64).abs().max().item()
@@ -203,17 +207,18 @@ def test_long_row_float32_is_finite_and_accurate(d):
 @given(R=st.integers(1, 4), T=st.integers(1, 24), both=st.booleans(),
        eps=st.sampled_from([0.0, 0.01, 0.2, 0.5, 1.0]) | st.floats(0.0, 1.0),
        d=st.sampled_from([0.0, 0.5, 0.99, 1.0]) | st.floats(0.0, 1.0),
-       transpose=st.booleans(), mask_bits=st.integers(0, 2**96 - 1), seed=st.integers(0, 1000))
-def test_property_matches_dense_definition(R, T, both, eps, d, transpose, mask_bits, seed):
+       transpose=st.booleans(), mask_bits=st.integers(0, 2**96 - 1), seed=st.integers(0, 1000),
+       normalize=st.booleans())
+def test_property_matches_dense_definition(R, T, both, eps, d, transpose, mask_bits, seed, normalize):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(R, T, generator=g, dtype=torch.float64)  # [R, T]
     bits = torch.tensor([(mask_bits >> i) & 1 for i in range(R * T)], dtype=torch.bool)
     mask = bits.reshape(R, T)  # [R, T]
-    style = DecayStyle("both" if both else "recent", gamma=1.0, lam=d, eps=eps)
+    style = DecayStyle("both" if both else "recent", gamma=1.0, lam=d, eps=eps, normalize=normalize)
     ref = eligibility_trace_naive(x, mask, style, transpose=transpose)  # [R, T]
-    z = cpu.trace_scan(x, mask.view(torch.uint8), None, d, eps, both, transpose)
+    z = cpu.trace_scan(x, mask.view(torch.uint8), None, Schedule.of(style), transpose)
     torch.testing.assert_close(z, ref, rtol=1e-10, atol=1e-10)
-    z32 = cpu.trace_scan(x.float(), mask.view(torch.uint8), None, d, eps, both, transpose)
+    z32 = cpu.trace_scan(x.float(), mask.view(torch.uint8), None, Schedule.of(style), transpose)
     torch.testing.assert_close(z32.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -251,11 +256,11 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_cache_loads_in_a_new_process_without_building(tmp_path):
     # CREDITLIB_NO_BUILD forbids compiling: ready() must still find and load the cached build.
     code = """
-        from creditlib._kernels import cpu
+        from creditlib._kernels import Schedule, cpu
         assert not cpu.can_build()
         assert cpu.ready(), cpu.build_dir()
         import torch
-        z = cpu.trace_scan(torch.ones(1, 3), None, None, 0.5, 0.0, False, False)
+        z = cpu.trace_scan(torch.ones(1, 3), None, None, Schedule.make("recent", 0.5, 0.0, False), False)
         assert z.tolist() == [[1.0, 1.5, 1.75]], z
         print("ok")
     """
@@ -266,11 +271,11 @@ def test_cache_loads_in_a_new_process_without_building(tmp_path):
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     # an empty cache and no build allowed: a clear error that names the way out
     code = """
-        from creditlib._kernels import cpu
+        from creditlib._kernels import Schedule, cpu
         import torch
         assert not cpu.ready()
         try:
-            cpu.trace_scan(torch.ones(1, 3), None, None, 0.5, 0.0, False, False)
+            cpu.trace_scan(torch.ones(1, 3), None, None, Schedule.make("recent", 0.5, 0.0, False), False)
         except RuntimeError as e:
             assert 'backend="torch"' in str(e), e
             print("ok")

@@ -1,27 +1,152 @@
 """Backends of the trace scan ``z = W x`` (or ``W^T x``), all with one calling convention.
 
-``trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose, backend)``
+``trace_scan(x, mask_u8, cu_seqlens, sched, transpose, backend)``
 
-* padded: ``x`` ``[R, T]`` contiguous, ``mask_u8`` ``[R, T]`` uint8 (a view of the bool mask)
-  or ``None`` (all valid), ``cu_seqlens`` ``None``;
+* padded: ``x`` ``[R, T]`` contiguous, ``mask_u8`` ``[R, T]`` uint8 (a view of the bool mask; any
+  nonzero byte is a valid token) or ``None`` (all valid), ``cu_seqlens`` ``None``;
 * packed: ``x`` ``[N]`` contiguous, ``mask_u8`` ``None``, ``cu_seqlens`` int64 ``[S+1]``.
 
-``d = gamma * lam`` and ``eps`` are Python floats (float64); ``both`` selects the ``"both"``
-style; ``transpose`` applies ``W^T`` (backward pass / forward-view credit). Output: the shape and
-dtype of ``x``, 0 at masked positions; half types accumulate in float32, float64 stays float64.
+``sched`` is a :class:`Schedule`: everything a kernel needs about the weights, built once from the
+:class:`~creditlib.DecayStyle` (kind, ``d = gamma * lam`` as a Python float64, ``eps``, the floor
+window ``L``, ``normalize``) and handed to each backend as is. ``transpose`` applies ``W^T``
+(backward pass / forward-view credit). Output: the shape and dtype of ``x``, 0 at masked
+positions; half types accumulate in float32, float64 stays float64.
+
+Non-finite inputs. Masked inputs are never read. A NaN or inf at a *valid* token reaches exactly
+the outputs whose weight includes it (``w(t, j) != 0`` as a real number, before any float
+underflow), on every backend: every later valid token for ``d > 0`` or a floor (the transpose:
+every earlier one), only the token itself (and, for ``"both"``, the later tokens through
+``w(t, 0) = 1``) when ``d = 0`` without a floor, the whole row for ``"sequence"``. Whether such an
+output is NaN or +-inf may differ between backends; which outputs are finite does not.
 
 Backends: ``"cpp"`` (fused CPU kernel, JIT-built once and cached), ``"triton"`` (CUDA),
 ``"torch"`` (pure PyTorch, no compiler), ``"reference"`` (dense O(T^2), tests only) and
 ``"auto"``: the fastest that is ready for the tensor's device, never paying a C++ build for a small
-input (see :func:`choose_backend`).
+input (see :func:`choose_backend`). The ``d = 0`` schedules without a floor are closed forms
+(identity, or ``x_t + x_0`` for ``"both"``) evaluated here for every backend.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+KINDS = ("recent", "both", "sequence")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The trace weights as the kernels see them (build with :meth:`of` or :meth:`make`).
+
+    Attributes:
+        kind: ``"recent"``, ``"both"`` or ``"sequence"``.
+        d: ``gamma * lam`` (Python float64; never rounded to float32).
+        eps: weight floor.
+        normalize: divide row ``t`` by ``N_t = sum_{i<=t} w(t, i)`` (see :meth:`row_sums`).
+        window: ``L``, the largest lag with ``d**L >= eps`` (``None``: the floor never binds).
+    """
+
+    kind: str
+    d: float
+    eps: float
+    normalize: bool
+    window: Optional[int]
+
+    @staticmethod
+    def of(style) -> "Schedule":
+        """The schedule of a :class:`~creditlib.DecayStyle`."""
+        return Schedule.make(style.style, style.decay, style.eps, style.normalize)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def make(kind: str, d: float, eps: float, normalize: bool) -> "Schedule":
+        """From primitives (what the custom op's schema carries); validated, cached."""
+        from ..style import decay_window
+
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        d, eps = float(d), float(eps)
+        if not (0.0 <= d <= 1.0) or not (0.0 <= eps <= 1.0):
+            raise ValueError(f"d and eps must be in [0, 1], got d={d!r}, eps={eps!r}")
+        if kind == "sequence":  # gamma, lam, eps, normalize are ignored: rows already sum to 1
+            return Schedule("sequence", 1.0, 0.0, False, None)
+        return Schedule(kind, d, eps, bool(normalize), decay_window(d, eps))
+
+    @property
+    def both(self) -> bool:
+        return self.kind == "both"
+
+    @property
+    def sequence(self) -> bool:
+        return self.kind == "sequence"
+
+    @property
+    def kind_code(self) -> int:
+        """0 recent, 1 both, 2 sequence (the C++ kernel's argument)."""
+        return KINDS.index(self.kind)
+
+    @property
+    def L(self) -> int:
+        """The window as the C++ kernel takes it: -1 when the floor never binds."""
+        return -1 if self.window is None else min(int(self.window), 1 << 62)
+
+    def style(self):
+        """The :class:`~creditlib.DecayStyle` of these weights (for the dense reference)."""
+        from ..style import DecayStyle
+
+        return DecayStyle(self.kind, gamma=1.0, lam=self.d, eps=self.eps, normalize=self.normalize)
+
+    def closed_form(self) -> Optional[str]:
+        """``"identity"`` or ``"both0"`` for the ``d = 0`` schedules without a floor, else None."""
+        if self.sequence or self.d != 0.0 or self.eps != 0.0:
+            return None
+        return "both0" if self.both else "identity"
+
+    def support(self) -> "Schedule":
+        """A schedule with the same nonzero pattern and weights 1 (where ``w(t, j) != 0``)."""
+        if self.sequence:
+            return self
+        return Schedule.make(self.kind, 1.0 if self.d > 0 else 0.0, 1.0 if self.eps > 0 else 0.0, False)
+
+    def row_sums(self, n: int, device=None) -> torch.Tensor:
+        """``N_k = sum_{i<=k} w(k, i)`` for valid positions ``k = 0..n-1``, float64 ``[n]``.
+
+        With ``f(m) = d**m`` for ``m <= L`` (every ``m`` without a floor) and ``eps`` beyond, and
+        ``F(h) = sum_{m<h} f(m)``: ``recent`` ``N_k = F(k+1)``; ``both`` (``w = f(min(k-i, i))``)
+        ``N_k = 2 F(ceil(k/2)) + [k even] f(k/2)``. Running sums in float64 (relative error
+        ``<= n 2^-53``), no ``d**-k``: nothing overflows at any ``n``.
+        """
+        return _row_sums(self, int(n)).to(device) if device is not None else _row_sums(self, int(n))
+
+    def inv_row_sums(self, n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """``1 / N_k`` (``[n]``) computed in float64, then cast to ``dtype``."""
+        return _inv_row_sums(self, int(n), dtype, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=8)
+def _row_sums(s: Schedule, n: int) -> torch.Tensor:
+    m = torch.arange(n + 1, dtype=torch.float64)  # [n+1] lags
+    f = torch.pow(torch.tensor(s.d, dtype=torch.float64), m)  # [n+1] d^m (0^0 = 1)
+    if s.window is not None:
+        f = torch.where(m > s.window, torch.full_like(f, s.eps), f)
+    F = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(f, 0)])  # [n+2] F(h) = sum_{m<h} f(m)
+    k = torch.arange(n)  # [n]
+    if s.kind == "recent":
+        return F[k + 1]  # [n]
+    even = (k % 2 == 0).to(torch.float64)
+    return 2 * F[(k + 1) // 2] + even * f[k // 2]  # [n]
+
+
+@functools.lru_cache(maxsize=8)
+def _inv_row_sums(s: Schedule, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return (1.0 / _row_sums(s, n)).to(dtype=dtype, device=device)  # [n]
+
 
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 
@@ -35,18 +160,62 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+_log = logging.getLogger("creditlib")
+_logged_choices: set = set()
+_auto_build_failed = False
+
+
+def _chosen(backend: str, device: str, why) -> str:
+    """Log the first choice of each backend per device type (INFO, logger "creditlib"); ``why`` is
+    a string or a function giving one (called only when logging)."""
+    if (device, backend) not in _logged_choices:
+        _logged_choices.add((device, backend))
+        _log.info("trace backend \"auto\" -> %r on %s (%s)", backend, device, why() if callable(why) else why)
+    return backend
+
+
 def choose_backend(x: torch.Tensor) -> str:
-    """The backend ``"auto"`` resolves to for this input."""
+    """The backend ``"auto"`` resolves to for this input.
+
+    * CUDA: ``"triton"`` when Triton is usable, else ``"torch"``.
+    * CPU: ``"cpp"`` when the C++ kernel is loaded or a complete cached build exists. Otherwise, for
+      an input of at least ``AUTO_BUILD_MIN_NUMEL`` elements (env ``CREDITLIB_AUTO_BUILD_MIN_NUMEL``)
+      where a compiler, ninja and the torch headers are usable, the kernel is built here (once,
+      about a minute, announced on stderr) and ``"cpp"`` is returned. Smaller inputs, and machines
+      that cannot build, get ``"torch"``.
+    * A build that fails gives one ``RuntimeWarning`` and ``"torch"`` for the rest of the process,
+      never an error mid-training (an explicit ``backend="cpp"`` raises the build error instead).
+
+    The first choice of each backend is logged at INFO on the ``"creditlib"`` logger.
+    """
+    global _auto_build_failed
     if x.is_cuda:
         triton_trace = _optional("triton_trace")
-        return "triton" if triton_trace is not None and triton_trace.available() else "torch"
-    if x.device.type == "cpu":
-        cpu = _optional("cpu")
-        if cpu is not None and cpu.ready():
-            return "cpp"
-        if cpu is not None and x.numel() >= AUTO_BUILD_MIN_NUMEL and cpu.can_build():
-            return "cpp"
-    return "torch"
+        if triton_trace is not None and triton_trace.available():
+            return _chosen("triton", "cuda", "Triton kernel")
+        return _chosen("torch", "cuda", "Triton is not available")
+    if x.device.type != "cpu":
+        return _chosen("torch", x.device.type, "no fused kernel for this device")
+    cpu = _optional("cpu")
+    if cpu is None:
+        return _chosen("torch", "cpu", "the C++ backend module could not be imported")
+    if cpu.ready():
+        return _chosen("cpp", "cpu", lambda: f"fused C++ kernel, {cpu._isa_of(cpu.load())}")
+    if cpu.build_error() is not None or _auto_build_failed:
+        return _chosen("torch", "cpu", "the C++ kernel build failed")
+    if x.numel() < AUTO_BUILD_MIN_NUMEL:
+        return _chosen("torch", "cpu", f"no C++ build cached; inputs of {AUTO_BUILD_MIN_NUMEL} elements or more build it")
+    if not cpu.can_build():
+        return _chosen("torch", "cpu", "no C++ build cached and none possible here: C++ compiler, ninja or torch "
+                                       "headers missing, or CREDITLIB_NO_BUILD set")
+    try:
+        mod = cpu.load()
+    except Exception as e:  # noqa: BLE001 - a broken toolchain must not stop a training run
+        _auto_build_failed = True  # never retried by "auto" in this process, and warned about once
+        warnings.warn(f"{e} backend=\"auto\" uses the pure-PyTorch trace for the rest of this process.",
+                      RuntimeWarning, stacklevel=2)
+        return _chosen("torch", "cpu", "the C++ kernel build failed")
+    return _chosen("cpp", "cpu", f"fused C++ kernel, {cpu._isa_of(mod)}")
 
 
 def _optional(name: str):
@@ -60,21 +229,60 @@ def _optional(name: str):
 
 
 def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-               d: float, eps: float, both: bool, transpose: bool, backend: str = "auto") -> torch.Tensor:
+               sched: Schedule, transpose: bool, backend: str = "auto") -> torch.Tensor:
+    if not isinstance(sched, Schedule):
+        raise ValueError(f"sched must be a creditlib._kernels.Schedule, got {type(sched).__name__}")
     if backend == "auto":
         backend = choose_backend(x)
+    check_backend(backend)
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    cf = sched.closed_form()
+    if cf is not None and backend != "reference":
+        return closed_form_scan(x, mask_u8, cu_seqlens, cf, sched.normalize, transpose)
     if backend == "cpp":
         from . import cpu
-        return cpu.trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose)
+        return cpu.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
     if backend == "triton":
         from . import triton_trace
-        return triton_trace.trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose)
+        return triton_trace.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
     if backend == "torch":
         from . import torch_scan
-        return torch_scan.trace_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose)
-    if backend == "reference":
-        return reference_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        return torch_scan.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
+    return reference_scan(x, mask_u8, cu_seqlens, sched, transpose)
+
+
+def closed_form_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                     form: str, normalize: bool, transpose: bool) -> torch.Tensor:
+    """The ``d = 0`` schedules without a floor, exactly (no ``0 * x`` products: NaN/inf reach only
+    the outputs whose weight includes them).
+
+    ``"identity"``: ``z_t = x_t``. ``"both0"``: ``w(t, j) = 1`` for ``j = t`` and ``j = 0``, else
+    0, so ``z_t = x_t + [t > 0] x_0`` and ``g_j = y_j + [j = 0] sum_{t > 0} y_t``; normalised,
+    every row ``t > 0`` sums to 2.
+    """
+    if cu_seqlens is not None:  # packed -> padded [S, Tmax]
+        xp, mask, _ = varlen_to_padded(x, cu_seqlens)  # [S, Tmax]
+        zp = closed_form_scan(xp.contiguous(), mask.view(torch.uint8), None, form, normalize, transpose)
+        return zp[mask]  # [N]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    valid = torch.ones_like(x, dtype=torch.bool) if mask_u8 is None else mask_u8 != 0  # [R, T]
+    xv = torch.where(valid, x.to(cd), torch.zeros((), dtype=cd, device=x.device))  # [R, T]
+    if form == "identity":
+        return xv.to(x.dtype)
+    k = torch.cumsum(valid, dim=-1) - 1  # [R, T] valid-token index
+    first = valid & (k == 0)  # [R, T] the first valid token of each row
+    later = valid & (k > 0)  # [R, T]
+    if not transpose:
+        x0 = torch.where(first, xv, torch.zeros_like(xv)).sum(-1, keepdim=True)  # [R, 1]
+        z = xv + torch.where(later, x0.expand_as(xv), torch.zeros_like(xv))  # [R, T]
+        if normalize:
+            z = torch.where(later, z * 0.5, z)
+        return z.to(x.dtype)
+    y = torch.where(later, xv * 0.5, xv) if normalize else xv  # [R, T] y_t / N_t
+    rest = torch.where(later, y, torch.zeros_like(y)).sum(-1, keepdim=True)  # [R, 1] sum_{t>0} y_t
+    g = y + torch.where(first, rest.expand_as(y), torch.zeros_like(y))  # [R, T]
+    return g.to(x.dtype)
 
 
 def varlen_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor):
@@ -89,14 +297,14 @@ def varlen_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor):
     return xp, mask, idx
 
 
-def reference_scan(x, mask_u8, cu_seqlens, d, eps, both, transpose):
+def reference_scan(x, mask_u8, cu_seqlens, sched: Schedule, transpose: bool):
+    """The dense O(T^2) definition (``creditlib._reference``) under the kernels' calling convention."""
     from .._reference import eligibility_trace_naive
-    from ..style import DecayStyle
 
-    style = DecayStyle("both" if both else "recent", gamma=1.0, lam=d, eps=eps)
+    style = sched.style()
     if cu_seqlens is not None:
         xp, mask, _ = varlen_to_padded(x, cu_seqlens)
         zp = eligibility_trace_naive(xp, mask, style, transpose=transpose)  # [S, Tmax]
         return zp[mask]  # [N]
-    mask = torch.ones_like(x, dtype=torch.bool) if mask_u8 is None else mask_u8.view(torch.bool)
+    mask = torch.ones_like(x, dtype=torch.bool) if mask_u8 is None else mask_u8 != 0  # [R, T]
     return eligibility_trace_naive(x, mask, style, transpose=transpose)

@@ -17,7 +17,7 @@
 // float32 carries as d_hi + d_lo (two float32 numbers), so that d is never rounded to float32.
 // Masked inputs are never read into a carry (select, never multiply), so NaN/inf there cannot leak.
 //
-// Paths: (1) AVX-512, float32, "recent" without floor, padded [R, T] with any mask: 16 rows per
+// Paths: (1) AVX-512, float32, "recent" without floor (normalised or not), padded [R, T] with any mask: 16 rows per
 // vector (16x16 tile transposes; the mask is transposed 64 columns at a time as 4-byte words), one
 // FMA per step on the carry chain (see recent_blocks).
 // (2) AVX-512, float32, any other style: 16 rows (or varlen segments) per vector on a schedule that
@@ -26,6 +26,17 @@
 // (vcompressps), scanned there and expanded back (vexpandps).
 // (3) scalar, any dtype/style/mask: float64, and float32 where AVX-512 is not available.
 // Half types are converted to float32, scanned, and rounded back (float32 accumulation).
+//
+// Normalised weights (normalize): row t is divided by N_t = sum_{i<=t} w(t, i), a float64 table of
+// the valid position (row_sums) cast to the accumulation type: the forward multiplies each output by
+// 1/N_t as it is stored, the transpose multiplies each input by 1/N_j as it is read (in path (2) the
+// 16 lanes share the valid position, so one broadcast per step). Normalised "recent" without a floor
+// stays on path (1), reading 1/N by column, which is the valid position in rows without a mask or with
+// right padding; a block holding any other row notices it on the fly and is redone with a per-lane
+// count of valid tokens and a gather of 1/N.
+// Sequence style (kind 2): each valid token gets the mean of its row's valid inputs (sum accumulated
+// in float64); the operator is its own transpose.
+// Masks: any nonzero byte is a valid token (a uint8 tensor viewed as bool may hold 2 or 255).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -37,9 +48,12 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+// AVX-512 F (compress/expand), BW (byte masks) and VL (128-bit masked byte loads): Skylake-SP onwards.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(CREDITLIB_NO_AVX512)
 #include <immintrin.h>
 #define CREDITLIB_AVX512 1
 #else
@@ -55,6 +69,8 @@ struct Sched {
   bool both;
   bool floor;  // the eps floor binds somewhere (L finite and below the longest lag)
   int64_t L;   // window: largest k with d^k >= eps
+  bool normalize = false;  // divide row t by N_t (see inv_row_sums)
+  int64_t Lraw = -1;       // the window as given (-1: none), for the row sums
   inline int64_t a_of(int64_t t) const {
     if (both) {
       const int64_t a = t / 2 + 1;
@@ -98,6 +114,54 @@ struct DMul<double> {
   inline double step(double R, double u) const { return std::fma(d, R, u); }
 };
 
+// 1/N_k for k = 0..n-1 (then `pad` zeros), N_k = sum_{i<=k} w(k, i); f(m) = d^m (m <= L, or no floor)
+// else eps, F(h) = sum_{m<h} f(m); recent N_k = F(k+1), both N_k = 2 F(ceil(k/2)) + [k even] f(k/2).
+// Running sums in float64: no d^-k, nothing overflows.
+template <typename acc_t>
+std::vector<acc_t> inv_row_sums(double d, double eps, int64_t L, bool both, int64_t n, int64_t pad) {
+  std::vector<double> f(static_cast<size_t>(n + 1)), F(static_cast<size_t>(n + 2));
+  double p = 1.0;
+  F[0] = 0.0;
+  for (int64_t m = 0; m <= n; ++m) {
+    f[m] = (L >= 0 && m > L) ? eps : p;
+    F[m + 1] = F[m] + f[m];
+    p *= d;
+  }
+  std::vector<acc_t> inv(static_cast<size_t>(n + pad), acc_t(0));
+  for (int64_t k = 0; k < n; ++k) {
+    const double N = both ? 2.0 * F[(k + 1) / 2] + ((k % 2 == 0) ? f[k / 2] : 0.0) : F[k + 1];
+    inv[k] = static_cast<acc_t>(1.0 / N);
+  }
+  return inv;
+}
+
+// inv_row_sums, cached: the last few tables are kept (O(T) scalar work per call would cost ~10% of
+// a B = 64 trace). Shared read-only between threads; the cache itself is guarded by a mutex.
+template <typename acc_t>
+std::shared_ptr<const std::vector<acc_t>> cached_inv_row_sums(double d, double eps, int64_t L, bool both, int64_t n,
+                                                              int64_t pad) {
+  using Key = std::tuple<double, double, int64_t, bool, int64_t, int64_t>;
+  static std::mutex mu;
+  static std::vector<std::pair<Key, std::shared_ptr<const std::vector<acc_t>>>> cache;
+  static size_t next = 0;
+  constexpr size_t kSlots = 8;
+  const Key key{d, eps, L, both, n, pad};
+  {
+    std::lock_guard<std::mutex> g(mu);
+    for (const auto& e : cache)
+      if (e.first == key) return e.second;
+  }
+  auto tab = std::make_shared<const std::vector<acc_t>>(inv_row_sums<acc_t>(d, eps, L, both, n, pad));
+  std::lock_guard<std::mutex> g(mu);
+  if (cache.size() < kSlots) {
+    cache.emplace_back(key, tab);
+  } else {
+    cache[next] = {key, tab};
+    next = (next + 1) % kSlots;
+  }
+  return tab;
+}
+
 template <typename acc_t>
 std::vector<acc_t> power_table(double d, int64_t n) {
   // d^k for k = 0..n, running product in float64 (relative error <= k * 2^-53).
@@ -114,7 +178,7 @@ std::vector<acc_t> power_table(double d, int64_t n) {
 // One row (or segment) of length T; m == nullptr means all valid.
 template <typename acc_t>
 void row_forward(const acc_t* x, const uint8_t* m, int64_t T, acc_t* out, const acc_t* pw,
-                 const DMul<acc_t>& dm, acc_t eps, const Sched& s) {
+                 const DMul<acc_t>& dm, acc_t eps, const Sched& s, const acc_t* inv) {
   acc_t R = 0, S = 0, E = 0;
   int64_t t = 0, a = 0, b = -1;
   int64_t pa = 0;
@@ -152,14 +216,14 @@ void row_forward(const acc_t* x, const uint8_t* m, int64_t T, acc_t* out, const 
     }
     acc_t z = R + S;
     if (eps != acc_t(0)) z += eps * E;
-    out[i] = z;
+    out[i] = inv ? z * inv[t] : z;
     ++t;
   }
 }
 
 template <typename acc_t>
 void row_transpose(const acc_t* y, const uint8_t* m, int64_t T, acc_t* out, const acc_t* pw,
-                   const DMul<acc_t>& dm, acc_t eps, const Sched& s) {
+                   const DMul<acc_t>& dm, acc_t eps, const Sched& s, const acc_t* inv) {
   int64_t n = T, plast = T - 1;
   if (m) {
     n = 0;
@@ -184,10 +248,10 @@ void row_transpose(const acc_t* y, const uint8_t* m, int64_t T, acc_t* out, cons
       out[i] = acc_t(0);
       continue;
     }
-    acc_t u = y[i];
+    acc_t u = inv ? y[i] * inv[j] : y[i];  // normalised: the transpose reads y_t / N_t
     const int64_t nA = std::min(s.A_of(j), n - 1);
     while (Acur > nA) {  // y_A leaves the window for the middle
-      const acc_t ya = y[pA];
+      const acc_t ya = inv ? y[pA] * inv[Acur] : y[pA];
       u -= pw[Acur - j] * ya;
       E += ya;
       --Acur;
@@ -198,7 +262,7 @@ void row_transpose(const acc_t* y, const uint8_t* m, int64_t T, acc_t* out, cons
     while (Bcur > nB) {  // y_B leaves the middle for the early region
       --Bcur;
       pB = prev_valid(pB);
-      const acc_t yb = y[pB];
+      const acc_t yb = inv ? y[pB] * inv[Bcur] : y[pB];
       U += yb;
       E -= yb;
     }
@@ -316,30 +380,44 @@ static void expand_row(const float* src, const uint8_t* m, int64_t T, float* out
 // ------------------------------------------------------------------------------------ path (1)
 // "recent", no floor, padded float32 [R, T], any mask. NB blocks of 16 rows in lockstep (NB = 1 is
 // used: more blocks meant more concurrent memory streams and ran slower on the 2-core test machine).
-template <int NB, bool MASKED, bool REV>
-void recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int64_t T, int64_t row0,
-                   const DMul<float>& dm) {
+// NORM (normalised "recent"): 1/N_k is read by *column* from `inv` (padded to T + 16), which is the
+// valid position only in rows whose valid tokens start at column 0 and are contiguous (no mask, right
+// padding). Any other row is detected on the fly (a valid token after a masked one; in reverse, a
+// masked one after a valid one): the block stops and returns false, and the caller redoes it with
+// GATHER, which counts each lane's valid tokens (in reverse: from its row's total) and gathers 1/N_k
+// per lane (one masked gather per step). Returns true when the block is done.
+template <int NB, bool MASKED, bool REV, bool NORM = false, bool GATHER = false>
+bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int64_t T, int64_t row0,
+                   const DMul<float>& dm, const float* inv = nullptr) {
+  static_assert(!GATHER || (NORM && MASKED), "GATHER is the normalised, masked variant");
   // R_t = c_t R_{t-1} + u_t with c_t = d (valid) or 1 (masked, u_t = 0) and d = hi + lo. The
   // small part lo_t R_{t-1} is expanded one step back, lo_t (hi_{t-1} R_{t-2} + u_{t-1}) (dropping
   // lo_t lo_{t-1} R_{t-2}, ~1e-16 relative), so only one FMA per step is on the carry chain.
   const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), vone = _mm512_set1_ps(1.0f);
   const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
   __m512 R1[NB], R2[NB], U1[NB], H1[NB];
+  __m512i cnt[NB], nrow[NB];  // GATHER: valid tokens seen per lane; (REV) valid tokens per row
+  const __m512i ione = _mm512_set1_epi32(1);
   const float* xr[NB][16];
   float* orow[NB][16];
   const uint8_t* mr[NB][16];
   for (int b = 0; b < NB; ++b) {
     R1[b] = R2[b] = U1[b] = _mm512_setzero_ps();
     H1[b] = vone;
+    alignas(64) int32_t nv[16];
     for (int l = 0; l < 16; ++l) {
       const int64_t r = row0 + 16 * b + l;
       const bool live = r < R;
       xr[b][l] = live ? x + r * T : nullptr;
       orow[b][l] = live ? out + r * T : nullptr;
       mr[b][l] = (live && MASKED) ? m + r * T : nullptr;
+      nv[l] = (GATHER && REV && live) ? static_cast<int32_t>(analyse_row(m + r * T, T).count) : 0;
     }
+    cnt[b] = _mm512_setzero_si512();
+    nrow[b] = _mm512_load_si512(nv);
   }
   const int64_t ntiles = (T + 15) / 16;
+  __mmask16 seen = 0, viol = 0;  // NORM && MASKED: lanes that saw a masked (REV: valid) token; misfits
   alignas(64) float buf[NB][16][16];
   alignas(64) float mbuf[NB][16][16];  // transposed mask bytes of the current 64 columns
   int64_t mgroup = -1;
@@ -374,10 +452,25 @@ void recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int6
     for (int cc = 0; cc < 16; ++cc) {
       const int c = REV ? 15 - cc : cc;
       for (int b = 0; b < NB; ++b) {
-        const __m512 xv = _mm512_load_ps(buf[b][c]);
+        __m512 xv = _mm512_load_ps(buf[b][c]);
+        if (NORM && REV && !GATHER) xv = _mm512_mul_ps(xv, _mm512_set1_ps(inv[c0 + c]));  // y_t / N_t
         if (MASKED) {
           const int64_t col = (c0 & 63) + c;
           const __mmask16 k = _mm512_test_epi32_mask(_mm512_load_si512(mbuf[b][col >> 2]), bytesel[col & 3]);
+          if (GATHER) cnt[b] = _mm512_mask_add_epi32(cnt[b], k, cnt[b], ione);
+          if (GATHER && REV) {  // y_t / N_k with k = (valid tokens of the row) - (valid tokens from t on)
+            const __m512i idx = _mm512_sub_epi32(nrow[b], cnt[b]);
+            xv = _mm512_mul_ps(xv, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, inv, 4));
+          }
+          if (NORM && !GATHER) {
+            if (REV) {
+              viol |= static_cast<__mmask16>(~k & seen);
+              seen |= k;
+            } else {
+              viol |= static_cast<__mmask16>(k & seen);
+              seen |= static_cast<__mmask16>(~k);
+            }
+          }
           const __m512 u = _mm512_maskz_mov_ps(k, xv);  // masked inputs never enter (NaN-safe)
           const __m512 h = _mm512_mask_blend_ps(k, vone, vhi);
           const __m512 lo = _mm512_maskz_mov_ps(k, vlo);
@@ -387,17 +480,22 @@ void recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int6
           R1[b] = r;
           U1[b] = u;
           H1[b] = h;
-          _mm512_store_ps(buf[b][c], _mm512_maskz_mov_ps(k, r));
+          __m512 zo = r;
+          if (NORM && !REV && !GATHER) zo = _mm512_mul_ps(r, _mm512_set1_ps(inv[c0 + c]));  // z_t / N_t
+          if (GATHER && !REV)  // z_t / N_k with k = (valid tokens up to t) - 1
+            zo = _mm512_mul_ps(r, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, _mm512_sub_epi32(cnt[b], ione), inv, 4));
+          _mm512_store_ps(buf[b][c], _mm512_maskz_mov_ps(k, zo));
         } else {
           const __m512 v = _mm512_fmadd_ps(vlohi, R2[b], _mm512_fmadd_ps(vlo, U1[b], xv));
           const __m512 r = _mm512_fmadd_ps(vhi, R1[b], v);
           R2[b] = R1[b];
           R1[b] = r;
           U1[b] = xv;
-          _mm512_store_ps(buf[b][c], r);
+          _mm512_store_ps(buf[b][c], (NORM && !REV) ? _mm512_mul_ps(r, _mm512_set1_ps(inv[c0 + c])) : r);
         }
       }
     }
+    if (NORM && MASKED && !GATHER && viol) return false;  // a row that is not right-padded: redo with GATHER
     for (int b = 0; b < NB; ++b) {
       __m512 v[16];
       for (int c = 0; c < 16; ++c) v[c] = _mm512_load_ps(buf[b][c]);
@@ -406,6 +504,7 @@ void recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int6
         if (orow[b][l]) _mm512_mask_storeu_ps(orow[b][l] + c0, wm, v[l]);
     }
   }
+  return true;
 }
 
 // ------------------------------------------------------------------------------------ path (2)
@@ -420,6 +519,7 @@ struct Lanes {
 // Serves column i (the 16 lanes' values at valid index i) from a transposed 16x16 tile.
 struct Reader {
   const Lanes* L = nullptr;
+  const float* inv = nullptr;  // normalised transpose: column i is scaled by inv[i] (padded table)
   int64_t lo = std::numeric_limits<int64_t>::min() / 2;
   alignas(64) float buf[16][16];
   __attribute__((always_inline)) inline void fill(int64_t start) {
@@ -433,7 +533,11 @@ struct Reader {
       }
     }
     transpose16(v);
-    for (int c = 0; c < 16; ++c) _mm512_store_ps(buf[c], v[c]);
+    if (inv) {
+      for (int c = 0; c < 16; ++c) _mm512_store_ps(buf[c], _mm512_mul_ps(v[c], _mm512_set1_ps(inv[start + c])));
+    } else {
+      for (int c = 0; c < 16; ++c) _mm512_store_ps(buf[c], v[c]);
+    }
     lo = start;
   }
   inline __m512 get(int64_t i) {
@@ -487,7 +591,7 @@ inline int64_t B_sched(int64_t j, int64_t L) {
 // is the one entering the early region, so one lagged reader serves both.
 template <bool BOTH, bool FLOOR, int G>
 void lanes_forward(const Lanes* ln, float* obase, int64_t n, const float* pw, const DMul<float>& dm, float eps,
-                   int64_t L) {
+                   int64_t L, const float* inv) {
   const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), veps = _mm512_set1_ps(eps);
   const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
   __m512 R1[G], R2[G], U1[G], S[G], E[G];  // R1, R2, U1: see recent_blocks
@@ -537,6 +641,7 @@ void lanes_forward(const Lanes* ln, float* obase, int64_t n, const float* pw, co
       __m512 z = R1[g];
       if (BOTH) z = _mm512_add_ps(z, S[g]);
       if (FLOOR) z = _mm512_fmadd_ps(veps, E[g], z);
+      if (inv) z = _mm512_mul_ps(z, _mm512_set1_ps(inv[t]));  // normalised: z_t / N_t
       _mm512_store_ps(wr[g].buf[c], z);
     }
   };
@@ -555,7 +660,7 @@ void lanes_forward(const Lanes* ln, float* obase, int64_t n, const float* pw, co
 
 template <bool BOTH, bool FLOOR, int G>
 void lanes_transpose(const Lanes* ln, float* obase, int64_t n, const float* pw, const DMul<float>& dm, float eps,
-                     int64_t L) {
+                     int64_t L, const float* inv) {
   const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), veps = _mm512_set1_ps(eps);
   const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
   __m512 R1[G], R2[G], U1[G], Us[G], E[G];
@@ -564,6 +669,7 @@ void lanes_transpose(const Lanes* ln, float* obase, int64_t n, const float* pw, 
   for (int g = 0; g < G; ++g) {
     R1[g] = R2[g] = U1[g] = Us[g] = E[g] = _mm512_setzero_ps();
     ry[g].L = rA[g].L = rB[g].L = wr[g].L = &ln[g];
+    ry[g].inv = rA[g].inv = rB[g].inv = inv;  // normalised: every read of y is y_t / N_t
     wr[g].obase = obase;
   }
   int64_t Acur = n - 1, Bcur = n;
@@ -623,13 +729,13 @@ void lanes_transpose(const Lanes* ln, float* obase, int64_t n, const float* pw, 
 
 template <int G>
 void lanes_dispatch(const Lanes* ln, float* out, int64_t n, const float* pw, const DMul<float>& dm, float eps,
-                    const Sched& s, bool transpose) {
+                    const Sched& s, bool transpose, const float* inv) {
   const int64_t L = s.L;
 #define CL_LANES(B, F)                                                   \
   if (transpose)                                                         \
-    lanes_transpose<B, F, G>(ln, out, n, pw, dm, eps, L);                \
+    lanes_transpose<B, F, G>(ln, out, n, pw, dm, eps, L, inv);           \
   else                                                                   \
-    lanes_forward<B, F, G>(ln, out, n, pw, dm, eps, L);
+    lanes_forward<B, F, G>(ln, out, n, pw, dm, eps, L, inv);
   if (s.both) {
     if (s.floor) { CL_LANES(true, true) } else { CL_LANES(true, false) }
   } else {
@@ -640,9 +746,11 @@ void lanes_dispatch(const Lanes* ln, float* out, int64_t n, const float* pw, con
 #endif  // CREDITLIB_AVX512
 
 // ------------------------------------------------------------------------------------ drivers
-Sched make_sched(bool both, int64_t L, int64_t maxlen) {
+Sched make_sched(bool both, int64_t L, int64_t maxlen, bool normalize) {
   Sched s;
   s.both = both;
+  s.normalize = normalize;
+  s.Lraw = L;
   s.L = L;
   s.floor = L >= 0 && L < maxlen - 1;  // otherwise no lag exceeds L: the floor never binds
   if (!s.floor) s.L = kInf;
@@ -653,15 +761,17 @@ template <typename acc_t>
 void scalar_rows(const acc_t* x, const uint8_t* m, acc_t* out, int64_t R, int64_t T, double d, double eps,
                  const Sched& s, bool transpose) {
   const std::vector<acc_t> pw = power_table<acc_t>(d, T);
+  const auto invt = s.normalize ? cached_inv_row_sums<acc_t>(d, eps, s.Lraw, s.both, T, 0) : nullptr;
+  const acc_t* inv = invt ? invt->data() : nullptr;
   const DMul<acc_t> dm(d);
   const acc_t e = static_cast<acc_t>(eps);
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* mr = m ? m + r * T : nullptr;
       if (transpose)
-        row_transpose<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s);
+        row_transpose<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s, inv);
       else
-        row_forward<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s);
+        row_forward<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s, inv);
     }
   });
 }
@@ -670,6 +780,8 @@ template <typename acc_t>
 void scalar_segments(const acc_t* x, const int64_t* cu, int64_t S, acc_t* out, double d, double eps,
                      const Sched& s, bool transpose, int64_t maxlen) {
   const std::vector<acc_t> pw = power_table<acc_t>(d, maxlen);
+  const auto invt = s.normalize ? cached_inv_row_sums<acc_t>(d, eps, s.Lraw, s.both, maxlen, 0) : nullptr;
+  const acc_t* inv = invt ? invt->data() : nullptr;
   const DMul<acc_t> dm(d);
   const acc_t e = static_cast<acc_t>(eps);
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
@@ -677,9 +789,9 @@ void scalar_segments(const acc_t* x, const int64_t* cu, int64_t S, acc_t* out, d
       const int64_t o = cu[i], n = cu[i + 1] - cu[i];
       if (n <= 0) continue;
       if (transpose)
-        row_transpose<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s);
+        row_transpose<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s, inv);
       else
-        row_forward<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s);
+        row_forward<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s, inv);
     }
   });
 }
@@ -690,6 +802,9 @@ void lanes_groups(const float* x, float* out, const std::vector<int64_t>& off, c
                   double d, double eps, const Sched& s, bool transpose, int64_t maxlen) {
   constexpr int G = 1;  // groups of 16 lanes sharing one schedule (2 was slower here)
   const std::vector<float> pw = power_table<float>(d, maxlen);
+  // normalised: 1/N_k, padded so that a 16-column tile past the longest lane reads zeros
+  const auto invt = s.normalize ? cached_inv_row_sums<float>(d, eps, s.Lraw, s.both, maxlen, 16) : nullptr;
+  const float* inv = invt ? invt->data() : nullptr;
   const DMul<float> dm(d);
   const int64_t nlanes = static_cast<int64_t>(off.size());
   const int64_t nunits = (nlanes + 16 * G - 1) / (16 * G);
@@ -711,24 +826,170 @@ void lanes_groups(const float* x, float* out, const std::vector<int64_t>& off, c
         ln[g].minlen = ln[g].len[0];
         for (int l = 1; l < 16; ++l) ln[g].minlen = std::min(ln[g].minlen, ln[g].len[l]);
       }
-      lanes_dispatch<G>(ln, out, n, pw.data(), dm, static_cast<float>(eps), s, transpose);
+      lanes_dispatch<G>(ln, out, n, pw.data(), dm, static_cast<float>(eps), s, transpose, inv);
     }
   });
 }
 #endif
 
+#if CREDITLIB_AVX512
+// Path (2) over a subset of the rows of a padded [R, T] float32 tensor: rows whose valid tokens form
+// one contiguous run (no mask, left/right padding) are scanned in place; the others are compacted into
+// a scratch buffer, scanned there, and expanded back.
+void lanes_rows(const float* xp, const uint8_t* m, float* op, int64_t T, const std::vector<int64_t>& rows,
+                double d, double eps, const Sched& s, bool transpose) {
+  const int64_t nr = static_cast<int64_t>(rows.size());
+  std::vector<int64_t> off, len;
+  std::vector<RowInfo> info(m ? nr : 0);
+  if (m) {
+    at::parallel_for(0, nr, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) info[i] = analyse_row(m + rows[i] * T, T);
+    });
+  }
+  off.reserve(nr);
+  len.reserve(nr);
+  std::vector<int64_t> other_i;  // index into rows / info
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t r = rows[i];
+    if (!m) {
+      off.push_back(r * T);
+      len.push_back(T);
+      continue;
+    }
+    const RowInfo& ri = info[i];
+    if (ri.count > 0 && ri.last - ri.first + 1 != ri.count) {
+      other_i.push_back(i);
+      continue;
+    }
+    float* orow = op + r * T;  // zero the masked positions around the run
+    const int64_t first = ri.count ? ri.first : T, last = ri.count ? ri.last : T - 1;
+    if (first > 0) std::memset(orow, 0, sizeof(float) * first);
+    if (last < T - 1) std::memset(orow + last + 1, 0, sizeof(float) * (T - 1 - last));
+    if (ri.count) {
+      off.push_back(r * T + first);
+      len.push_back(ri.count);
+    }
+  }
+  if (!off.empty()) lanes_groups(xp, op, off, len, d, eps, s, transpose, T);
+  if (!other_i.empty()) {
+    const int64_t no = static_cast<int64_t>(other_i.size());
+    std::vector<int64_t> soff(no), slen(no);
+    int64_t total = 0;
+    for (int64_t k = 0; k < no; ++k) {
+      soff[k] = total;
+      slen[k] = info[other_i[k]].count;
+      total += slen[k] + 16;  // slack: compaction stores whole vectors
+    }
+    ScratchBuf scr(2 * (total + 16));  // uninitialised, reused across calls (no page faults)
+    float* const sin = scr.get();
+    float* const sout = sin + total + 16;
+    at::parallel_for(0, no, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r = rows[other_i[k]];
+        compact_row(xp + r * T, m + r * T, T, sin + soff[k]);
+      }
+    });
+    lanes_groups(sin, sout, soff, slen, d, eps, s, transpose, T);
+    at::parallel_for(0, no, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r = rows[other_i[k]];
+        expand_row(sout + soff[k], m + r * T, T, op + r * T);
+      }
+    });
+  }
+}
+#endif
+
+// Sequence style: out = mean of the valid inputs at the valid positions, 0 elsewhere (sum in float64;
+// masked inputs are selected away, never multiplied, so NaN/inf there cannot leak).
+template <typename acc_t>
+void sequence_run(const acc_t* x, const uint8_t* m, int64_t n, acc_t* out) {
+  double sum = 0.0;
+  int64_t cnt = 0;
+  if (m) {
+    for (int64_t i = 0; i < n; ++i) {
+      const bool v = m[i] != 0;
+      sum += v ? static_cast<double>(x[i]) : 0.0;
+      cnt += v;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]);
+    cnt = n;
+  }
+  const acc_t mean = cnt ? static_cast<acc_t>(sum / static_cast<double>(cnt)) : acc_t(0);
+  if (m) {
+    for (int64_t i = 0; i < n; ++i) out[i] = m[i] ? mean : acc_t(0);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = mean;
+  }
+}
+
+#if CREDITLIB_AVX512
+// float32, AVX-512: masked loads (masked lanes never read), float64 accumulators, masked stores.
+template <>
+void sequence_run<float>(const float* x, const uint8_t* m, int64_t n, float* out) {
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  int64_t cnt = 0;
+  for (int64_t c = 0; c < n; c += 16) {
+    __mmask16 k = count_mask(n - c);
+    if (m) {
+      const __m128i mb = _mm_maskz_loadu_epi8(k, m + c);
+      k = _mm_test_epi8_mask(mb, mb);
+    }
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + c);
+    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    cnt += __builtin_popcount(static_cast<unsigned>(k));
+  }
+  const double sum = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  const __m512 mean = _mm512_set1_ps(cnt ? static_cast<float>(sum / static_cast<double>(cnt)) : 0.0f);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 w = count_mask(n - c);
+    __mmask16 k = w;
+    if (m) {
+      const __m128i mb = _mm_maskz_loadu_epi8(w, m + c);
+      k = _mm_test_epi8_mask(mb, mb);
+    }
+    _mm512_mask_storeu_ps(out + c, w, _mm512_maskz_mov_ps(k, mean));
+  }
+}
+#endif
+
+template <typename acc_t>
+void sequence_scan(const acc_t* x, const uint8_t* m, const int64_t* cu, int64_t R, int64_t T, acc_t* out) {
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (cu)
+        sequence_run<acc_t>(x + cu[r], nullptr, cu[r + 1] - cu[r], out + cu[r]);
+      else
+        sequence_run<acc_t>(x + r * T, m ? m + r * T : nullptr, T, out + r * T);
+    }
+  });
+}
+
 torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<torch::Tensor>& mask,
                                     const c10::optional<torch::Tensor>& cu, double d, double eps, int64_t L,
-                                    bool both, bool transpose) {
+                                    int64_t kind, bool normalize, bool transpose) {
   const bool is_f64 = x.scalar_type() == at::kDouble;
+  const bool both = kind == 1;
   auto out = torch::empty_like(x);
+  if (kind == 2) {  // sequence (its own transpose)
+    const int64_t* cp = cu.has_value() ? cu->data_ptr<int64_t>() : nullptr;
+    const int64_t R = cp ? cu->numel() - 1 : x.size(0), T = cp ? 0 : x.size(1);
+    const uint8_t* m = (!cp && mask.has_value()) ? mask->data_ptr<uint8_t>() : nullptr;
+    if (is_f64)
+      sequence_scan<double>(x.data_ptr<double>(), m, cp, R, T, out.data_ptr<double>());
+    else
+      sequence_scan<float>(x.data_ptr<float>(), m, cp, R, T, out.data_ptr<float>());
+    return out;
+  }
   if (cu.has_value()) {
     const torch::Tensor& c = *cu;
     const int64_t S = c.numel() - 1;
     const int64_t* cp = c.data_ptr<int64_t>();
     int64_t maxlen = 0;
     for (int64_t i = 0; i < S; ++i) maxlen = std::max(maxlen, cp[i + 1] - cp[i]);
-    const Sched s = make_sched(both, L, maxlen);
+    const Sched s = make_sched(both, L, maxlen, normalize);
     if (is_f64) {
       scalar_segments<double>(x.data_ptr<double>(), cp, S, out.data_ptr<double>(), d, eps, s, transpose, maxlen);
       return out;
@@ -748,7 +1009,7 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
 
   const int64_t R = x.size(0), T = x.size(1);
   const uint8_t* m = mask.has_value() ? mask->data_ptr<uint8_t>() : nullptr;
-  const Sched s = make_sched(both, L, T);
+  const Sched s = make_sched(both, L, T, normalize);
   if (is_f64) {
     scalar_rows<double>(x.data_ptr<double>(), m, out.data_ptr<double>(), R, T, d, eps, s, transpose);
     return out;
@@ -760,76 +1021,34 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
     const DMul<float> dm(d);
     constexpr int NB = 1;  // more interleaved row blocks were slower here (more memory streams)
     const int64_t nblk = (R + 16 * NB - 1) / (16 * NB);
+    // normalised: 1/N by column (right-padded rows); blocks holding any other row are redone with a
+    // per-lane gather of 1/N
+    const auto invt = s.normalize ? cached_inv_row_sums<float>(d, eps, s.Lraw, false, T, 16) : nullptr;
+    const float* inv = invt ? invt->data() : nullptr;
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = b * 16 * NB;
+        bool done;
+#define CL_BLOCKS(MK, RV)                                                             \
+  done = inv ? recent_blocks<NB, MK, RV, true>(xp, m, op, R, T, row0, dm, inv)        \
+             : recent_blocks<NB, MK, RV, false>(xp, m, op, R, T, row0, dm);
         if (m) {
-          if (transpose)
-            recent_blocks<NB, true, true>(xp, m, op, R, T, row0, dm);
-          else
-            recent_blocks<NB, true, false>(xp, m, op, R, T, row0, dm);
+          if (transpose) { CL_BLOCKS(true, true) } else { CL_BLOCKS(true, false) }
+          if (!done)
+            done = transpose ? recent_blocks<NB, true, true, true, true>(xp, m, op, R, T, row0, dm, inv)
+                             : recent_blocks<NB, true, false, true, true>(xp, m, op, R, T, row0, dm, inv);
         } else {
-          if (transpose)
-            recent_blocks<NB, false, true>(xp, m, op, R, T, row0, dm);
-          else
-            recent_blocks<NB, false, false>(xp, m, op, R, T, row0, dm);
+          if (transpose) { CL_BLOCKS(false, true) } else { CL_BLOCKS(false, false) }
         }
+#undef CL_BLOCKS
+        TORCH_CHECK(done, "creditlib trace kernel: a block was left unfinished");
       }
     });
     return out;
   }
-  // Rows whose valid tokens form one contiguous run (no mask, left/right padding) go straight to
-  // path (2); the others are compacted into a scratch buffer, scanned there, and expanded back.
-  std::vector<int64_t> off, len, other;
-  std::vector<RowInfo> info(m ? R : 0);
-  if (m) {
-    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) info[r] = analyse_row(m + r * T, T);
-    });
-  }
-  off.reserve(R);
-  len.reserve(R);
-  for (int64_t r = 0; r < R; ++r) {
-    if (!m) {
-      off.push_back(r * T);
-      len.push_back(T);
-      continue;
-    }
-    const RowInfo& ri = info[r];
-    if (ri.count > 0 && ri.last - ri.first + 1 != ri.count) {
-      other.push_back(r);
-      continue;
-    }
-    float* orow = op + r * T;  // zero the masked positions around the run
-    const int64_t first = ri.count ? ri.first : T, last = ri.count ? ri.last : T - 1;
-    if (first > 0) std::memset(orow, 0, sizeof(float) * first);
-    if (last < T - 1) std::memset(orow + last + 1, 0, sizeof(float) * (T - 1 - last));
-    if (ri.count) {
-      off.push_back(r * T + first);
-      len.push_back(ri.count);
-    }
-  }
-  if (!off.empty()) lanes_groups(xp, op, off, len, d, eps, s, transpose, T);
-  if (!other.empty()) {
-    const int64_t no = static_cast<int64_t>(other.size());
-    std::vector<int64_t> soff(no), slen(no);
-    int64_t total = 0;
-    for (int64_t i = 0; i < no; ++i) {
-      soff[i] = total;
-      slen[i] = info[other[i]].count;
-      total += slen[i] + 16;  // slack: compaction stores whole vectors
-    }
-    ScratchBuf scr(2 * (total + 16));  // uninitialised, reused across calls (no page faults)
-    float* const sin = scr.get();
-    float* const sout = sin + total + 16;
-    at::parallel_for(0, no, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) compact_row(xp + other[i] * T, m + other[i] * T, T, sin + soff[i]);
-    });
-    lanes_groups(sin, sout, soff, slen, d, eps, s, transpose, T);
-    at::parallel_for(0, no, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) expand_row(sout + soff[i], m + other[i] * T, T, op + other[i] * T);
-    });
-  }
+  std::vector<int64_t> rows(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) rows[r] = r;
+  lanes_rows(xp, m, op, T, rows, d, eps, s, transpose);
 #else
   scalar_rows<float>(xp, m, op, R, T, d, eps, s, transpose);
 #endif
@@ -839,11 +1058,12 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
 }  // namespace
 
 torch::Tensor trace_scan(torch::Tensor x, c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> cu_seqlens,
-                         double d, double eps, int64_t L, bool both, bool transpose) {
+                         double d, double eps, int64_t L, int64_t kind, bool normalize, bool transpose) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   TORCH_CHECK(d >= 0.0 && d <= 1.0, "d must be in [0, 1], got ", d);
   TORCH_CHECK(eps >= 0.0 && eps <= 1.0, "eps must be in [0, 1], got ", eps);
+  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (recent), 1 (both) or 2 (sequence), got ", kind);
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "x must be float16, bfloat16, float32 or float64, got ", st);
@@ -870,9 +1090,9 @@ torch::Tensor trace_scan(torch::Tensor x, c10::optional<torch::Tensor> mask, c10
   if (mask.has_value()) m8 = mask->scalar_type() == at::kBool ? mask->view(at::kByte) : *mask;
   if (st == at::kHalf || st == at::kBFloat16) {
     auto xf = x.to(at::kFloat);
-    return trace_scan_float_like(xf, m8, cu_seqlens, d, eps, L, both, transpose).to(st);
+    return trace_scan_float_like(xf, m8, cu_seqlens, d, eps, L, kind, normalize, transpose).to(st);
   }
-  return trace_scan_float_like(x, m8, cu_seqlens, d, eps, L, both, transpose);
+  return trace_scan_float_like(x, m8, cu_seqlens, d, eps, L, kind, normalize, transpose);
 }
 
 bool has_avx512() { return CREDITLIB_AVX512 != 0; }
@@ -880,6 +1100,6 @@ bool has_avx512() { return CREDITLIB_AVX512 != 0; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("trace_scan", &trace_scan, "eligibility trace scan (z = W x, or W^T x when transpose)",
           py::arg("x"), py::arg("mask"), py::arg("cu_seqlens"), py::arg("d"), py::arg("eps"), py::arg("L"),
-          py::arg("both"), py::arg("transpose"));
+          py::arg("kind"), py::arg("normalize"), py::arg("transpose"));
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
 }
