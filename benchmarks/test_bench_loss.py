@@ -4,7 +4,8 @@ One group, ``loss fwd+bwd B=64 T=4096``, so pytest-benchmark prints the variants
 
 * ``grpo``: ``torchrl.objectives.llm.GRPOLoss``;
 * ``grpo-lambda:<style>``: ``creditlib.losses.GRPOLambdaLoss`` (``gamma * lam = 0.99``, clamp -0.1)
-  with the ``recent``, ``both`` and ``recent+eps`` (floor 0.05) styles, default ``"auto"`` backend;
+  with the ``recent``, ``both``, ``recent+eps`` (floor 0.05), ``recent+norm`` (row-normalised) and
+  ``sequence`` (GSPO) styles, default ``"auto"`` backend;
 * ``plain:recent``: ``creditlib.losses.grpo_lambda_loss`` on the same tensors.
 
 The policy is out of the measurement: the current log-probs are a leaf tensor ``[B, T]`` that
@@ -37,6 +38,8 @@ STYLES = {
     "recent": DecayStyle("recent", gamma=1.0, lam=0.99),
     "both": DecayStyle("both", gamma=1.0, lam=0.99),
     "recent+eps": DecayStyle("recent", gamma=1.0, lam=0.99, eps=0.05),
+    "recent+norm": DecayStyle("recent", gamma=1.0, lam=0.99, normalize=True),
+    "sequence": DecayStyle("sequence"),
 }
 
 

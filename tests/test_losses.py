@@ -15,6 +15,7 @@ The TorchRL tests run a real (tiny) Qwen2 policy through TorchRL's TransformersW
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -335,6 +336,9 @@ def _bad_calls():
     yield "loss_scale_factor is only used", dict(kw=dict(loss_scale_factor=8.0))
     yield "loss_scale_factor must be a positive", dict(kw=dict(aggregation="seq-mean-token-sum-norm", loss_scale_factor=0))
     yield "clamp_min", dict(kw=dict(clamp_min=float("nan")))
+    yield "clamp_min must be None or a finite float <= 0", dict(kw=dict(clamp_min=0.1))
+    yield "mask must be a bool", dict(kw=dict(loss_mask=torch.ones(B, T)))
+    yield "mask shape", dict(kw=dict(loss_mask=torch.ones(B, T + 1, dtype=torch.bool)))
     yield "kl_coef > 0 needs ref_logp", dict(kw=dict(kl_coef=0.1))
     yield "kl_coef must be", dict(kw=dict(kl_coef=-1.0, ref_logp=torch.zeros(B, T)))
     yield "ref_logp must have shape", dict(kw=dict(ref_logp=torch.zeros(B, T + 1)))
@@ -351,6 +355,178 @@ def test_plain_loss_validation(match, bad):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         grpo_lambda_loss(args["logp"], args["old"], args["adv"], args["m"], args["s"], **args["kw"])
+
+
+# ============================================================================ new styles, loss mask, empty inputs
+def _explicit_weights(n: int, style) -> torch.Tensor:
+    """w(t, j) written out from DESIGN.md (loops, float64), independent of F.trace_weights."""
+    W = torch.zeros(n, n, dtype=torch.float64)
+    if style.style == "sequence":
+        return torch.full((n, n), 1.0 / n, dtype=torch.float64) if n else W
+    d = style.gamma * style.lam
+    for t in range(n):
+        for j in range(t + 1):
+            w = d ** (t - j)  # Python: 0.0 ** 0 == 1.0
+            if style.style == "both":
+                w = max(w, d ** j)
+            W[t, j] = max(w, style.eps)
+        if style.normalize:
+            W[t, : t + 1] /= W[t, : t + 1].sum()
+    return W
+
+
+NEW_STYLES = [
+    DecayStyle("recent", gamma=1.0, lam=0.9, normalize=True),
+    DecayStyle("both", gamma=0.95, lam=0.8, eps=0.1, normalize=True),
+    DecayStyle("recent", gamma=1.0, lam=1.0, normalize=True),  # causal running mean
+    DecayStyle("sequence"),
+]
+NEW_STYLE_IDS = ["recent-norm", "both-eps-norm", "running-mean", "sequence"]
+
+
+def _explicit_loss(logp, old, adv, mask, style, clip, clamp_min, agg, loss_mask=None):
+    B, T = logp.shape
+    x = torch.where(mask, logp - old, torch.zeros((), dtype=logp.dtype))  # [B, T]
+    z = torch.zeros_like(x)
+    for i in range(B):
+        idx = mask[i].nonzero().flatten()
+        if idx.numel():
+            z[i, idx] = _explicit_weights(idx.numel(), style).to(x.dtype) @ x[i, idx]
+    A = adv[:, None].expand_as(z) if adv.dim() == 1 else adv
+    if clamp_min is not None:
+        A = A.clamp_min(clamp_min)
+    r = z.exp()
+    per_tok = -torch.minimum(r * A, r.clamp(1 - clip[0], 1 + clip[1]) * A)  # [B, T]
+    if loss_mask is not None:
+        per_tok = torch.where(loss_mask, per_tok, torch.zeros((), dtype=per_tok.dtype))
+    return _ref_aggregate(per_tok, mask, agg)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("style", NEW_STYLES, ids=NEW_STYLE_IDS)
+def test_plain_loss_new_styles_match_definition(style, agg):
+    """Normalised and sequence styles pass through the loss: values, and float64 gradients."""
+    logp, old, adv, mask = _data(dtype=torch.float64, per_token_adv=agg == "seq-mean-token-sum")
+    clip = (0.2, 0.28)
+    loss, _ = grpo_lambda_loss(logp, old, adv, mask, style, clip_eps=clip, clamp_min=-0.1, aggregation=agg)
+    ref = _explicit_loss(logp, old, adv, mask, style, clip, -0.1, agg)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    lp = logp.clone().requires_grad_(True)
+    lp2 = logp.clone().requires_grad_(True)
+    g = torch.autograd.grad(grpo_lambda_loss(lp, old, adv, mask, style, clip_eps=clip, aggregation=agg)[0], lp)[0]
+    g_ref = torch.autograd.grad(_explicit_loss(lp2, old, adv, mask, style, clip, -0.1, agg), lp2)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_sequence_style_is_gspo():
+    """DecayStyle("sequence") with the per-sequence aggregation is GSPO (arXiv 2507.18071, eq. 5-7):
+    J = (1/G) sum_i min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i), s_i = exp(mean_t log-ratio),
+    written here per sequence; equal values and float64 gradients, with GSPO's tiny clip range."""
+    logp, old, adv, mask = _data(B=10, T=19, dtype=torch.float64, scale=1e-3, seed=3)
+    clip = (3e-4, 4e-4)  # GSPO's clip range
+    lp = logp.clone().requires_grad_(True)
+    loss, m = grpo_lambda_loss(lp, old, adv, mask, DecayStyle("sequence"), clip_eps=clip, clamp_min=None,
+                               aggregation="seq-mean-token-mean")
+    lp2 = logp.clone().requires_grad_(True)
+    terms, n_clipped = [], 0
+    for i in range(lp2.shape[0]):
+        idx = mask[i].nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        s_i = (lp2[i, idx] - old[i, idx]).mean().exp()
+        n_clipped += int(not (1 - clip[0] <= s_i.item() <= 1 + clip[1]))
+        terms.append(torch.minimum(s_i * adv[i], s_i.clamp(1 - clip[0], 1 + clip[1]) * adv[i]))
+    gspo = -torch.stack(terms).mean()
+    assert 0 < n_clipped < len(terms)  # both branches of the clip are exercised
+    torch.testing.assert_close(loss, gspo, rtol=1e-10, atol=1e-13)
+    g, g_ref = torch.autograd.grad(loss, lp)[0], torch.autograd.grad(gspo, lp2)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_loss_mask_trl_convention(agg):
+    """loss_mask zeroes the policy term of unselected tokens; aggregation weights stay those of mask."""
+    logp, old, adv, mask = _data(dtype=torch.float64, per_token_adv=True)
+    g = torch.Generator().manual_seed(5)
+    ent = torch.rand(mask.shape, generator=g, dtype=torch.float64)
+    sel = F.entropy_mask(ent, mask, 0.3)  # [B, T]
+    style = STYLES[0]
+    kw = dict(clip_eps=(0.2, 0.28), clamp_min=-0.1, aggregation=agg, ref_logp=old, kl_coef=0.1)
+    loss, m = grpo_lambda_loss(logp, old, adv, mask, style, loss_mask=sel, **kw)
+    ref_pol = _explicit_loss(logp, old, adv, mask, DecayStyle("recent", gamma=1.0, lam=0.9), (0.2, 0.28), -0.1, agg,
+                             loss_mask=sel)
+    torch.testing.assert_close(m["loss_policy"], ref_pol, rtol=1e-10, atol=1e-12)
+    _, m_all = grpo_lambda_loss(logp, old, adv, mask, style, **kw)
+    torch.testing.assert_close(m["kl_to_ref"], m_all["kl_to_ref"])  # KL over mask, unchanged
+    torch.testing.assert_close(loss - m["loss_policy"], m_all["loss_kl"])
+    torch.testing.assert_close(m["loss_mask_fraction"], (sel.sum() / mask.sum()).double())
+    # loss_mask = mask is the unselected loss
+    l_same, _ = grpo_lambda_loss(logp, old, adv, mask, style, loss_mask=mask, **kw)
+    _, m0 = grpo_lambda_loss(logp, old, adv, mask, style, **kw)
+    torch.testing.assert_close(l_same, m0["loss_policy"] + m0["loss_kl"])
+    # untraced: no gradient reaches unselected tokens; gradcheck in float64
+    lp = logp.clone().requires_grad_(True)
+    grad = torch.autograd.grad(grpo_lambda_loss(lp, old, adv, mask, None, loss_mask=sel, aggregation=agg)[0], lp)[0]
+    assert (grad[~sel] == 0).all() and (grad[sel] != 0).any()
+    small = slice(0, 4), slice(0, 7)
+    args = (old[small], adv[small], mask[small], DecayStyle("both", gamma=1.0, lam=0.8, normalize=True))
+    assert torch.autograd.gradcheck(
+        lambda x: grpo_lambda_loss(x, *args, loss_mask=sel[small], aggregation=agg)[0],
+        (logp[small].clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("B,T", [(0, 6), (4, 0), (0, 0)])
+@pytest.mark.parametrize("style", [None, STYLES[1], NEW_STYLES[0], NEW_STYLES[3]], ids=["none", "both", "norm", "seq"])
+def test_empty_inputs_give_zero_loss_and_backward(B, T, style):
+    for agg in AGGREGATIONS:
+        for per_token in (False, True):
+            lp = torch.randn(B, T).requires_grad_(True)
+            old = torch.randn(B, T)
+            adv = torch.randn(B, T) if per_token else torch.randn(B)
+            mask = torch.ones(B, T, dtype=torch.bool)
+            loss, m = grpo_lambda_loss(lp, old, adv, mask, style, aggregation=agg, ref_logp=old, kl_coef=0.1,
+                                       entropy=old, entropy_coef=0.01, loss_mask=mask)
+            assert loss.item() == 0.0 and loss.requires_grad
+            assert all(torch.isfinite(v) for v in m.values())
+            loss.backward()  # the graph reaches logp: an empty rank can join a distributed backward
+            assert lp.grad is not None and lp.grad.shape == (B, T)
+
+
+def test_clipped_surrogate_is_the_two_branch_min_bitwise():
+    """One clamp == -min(r A, clip(r) A) in log space (TorchRL's GRPOLoss form): equal values, clip
+    flags and gradients, also exactly at the bounds; just outside a bound it follows the exact min."""
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float64, torch.float32):
+        for clip in ((0.2, 0.2), (0.1, 0.28), (0.0, 0.0)):
+            # the bounds as clamp rounds a Python float bound to dtype
+            lo = torch.tensor(math.log1p(-clip[0]), dtype=dtype)
+            hi = torch.tensor(math.log1p(clip[1]), dtype=dtype)
+            edge = torch.stack([lo, hi, lo - 0.2, hi + 0.2, torch.zeros((), dtype=dtype)])
+            edge = torch.cat([edge, torch.tensor([-1.5, 1.5], dtype=dtype)])
+            lw = torch.cat([edge, 0.4 * torch.randn(30, generator=g, dtype=dtype)]).expand(5, -1).contiguous()
+            for adv in (torch.tensor([[1.0], [-1.0], [0.0], [-0.0], [0.7]], dtype=dtype),
+                        torch.randn(lw.shape, generator=g, dtype=dtype)):
+                a1, a2 = lw.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+                l1, c1 = clipped_surrogate(a1, adv, clip)
+                lc = a2.clamp(math.log1p(-clip[0]), math.log1p(clip[1]))
+                l2 = -torch.stack([a2.exp() * adv, lc.exp() * adv], -1).min(-1).values
+                assert torch.equal(l1, l2) and torch.equal(c1, lc != a2)
+                w = torch.randn(l1.shape, generator=g, dtype=dtype)
+                assert torch.equal(torch.autograd.grad(l1, a1, w)[0], torch.autograd.grad(l2, a2, w)[0])
+            # one ulp outside the low bound with A < 0: the clipped branch is the min (gradient 0),
+            # even when exp rounds both branches to the same value
+            below = torch.nextafter(lo, torch.tensor(-1.0, dtype=dtype)).reshape(1).requires_grad_(True)
+            loss, clipped = clipped_surrogate(below, torch.tensor([-1.0], dtype=dtype), clip)
+            assert clipped.item() and torch.autograd.grad(loss.sum(), below)[0].item() == 0.0
+
+
+def test_positive_clamp_is_rejected_everywhere():
+    adv = torch.randn(4)
+    with pytest.raises(ValueError, match="clamp_min must be None or a finite float <= 0"):
+        clamp_advantages(adv, 0.2)
+    with pytest.raises(ValueError, match="clamp_min"):
+        clamp_advantages(adv, "x")
+    torch.testing.assert_close(clamp_advantages(adv, 0), adv.clamp_min(0.0))
 
 
 # ============================================================================ TorchRL
@@ -660,3 +836,165 @@ def test_kl_mask_filtered_tokens_enter_the_trace_as_zero(actor):
     for a, b in zip(torch.autograd.grad(out.loss_objective, _params(actor)),
                     torch.autograd.grad(expect, _params(actor))):
         _assert_same(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ============================================================================ TorchRL: styles, selection, credit
+def test_objective_matches_parent_at_clip_edges():
+    """The one-clamp PPO objective == the parent's stacked min: values, clip fraction and gradients,
+    including log-weights exactly at the bounds, zero / negative advantages and per-token advantages."""
+    ours = GRPOLambdaLoss(None, style=None, clamp_min=None, clip_epsilon=(0.2, 0.28))
+    parent = GRPOLoss(None, clip_epsilon=(0.2, 0.28))
+    lo, hi = (b.item() for b in parent._clip_bounds)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        base = torch.tensor([lo, hi, lo - 0.3, hi + 0.3, 0.0, lo + 1e-3, hi - 1e-3, -2.0, 2.0])
+        lw = torch.cat([base, 0.5 * torch.randn(40, generator=g)]).to(dtype)  # [T]
+        B, T = 6, lw.numel()
+        lw = lw.expand(B, T).unsqueeze(-1).contiguous()  # [B, T, 1]
+        for adv in (torch.tensor([1.0, -1.0, 0.0, -0.0, 0.3, -2.5]).reshape(B, 1, 1),
+                    torch.randn(B, T, 1, generator=g)):
+            a1 = lw.detach().clone().requires_grad_(True)
+            a2 = lw.detach().clone().requires_grad_(True)
+            l_o, cf_o = ours._compute_policy_objective(a1, adv)
+            l_p, cf_p = parent._compute_policy_objective(a2, adv)
+            assert l_o.dtype == l_p.dtype and l_o.shape == l_p.shape
+            assert torch.equal(l_o, l_p) and torch.equal(cf_o, cf_p)
+            w = torch.randn(l_o.shape, generator=g, dtype=l_o.dtype)
+            g_o, = torch.autograd.grad(l_o, a1, w)
+            g_p, = torch.autograd.grad(l_p, a2, w)
+            assert torch.equal(g_o, g_p), dtype
+
+
+NEW_CASES = [(NEW_STYLES[0], "token_mean", "token-mean"), (NEW_STYLES[1], "prompt_mean", "seq-mean-token-mean"),
+             (NEW_STYLES[3], "prompt_mean", "seq-mean-token-mean"), (NEW_STYLES[3], "seq-mean-token-sum",
+                                                                    "seq-mean-token-sum")]
+
+
+@pytest.mark.parametrize("style,agg_rl,agg_plain", NEW_CASES, ids=["norm-token", "both-norm-prompt", "gspo-prompt",
+                                                                   "gspo-seqsum"])
+def test_grpolambdaloss_new_styles_equal_plain_loss(actor, style, agg_rl, agg_plain):
+    td = _batch(actor, two_runs=style.style == "sequence", per_token_adv=agg_rl == "seq-mean-token-sum")
+    kw_rl = dict(masking_strategy="rlhf") if style.style == "sequence" else {}
+    loss_fn = GRPOLambdaLoss(actor, style=style, clamp_min=-0.1, entropy_bonus=False, aggregation=agg_rl, **kw_rl)
+    out = loss_fn(td.clone())
+    cur, old, mask = _dist_logp(loss_fn, td)
+    loss, m = grpo_lambda_loss(cur, old.detach(), td["advantage"].squeeze(-1), mask, style, clamp_min=-0.1,
+                               aggregation=agg_plain)
+    _assert_same(out.loss_objective.reshape(()), loss)
+    _assert_same(out.trace_abs_mean, m["trace_abs_mean"])
+    for a, b in zip(torch.autograd.grad(out.loss_objective, _params(actor)), torch.autograd.grad(loss, _params(actor))):
+        _assert_same(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _prefix_batch_torchrl(actor):
+    """_batch with the first two response tokens shared by every row, rewards [B, 1, 1] (2 groups of 3)."""
+    td = _batch(actor)
+    tokens = td["tokens", "full"].clone()  # [B, T]
+    tokens[:, P_COLS: P_COLS + 2] = tokens[0, P_COLS: P_COLS + 2]
+    td["tokens", "full"] = tokens
+    resp = td["masks", "all_attention_mask"].clone()  # [B, T]
+    resp[:, :P_COLS] = False
+    td["resp_mask"] = resp
+    td["reward"] = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]).reshape(6, 1, 1)
+    del td["advantage"]
+    return td
+
+
+def test_prefix_td_feeds_grpoloss_and_grpolambdaloss(actor):
+    from creditlib.modules import PrefixTD, credit_pipeline
+
+    td = _prefix_batch_torchrl(actor)
+    mod = PrefixTD(group_size=3, tokens_key=("tokens", "full"), mask_key="resp_mask", keepdim=True)
+    td = mod(td)
+    adv = td["advantage"]  # [B, T, 1]
+    assert adv.shape == (6, P_COLS + R_COLS, 1) and (adv[~td["resp_mask"]] == 0).all()
+    # TorchRL's own GRPOLoss takes the per-token advantages
+    parent = GRPOLoss(actor, entropy_bonus=False)
+    out_p = parent(td.clone())
+    cur, old, mask = _dist_logp(parent, td)
+    assert torch.equal(mask, td["resp_mask"])  # the loss mask is the response: positions agree
+    loss, _ = grpo_lambda_loss(cur, old, adv.squeeze(-1), mask, None, clamp_min=None)
+    _assert_same(out_p.loss_objective, loss)
+    # and GRPOLambdaLoss, from the credit registry: pipeline + loss from one name
+    td2 = credit_pipeline("prefix-gae-clamp", group_size=3, tokens_key=("tokens", "full"), mask_key="resp_mask",
+                          keepdim=True)(_prefix_batch_torchrl(actor))
+    torch.testing.assert_close(td2["advantage"], adv.clamp_min(-0.1))
+    loss_fn = GRPOLambdaLoss.from_credit("prefix-gae-clamp", actor, entropy_bonus=False)
+    assert loss_fn.style is None and loss_fn.clamp_min == -0.1 and loss_fn.select_key is None
+    out = loss_fn(td2.clone())
+    loss2, _ = grpo_lambda_loss(cur, old, adv.squeeze(-1), mask, None, clamp_min=-0.1)
+    _assert_same(out.loss_objective, loss2)
+    for a, b in zip(torch.autograd.grad(out.loss_objective, _params(actor)),
+                    torch.autograd.grad(loss2, _params(actor))):
+        _assert_same(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("agg_rl,agg_plain", [("token_mean", "token-mean"), ("prompt_mean", "seq-mean-token-mean"),
+                                              ("seq-mean-token-sum", "seq-mean-token-sum")])
+def test_select_key_equals_plain_loss_mask(actor, agg_rl, agg_plain):
+    td = _batch(actor)
+    loss_fn = GRPOLambdaLoss(actor, style=STYLES[1], entropy_bonus=False, aggregation=agg_rl, select_key="sel")
+    cur, old, mask = _dist_logp(loss_fn, td)
+    ent = torch.rand(mask.shape, generator=torch.Generator().manual_seed(2))
+    sel = F.entropy_mask(ent, mask, 0.4)  # [B, T]
+    td["sel"] = sel.unsqueeze(-1)  # [B, T, 1] is accepted too
+    out = loss_fn(td.clone())
+    loss, _ = grpo_lambda_loss(cur, old, td["advantage"].squeeze(-1), mask, STYLES[1], loss_mask=sel,
+                               aggregation=agg_plain)
+    _assert_same(out.loss_objective.reshape(()), loss)
+    for a, b in zip(torch.autograd.grad(out.loss_objective, _params(actor)), torch.autograd.grad(loss, _params(actor))):
+        _assert_same(a, b, rtol=1e-5, atol=1e-7)
+    # from the registry: entropy-80-20 reads the pipeline's selection key
+    lf = GRPOLambdaLoss.from_credit("entropy-80-20", actor, select_key="sel", entropy_bonus=False, aggregation=agg_rl)
+    assert lf.select_key == "sel" and lf.style is None and lf.clamp_min is None
+    with pytest.raises(ValueError, match="select_key 'nope'"):
+        GRPOLambdaLoss(actor, select_key="nope")(td.clone())
+    td["bad"] = sel.float()
+    with pytest.raises(ValueError, match="bool"):
+        GRPOLambdaLoss(actor, select_key="bad")(td.clone())
+
+
+def test_from_credit_every_method_and_one_clamp_rule(actor):
+    from creditlib.credit import get_credit, list_credits
+
+    for name in list_credits():
+        m = get_credit(name)
+        lf = GRPOLambdaLoss.from_credit(name, actor)
+        assert lf.style == m.trace and lf.clamp_min == m.clamp_min
+    with pytest.raises(ValueError, match="comes from the credit method"):
+        GRPOLambdaLoss.from_credit("grpo", actor, clamp_min=-0.2)
+    with pytest.raises(ValueError, match="did you mean"):
+        GRPOLambdaLoss.from_credit("grpo-lamda", actor)
+    with pytest.raises(ValueError, match="clamp_min must be None or a finite float <= 0"):
+        GRPOLambdaLoss(actor, clamp_min=0.1)
+
+
+class _GivenLogProbs(torch.nn.Module):
+    """An actor whose distribution returns given log-probs (GRPOLoss reads ``.mask`` and ``.log_prob``)."""
+
+    in_keys = [("tokens", "full")]
+
+    def __init__(self, logp, mask):
+        super().__init__()
+        self.logp, self.mask = logp, mask
+
+    def get_dist(self, tensordict, **kwargs):
+        return self
+
+    _get_sft_dist = get_dist
+
+    def log_prob(self, action):
+        return self.logp
+
+
+@pytest.mark.parametrize("B,T", [(0, 6), (3, 0)])
+def test_grpolambdaloss_empty_batch_keeps_the_graph(B, T):
+    logp = torch.zeros(B, T, requires_grad=True)
+    td = TensorDict({"tokens": {"full": torch.zeros(B, T, dtype=torch.long)}, "log_probs": {"full": torch.zeros(B, T)},
+                     "advantage": torch.zeros(B, 1, 1)}, batch_size=[B])
+    actor = _GivenLogProbs(logp, torch.ones(B, T, dtype=torch.bool))
+    for style in (STYLES[0], NEW_STYLES[3]):
+        out = GRPOLambdaLoss(actor, style=style, entropy_bonus=False)(td.clone())
+        assert out.loss_objective.item() == 0.0 and out.adv_clamped_fraction.item() == 0.0
+        out.loss_objective.backward()
+        assert logp.grad is not None and logp.grad.shape == (B, T)

@@ -3,7 +3,9 @@
 Real components only: a tiny Qwen2 built from a config, a tokenizer trained in code with
 ``tokenizers``, TorchRL's ``TransformersWrapper`` (tokens mode) sampling a group of completions per
 prompt, a verifier function on the decoded text, creditlib's ``CriticFreeTD`` + ``ClampNegative``,
-``GRPOLambdaLoss``, backward, and an optimizer step that changes the policy.
+``GRPOLambdaLoss``, backward, and an optimizer step that changes the policy. A second run selects
+the whole credit stage by name from the registry (``credit_pipeline`` + ``GRPOLambdaLoss.from_credit``)
+with per-token prefix-tree advantages ``[B, T, 1]``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def verifier(completion: str) -> float:
     return 1.0 if "yes" in completion.split() else 0.0
 
 
-def test_grpo_lambda_end_to_end():
+@pytest.fixture(scope="module")
+def rollout():
+    """(tokenizer, model, scorer, roll, rewards): one sampled group per prompt with mixed rewards."""
     from torchrl.modules.llm import TransformersWrapper
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -84,6 +88,11 @@ def test_grpo_lambda_end_to_end():
             break
     else:
         pytest.fail("no group with mixed rewards in 10 rollouts")
+    return tokenizer, model, scorer, roll, rewards
+
+
+def test_grpo_lambda_end_to_end(rollout):
+    tokenizer, model, scorer, roll, rewards = rollout
     B = rewards.numel()
 
     batch = TensorDict({"tokens": {"full": roll["tokens", "full"], "prompt": roll["tokens", "prompt"]},
@@ -134,3 +143,42 @@ def test_grpo_lambda_end_to_end():
     assert after.trace_abs_mean.item() > 0
     assert torch.isfinite(after.loss_objective) and torch.isfinite(after.ESS)
     assert after.loss_objective.item() < out.loss_objective.item()
+
+
+def test_credit_method_from_registry_end_to_end(rollout):
+    """--credit prefix-gae-clamp: PrefixTD -> ClampNegative from the name, per-token [B, T, 1]
+    advantages into GRPOLambdaLoss.from_credit, an optimizer step, and the surrogate goes down."""
+    from creditlib.credit import get_credit
+    from creditlib.modules import credit_pipeline
+
+    tokenizer, model, scorer, roll, rewards = rollout
+    B = rewards.numel()
+    P = roll["tokens", "prompt"].shape[-1]
+    resp_mask = roll["masks", "all_attention_mask"].clone()  # [B, T]
+    resp_mask[:, :P] = False
+    batch = TensorDict({"tokens": {"full": roll["tokens", "full"], "prompt": roll["tokens", "prompt"]},
+                        "masks": {"all_attention_mask": roll["masks", "all_attention_mask"]},
+                        "resp_mask": resp_mask, "reward": rewards.reshape(B, 1, 1)}, batch_size=[B])
+    method = get_credit("prefix-gae-clamp")
+    batch = credit_pipeline(method, group_size=G, tokens_key=("tokens", "full"), mask_key="resp_mask",
+                            keepdim=True)(batch)
+    adv = batch["advantage"]  # [B, T, 1]
+    want = method.advantages(rewards, resp_mask, tokens=roll["tokens", "full"], group_size=G)  # [B, T]
+    torch.testing.assert_close(adv.squeeze(-1), want)
+    assert adv.min() >= -0.1 and (adv != 0).any() and (adv[~resp_mask] == 0).all()
+    with torch.no_grad():
+        batch["log_probs"] = {"full": scorer(batch.copy())["log_probs", "full"]}  # ratio 1
+
+    loss_fn = GRPOLambdaLoss.from_credit(method, scorer, entropy_coeff=1e-3)
+    out = loss_fn(batch.clone())
+    torch.testing.assert_close(out.loss_objective, aggregate(-adv.squeeze(-1), resp_mask, "token-mean"),
+                               rtol=1e-5, atol=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt.zero_grad()
+    (out.loss_objective + out.loss_entropy).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    opt.step()
+    with torch.no_grad():
+        after = loss_fn(batch.clone())
+    assert torch.isfinite(after.loss_objective) and after.loss_objective.item() < out.loss_objective.item()

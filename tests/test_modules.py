@@ -120,3 +120,117 @@ def test_gradients_flow_through_log_weight_module():
     out["traced_log_weight"].sum().backward()
     g = td["log_prob"].grad
     assert torch.isfinite(g).all() and (g[~td["mask"]] == 0).all() and (g[td["mask"]] != 0).any()
+
+
+# ============================================================================ PrefixTD, EntropySelect, pipelines
+from creditlib import modules as M  # noqa: E402
+from creditlib.credit import get_credit, list_credits  # noqa: E402
+
+
+def _prefix_td_batch(B=8, T=10, G=4, seed=0):
+    """Completions with shared prefixes (vocab of 3), left padding, a two-run row and an empty row."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 3, (B, T), generator=g)  # [B, T]
+    tokens[:, :2] = 1
+    mask = torch.ones(B, T, dtype=torch.bool)  # [B, T]
+    mask[0, :3] = False
+    mask[2, 4:6] = False
+    mask[5] = False
+    reward = torch.randint(0, 2, (B,), generator=g).float()  # [B]
+    return tokens, mask, reward, G
+
+
+def test_prefix_td_module_matches_functional():
+    tokens, mask, reward, G = _prefix_td_batch()
+    style = DecayStyle("recent", gamma=0.9, lam=0.8)
+    want = F.traced_credit(F.prefix_td(tokens, mask, reward, G, scale="none"), mask, style)  # [B, T]
+    td = TensorDict(tokens=tokens, mask=mask, reward=reward, batch_size=[8])
+    out = M.PrefixTD(G, scale="none", gamma=0.9, lam=0.8)(td)
+    torch.testing.assert_close(out["advantage"], want)
+    assert out["advantage"].shape == (8, 10)
+    # TorchRL-style shapes and nested keys: reward [B, 1, 1], mask [B, T, 1], group ids, keepdim
+    gid = torch.arange(8) // G
+    td2 = TensorDict({("tok", "full"): tokens, "m": mask.unsqueeze(-1), "r": reward.reshape(8, 1, 1), "gid": gid},
+                     batch_size=[8])
+    mod = M.PrefixTD(group_id_key="gid", scale="none", gamma=0.9, lam=0.8, tokens_key=("tok", "full"),
+                     mask_key="m", reward_key="r", advantage_key=("out", "adv"), keepdim=True)
+    assert set(mod.in_keys) == {("tok", "full"), "m", "r", "gid"} and mod.out_keys == [("out", "adv")]
+    out2 = mod(td2)
+    torch.testing.assert_close(out2["out", "adv"], want.unsqueeze(-1))
+    # step-level variant: boundary key passed through
+    boundary = (tokens == 2) & mask
+    td3 = TensorDict(tokens=tokens, mask=mask, reward=reward, b=boundary, batch_size=[8])
+    out3 = M.PrefixTD(G, boundary_key="b")(td3)
+    torch.testing.assert_close(out3["advantage"], F.traced_credit(
+        F.prefix_td(tokens, mask, reward, G, boundary=boundary), mask, DecayStyle("recent", gamma=1.0, lam=1.0)))
+
+
+def test_prefix_td_module_errors():
+    with pytest.raises(ValueError, match="group_size or group_id_key"):
+        M.PrefixTD()
+    with pytest.raises(ValueError, match="group_size"):
+        M.PrefixTD(0)
+    with pytest.raises(ValueError, match="scale"):
+        M.PrefixTD(4, scale="mad")
+    with pytest.raises(ValueError, match="lam"):
+        M.PrefixTD(4, lam=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        M.PrefixTD(4, eps=float("nan"))
+    tokens, mask, reward, G = _prefix_td_batch()
+    td = TensorDict(tokens=tokens[:, :5], mask=mask, reward=reward, batch_size=[8])
+    with pytest.raises(ValueError, match="tokens"):
+        M.PrefixTD(G)(td)
+    td = TensorDict(tokens=tokens, mask=mask.float(), reward=reward, batch_size=[8])
+    with pytest.raises(ValueError, match="mask"):
+        M.PrefixTD(G)(td)
+
+
+def test_entropy_select_module():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(6, 40, generator=g) > 0.3  # [B, T]
+    ent = torch.rand(6, 40, generator=g)  # [B, T]
+    td = TensorDict(entropy=ent.unsqueeze(-1), mask=mask, batch_size=[6])
+    out = M.EntropySelect(0.25)(td)
+    want = F.entropy_mask(ent, mask, 0.25)
+    assert out["entropy_mask"].dtype == torch.bool and torch.equal(out["entropy_mask"], want)
+    q = torch.quantile(ent[mask], 0.75)
+    assert torch.equal(want, mask & (ent >= q))  # the definition
+    out = M.EntropySelect(1.0, out_key="sel", keepdim=True)(td)
+    assert torch.equal(out["sel"], mask.unsqueeze(-1))
+    for bad in (0.0, 1.2, float("nan"), True):
+        with pytest.raises(ValueError, match="quantile"):
+            M.EntropySelect(bad)
+
+
+def test_clamp_negative_one_rule():
+    assert ClampNegative(min=0).min == 0.0 and ClampNegative(min=-1).min == -1.0
+    for bad in (0.1, float("inf"), None, "x", True):
+        with pytest.raises(ValueError, match="min"):
+            ClampNegative(min=bad)
+
+
+@pytest.mark.parametrize("name", list_credits())
+def test_credit_pipeline_writes_the_method_advantages(name):
+    tokens, mask, reward, G = _prefix_td_batch(seed=3)
+    ent = torch.rand(8, 10)
+    m = get_credit(name)
+    td = TensorDict(tokens=tokens, mask=mask, reward=reward, entropy=ent, batch_size=[8])
+    out = M.credit_pipeline(name, group_size=G)(td)
+    want = m.advantages(reward, mask, tokens=tokens, group_size=G)
+    torch.testing.assert_close(out["advantage"], want)
+    if m.entropy_quantile is not None:
+        assert torch.equal(out["entropy_mask"], m.loss_mask(mask, ent))
+    else:
+        assert "entropy_mask" not in out.keys()
+    kinds = [type(x).__name__ for x in M.credit_pipeline(m, group_size=G).module]
+    assert kinds[0] == ("PrefixTD" if m.per_token else "CriticFreeTD")
+    assert ("ClampNegative" in kinds) == (m.clamp_min is not None)
+
+
+def test_credit_pipeline_errors():
+    with pytest.raises(ValueError, match="did you mean"):
+        M.credit_pipeline("prefix-gea", group_size=4)
+    with pytest.raises(ValueError, match="boundary_key"):
+        M.credit_pipeline("grpo", group_size=4, boundary_key="b")
+    with pytest.raises(ValueError, match="group_size"):
+        M.credit_pipeline("prefix-gae")

@@ -37,6 +37,9 @@ __all__ = [
 
 def __getattr__(name):  # TorchRL is heavy to import: load it only when the class is asked for
     if name in ("GRPOLambdaLoss", "GRPOLambdaLossOutput"):
+        from .._extras import require
+
+        require("torchrl", f"creditlib.losses.{name}")
         from . import grpo_lambda
         return getattr(grpo_lambda, name)
     raise AttributeError(f"module 'creditlib.losses' has no attribute {name!r}")

@@ -23,14 +23,14 @@ replaced before any arithmetic, in the forward and the backward pass.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import functional as _F
+from .._validation import check_clamp_min, check_float, is_real
+from .._validation import check_mask as _check_mask  # the one mask validator of the library
 from ..style import DecayStyle
-from ..functional import _check_mask  # the one mask validator of the library
 
 __all__ = [
     "AGGREGATIONS",
@@ -47,7 +47,6 @@ __all__ = [
 #: Aggregation names, as verl's ``actor.loss_agg_mode``.
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 
 ClipEps = Union[float, Tuple[float, float], Sequence[float]]
@@ -55,10 +54,7 @@ ClipEps = Union[float, Tuple[float, float], Sequence[float]]
 
 # ----------------------------------------------------------------------------- validation
 def _check_float(name: str, x, shape: Optional[torch.Size] = None, like: Optional[torch.Tensor] = None):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    check_float(name, x)
     if shape is not None and x.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)} (like logp), got {tuple(x.shape)}")
     if like is not None and x.device != like.device:
@@ -72,8 +68,7 @@ def _check_style(style) -> Optional[DecayStyle]:
     return style
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v))
+_is_real = is_real  # kept for the modules that import it from here
 
 
 def normalize_aggregation(aggregation: str) -> str:
@@ -148,8 +143,8 @@ def traced_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Ten
     _check_mask(mask, logp, "logp")
     zero = torch.zeros((), dtype=torch.promote_types(logp.dtype, old_logp.dtype), device=logp.device)
     x = torch.where(mask, logp - old_logp, zero)  # [..., T], NaN-free (where, not multiply)
-    if style is None or style.is_identity():
-        return x
+    if style is None or style.is_identity() or x.numel() == 0:
+        return x  # (empty: x is all there is, and it keeps the autograd graph of logp)
     return _F.eligibility_trace(x, mask, style, backend=backend)
 
 
@@ -158,12 +153,14 @@ def clamp_advantages(advantages: torch.Tensor, clamp_min: Optional[float]) -> to
 
     Large negative advantages times accumulated (traced) log-ratios give destructive gradients;
     the paper's default is ``clamp_min = -0.1``. Works on any shape.
+
+    ``clamp_min`` follows the one clamp rule of the library: ``None`` or a finite float ``<= 0``
+    (a positive value would raise every advantage and is a ``ValueError``).
     """
+    clamp_min = check_clamp_min(clamp_min)
     if clamp_min is None:
         return advantages
-    if not _is_real(clamp_min):
-        raise ValueError(f"clamp_min must be a finite float or None, got {clamp_min!r}")
-    return advantages.clamp_min(float(clamp_min))
+    return advantages.clamp_min(clamp_min)
 
 
 def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor,
@@ -171,7 +168,11 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor,
     """Per-token PPO-clipped loss ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``r = exp(log_ratio)``.
 
     The clip is applied to the log-ratio (``clamp(log r, log(1 - eps_low), log(1 + eps_high))``),
-    exactly as TorchRL's ``GRPOLoss`` does, so both give bit-identical values.
+    as TorchRL's ``GRPOLoss`` does, and the min is taken in one clamp: for ``A >= 0`` it is
+    ``A exp(min(log r, log(1 + eps_high)))``, for ``A < 0`` it is ``A exp(max(log r, log(1 - eps_low)))``.
+    Values are bit-identical to the two-branch form and so are the gradients, except within a
+    rounding of ``exp`` outside a bound, where the two-branch form ties and sends the gradient
+    through the unclipped branch; this form follows the exact min there. A third of the memory passes.
 
     Args:
         log_ratio: float ``[..., T]`` (for GRPO-lambda, the traced ``z``).
@@ -182,13 +183,16 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor,
         ratio lies outside the clip range.
     """
     low, high = parse_clip_eps(clip_eps)
-    lo = math.log1p(-low)
-    hi = math.log1p(high)
-    gain1 = log_ratio.exp() * advantages  # [..., T]
-    log_ratio_clip = log_ratio.clamp(lo, hi)  # [..., T]
-    gain2 = log_ratio_clip.exp() * advantages  # [..., T]
-    loss = -torch.minimum(gain1, gain2)
-    return loss, (log_ratio_clip != log_ratio)
+    dt, dev = log_ratio.dtype, log_ratio.device
+    lo = torch.tensor(math.log1p(-low), dtype=dt, device=dev)  # rounded as clamp rounds a float bound
+    hi = torch.tensor(math.log1p(high), dtype=dt, device=dev)
+    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
+    pos = advantages >= 0  # broadcastable to log_ratio
+    lw = log_ratio.clamp(torch.where(pos, -inf, lo), torch.where(pos, hi, inf))  # [..., T] the binding side only
+    loss = -(lw.exp() * advantages)  # [..., T]
+    with torch.no_grad():
+        clipped = log_ratio.clamp(lo, hi) != log_ratio  # [..., T]
+    return loss, clipped
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean",
@@ -202,8 +206,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str = "toke
     * ``"seq-mean-token-mean"``: ``(1/B') sum_i (1/n_i) sum_t v`` (GRPO paper);
     * ``"seq-mean-token-sum"``: ``(1/B') sum_i sum_t v``;
     * ``"seq-mean-token-sum-norm"``: ``(1/B') sum_{i,t} v / S`` with the constant ``S =
-      loss_scale_factor`` (default: ``T``, the padded response length), Dr. GRPO's length-unbiased
-      form, as verl 0.9's ``agg_loss`` (the mean over sequences of the token sums, divided by ``S``).
+      loss_scale_factor`` (default: ``T``, the padded response length; 1 when ``T = 0``), Dr. GRPO's
+      length-unbiased form, as verl 0.9's ``agg_loss`` (the mean over sequences of the token sums, divided by ``S``).
 
     Masked values are ignored even when NaN. An all-masked input gives 0 (not NaN).
 
@@ -227,7 +231,7 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str = "toke
     if aggregation == "seq-mean-token-sum":
         return v.sum() / n_seq
     if aggregation == "seq-mean-token-sum-norm":
-        return v.sum() / n_seq / (scale if scale is not None else float(values.shape[-1]))
+        return v.sum() / n_seq / (scale if scale is not None else float(max(values.shape[-1], 1)))
     seq = v.sum(-1) / n.clamp_min(1).to(values.dtype)  # [...] per-sequence token mean
     return seq.sum() / n_seq
 
@@ -261,7 +265,7 @@ def aggregation_weights(mask: torch.Tensor, aggregation: str = "token-mean", *,
     if aggregation == "seq-mean-token-sum":
         return m / n_seq
     if aggregation == "seq-mean-token-sum-norm":
-        return m / n_seq / (scale if scale is not None else float(mask.shape[-1]))
+        return m / n_seq / (scale if scale is not None else float(max(mask.shape[-1], 1)))
     return m / (n.clamp_min(1).to(dtype) * n_seq)
 
 
@@ -285,6 +289,7 @@ def grpo_lambda_loss(
     kl_coef: float = 0.0,
     entropy: Optional[torch.Tensor] = None,
     entropy_coef: float = 0.0,
+    loss_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """GRPO-lambda loss (arXiv 2510.00194) from plain tensors.
@@ -309,13 +314,20 @@ def grpo_lambda_loss(
             left/right padding, several runs per row. Masked entries of every input may be NaN.
         style: :class:`~creditlib.DecayStyle` or ``None``.
         clip_eps: float or ``(eps_low, eps_high)`` pair.
-        clamp_min: negative-advantage clamp ``c`` (paper: -0.1); ``None`` disables it.
+        clamp_min: negative-advantage clamp ``c`` (paper: -0.1), a finite float ``<= 0``; ``None``
+            disables it.
         aggregation: one of :data:`AGGREGATIONS` (verl's ``loss_agg_mode`` names).
         loss_scale_factor: the constant of ``"seq-mean-token-sum-norm"`` (default ``T``).
         ref_logp: float ``[B, T]``, reference-policy log-probs (for the KL term/metric).
         kl_coef: weight of the KL-to-reference term (needs ``ref_logp`` when > 0).
         entropy: float ``[B, T]`` per-token entropy of the policy (for the entropy bonus/metric).
         entropy_coef: weight of the entropy bonus (needs ``entropy`` when != 0).
+        loss_mask: optional bool ``[B, T]``, the tokens whose policy term enters the loss (e.g.
+            the top-entropy tokens of :func:`creditlib.functional.entropy_mask`). TRL's
+            ``top_entropy_quantile`` convention: the policy term of the other tokens is 0 and the
+            aggregation weights stay those of ``mask`` (so the selected loss is a part of the
+            unselected one); the trace, the KL and entropy terms and the metrics use ``mask``.
+            For a trace over the selected tokens only, pass the selection as ``mask`` instead.
         backend: trace backend (see :func:`creditlib.functional.eligibility_trace`).
 
     Returns:
@@ -330,7 +342,12 @@ def grpo_lambda_loss(
         * ``traced_clip_fraction``: fraction of valid tokens whose traced ratio is outside the
           clip range;
         * ``ratio_mean``: mean ``exp(z)``; ``approx_kl``: mean ``old_logp - logp`` (k1);
-        * ``kl_to_ref`` (with ``ref_logp``), ``entropy`` (with ``entropy``), ``num_tokens``.
+        * ``kl_to_ref`` (with ``ref_logp``), ``entropy`` (with ``entropy``), ``num_tokens``;
+        * ``loss_mask_fraction`` (with ``loss_mask``): selected / valid tokens.
+
+    Empty batches (``B = 0``) and empty sequences (``T = 0``) give a finite loss 0 that is still
+    connected to ``logp`` (``backward`` works, the gradient is empty), so a rank with an empty
+    micro-batch can take part in a distributed backward.
 
     Raises:
         ValueError: on shapes, dtypes, devices, ``clip_eps``, ``aggregation``, coefficient or
@@ -356,8 +373,9 @@ def grpo_lambda_loss(
     low_high = parse_clip_eps(clip_eps)
     aggregation = normalize_aggregation(aggregation)
     scale = _check_scale_factor(loss_scale_factor, aggregation)
-    if clamp_min is not None and not _is_real(clamp_min):
-        raise ValueError(f"clamp_min must be a finite float or None, got {clamp_min!r}")
+    clamp_min = check_clamp_min(clamp_min)
+    if loss_mask is not None:
+        _check_mask(loss_mask, logp, "logp")
     if not _is_real(kl_coef) or kl_coef < 0:
         raise ValueError(f"kl_coef must be a float >= 0, got {kl_coef!r}")
     if not _is_real(entropy_coef):
@@ -376,12 +394,16 @@ def grpo_lambda_loss(
     zero = torch.zeros((), dtype=cdt, device=logp.device)
     lp = logp.to(cdt)
     old = old_logp.to(cdt)
-    z = traced_log_ratio(lp, old, mask, style, backend=backend)  # [B, T], 0 where masked
+    x = torch.where(mask, lp - old, zero)  # [B, T] untraced log-ratio, NaN-free (where, not multiply)
+    traced = not (style is None or style.is_identity() or x.numel() == 0)
+    z = _F.eligibility_trace(x, mask, style, backend=backend) if traced else x  # [B, T], 0 where masked
 
     adv = advantages.to(cdt)
     adv = adv.reshape(B, 1) if not per_token_adv else torch.where(mask, adv, zero)  # [B, 1] or [B, T]
-    adv_c = clamp_advantages(adv, clamp_min)
+    adv_c = adv if clamp_min is None else adv.clamp_min(clamp_min)  # [B, 1] or [B, T]
     per_tok, clipped = clipped_surrogate(z, adv_c, low_high)  # [B, T]
+    if loss_mask is not None:
+        per_tok = torch.where(loss_mask, per_tok, zero)  # [B, T] policy term of the selected tokens
     loss_policy = aggregate(per_tok, mask, aggregation, loss_scale_factor=scale)
     loss = loss_policy
 
@@ -403,19 +425,26 @@ def grpo_lambda_loss(
             loss = loss + loss_ent
             metrics["loss_entropy"] = loss_ent.detach()
 
+    # metrics without masking passes: z, x and clipped are exactly 0 / False outside the mask
+    # (0 lies inside every clip range), so plain sums over [B, T] are sums over the valid tokens
     with torch.no_grad():
-        x = torch.where(mask, lp - old, zero)  # [B, T] untraced log-ratio
+        n_valid = mask.sum()
+        n = n_valid.clamp_min(1).to(cdt)
         metrics["loss_policy"] = loss_policy.detach()
-        metrics["trace_abs_mean"] = _masked_mean(z.abs(), mask)
-        metrics["log_ratio_abs_mean"] = _masked_mean(x.abs(), mask)
+        metrics["trace_abs_mean"] = z.abs().sum() / n
+        metrics["log_ratio_abs_mean"] = x.abs().sum() / n if traced else metrics["trace_abs_mean"].clone()
         if clamp_min is None:
             metrics["adv_clamped_fraction"] = zero.clone()
         elif per_token_adv:
             metrics["adv_clamped_fraction"] = _masked_mean((adv < clamp_min).to(cdt), mask)
         else:
             metrics["adv_clamped_fraction"] = (adv < clamp_min).to(cdt).mean() if B else zero.clone()
-        metrics["traced_clip_fraction"] = _masked_mean(clipped.to(cdt), mask)
-        metrics["ratio_mean"] = _masked_mean(z.exp(), mask)
-        metrics["approx_kl"] = _masked_mean(-x, mask)
-        metrics["num_tokens"] = mask.sum().to(cdt)
+        metrics["traced_clip_fraction"] = clipped.sum().to(cdt) / n
+        # exp(0) = 1 at each masked position: subtract their count (sum in float64: no cancellation)
+        exp_sum = z.exp().sum(dtype=torch.float64) - (z.numel() - n_valid).to(torch.float64)
+        metrics["ratio_mean"] = (exp_sum / n.to(torch.float64)).to(cdt) if z.numel() else zero.clone()
+        metrics["approx_kl"] = -x.sum() / n
+        metrics["num_tokens"] = n_valid.to(cdt)
+        if loss_mask is not None:
+            metrics["loss_mask_fraction"] = (loss_mask & mask).sum().to(cdt) / n
     return loss, metrics

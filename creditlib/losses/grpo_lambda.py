@@ -22,7 +22,21 @@ What changes with respect to ``GRPOLoss`` (TorchRL 0.14):
    ``traced_clip_fraction`` (over the tokens of the loss mask);
 4. extra aggregations: verl's ``"seq-mean-token-sum"`` and ``"seq-mean-token-sum-norm"`` (Dr.
    GRPO, with an explicit ``loss_scale_factor``) and ``"token-mean"`` / ``"seq-mean-token-mean"``,
-   beside the parent's ``"token_mean"``, ``"prompt_mean"`` and ``"none"``.
+   beside the parent's ``"token_mean"``, ``"prompt_mean"`` and ``"none"``;
+5. optional token selection (``select_key``: e.g. the top-entropy tokens of
+   :class:`creditlib.modules.EntropySelect`): the policy term of unselected tokens is 0, with the
+   aggregation weights of the loss mask (TRL's ``top_entropy_quantile`` convention);
+6. the PPO-clip objective is computed with one clamp instead of the parent's stacked ``[B, T, 2]``
+   min (for ``A >= 0`` the min is ``A exp(min(z, log(1 + eps_high)))``, for ``A < 0`` it is
+   ``A exp(max(z, log(1 - eps_low)))``), which pays for the trace. Values and clip fraction are
+   bit-identical; so are the gradients, except for a ``z`` outside a bound by less than the rounding
+   of ``exp``, where the parent's tie picks the unclipped branch and this form the exact min.
+
+Every :class:`~creditlib.DecayStyle` works (``recent``/``both`` with floors, ``normalize=True``,
+and ``"sequence"``: GSPO's sequence-level ratio ``exp(mean_j x_j)`` on every token). Per-token
+advantages ``[B, T, 1]`` (e.g. from :class:`creditlib.modules.PrefixTD` with ``keepdim=True``)
+work as in the parent. :meth:`GRPOLambdaLoss.from_credit` builds the loss of a registered credit
+method (``creditlib.credit``).
 
 Everything else is the parent's code path: clip (symmetric or DAPO's asymmetric pair), KL to the
 reference and to the inference policy, entropy bonus, ESS (on the traced weights), and KL-Mask. With
@@ -38,11 +52,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from tensordict import TensorDictBase
+
+from .._extras import require
+
+require("torchrl", "creditlib.losses.grpo_lambda")
+from tensordict import TensorDictBase  # noqa: E402
 from torchrl.objectives.llm.grpo import GRPOLoss, GRPOLossOutput
 
 from .. import functional as _F
 from .._kernels import check_backend
+from .._validation import check_clamp_min
 from ..style import DecayStyle
 from . import functional as LF
 
@@ -89,6 +108,11 @@ class GRPOLambdaLoss(GRPOLoss):
             a meaningful default; pass the generation budget ``max_new_tokens``).
         trace_backend (str): backend of the trace (``"auto"``, ``"cpp"``, ``"triton"``,
             ``"torch"``, ``"reference"``).
+        select_key (NestedKey | None): key of a bool ``[B, T]`` (or ``[B, T, 1]``) token selection,
+            e.g. :class:`~creditlib.modules.EntropySelect`'s output: unselected tokens get a policy
+            term of 0, the aggregation weights stay those of the loss mask (TRL's
+            ``top_entropy_quantile``). Not TorchRL's ``loss_mask_key``, which renormalises the
+            ``token_mean`` reduction over the masked tokens and applies to every term.
         **kwargs: every ``GRPOLoss`` keyword (``clip_epsilon``, ``kl_mask_threshold``,
             ``entropy_bonus``, ``entropy_coeff``, ``kl_to_ref_coeff``, ``kl_to_inference_coeff``,
             ``masking_strategy``, ``reduction``, ``device``, ...).
@@ -98,11 +122,11 @@ class GRPOLambdaLoss(GRPOLoss):
 
     def __init__(self, actor_network=None, *, style: Optional[DecayStyle] = _DEFAULT_STYLE,
                  clamp_min: Optional[float] = -0.1, aggregation: Optional[str] = "token_mean",
-                 loss_scale_factor: Optional[float] = None, trace_backend: str = "auto", **kwargs):
+                 loss_scale_factor: Optional[float] = None, trace_backend: str = "auto",
+                 select_key=None, **kwargs):
         if style is not None and not isinstance(style, DecayStyle):
             raise ValueError(f"style must be a creditlib.DecayStyle or None (plain GRPO), got {type(style).__name__}")
-        if clamp_min is not None and not LF._is_real(clamp_min):
-            raise ValueError(f"clamp_min must be a finite float or None, got {clamp_min!r}")
+        clamp_min = check_clamp_min(clamp_min)
         agg = aggregation or "token_mean"
         if agg in _PARENT_AGGREGATIONS:
             verl_agg = None
@@ -121,11 +145,41 @@ class GRPOLambdaLoss(GRPOLoss):
         check_backend(trace_backend)
         super().__init__(actor_network, aggregation=agg, **kwargs)
         self.style = style
-        self.clamp_min = None if clamp_min is None else float(clamp_min)
+        self.clamp_min = clamp_min
+        self.select_key = select_key
         self.loss_scale_factor = None if loss_scale_factor is None else float(loss_scale_factor)
         self.trace_backend = trace_backend
         self._verl_aggregation = verl_agg
         self._trace_ctx = None
+
+    @classmethod
+    def from_credit(cls, method, actor_network=None, *, select_key="entropy_mask", **kwargs) -> "GRPOLambdaLoss":
+        """The loss of a credit method (a registered name or a :class:`~creditlib.credit.CreditMethod`).
+
+        ``style = method.trace``, ``clamp_min = method.clamp_min`` and, when the method selects
+        tokens by entropy, ``select_key`` (where :func:`creditlib.modules.credit_pipeline` writes
+        the selection). The advantages come from the method's pipeline (``credit_pipeline``);
+        clamping them again in the loss changes nothing (``max(max(A, c), c) = max(A, c)``)::
+
+            method = get_credit("grpo-lambda")
+            pipe = credit_pipeline(method, group_size=8)
+            loss_fn = GRPOLambdaLoss.from_credit(method, actor, entropy_bonus=False)
+
+        Args:
+            method: credit-method name or object.
+            actor_network: the policy.
+            select_key: key of the token selection (used only by entropy-selecting methods).
+            **kwargs: any other ``GRPOLambdaLoss`` / ``GRPOLoss`` keyword.
+        """
+        from ..credit import CreditMethod, get_credit
+
+        m = method if isinstance(method, CreditMethod) else get_credit(method)
+        for k in ("style", "clamp_min"):
+            if k in kwargs:
+                raise ValueError(f"{k} comes from the credit method {m.name!r}; use method.replace({k}=...) "
+                                 "(or GRPOLambdaLoss directly) to change it")
+        return cls(actor_network, style=m.trace, clamp_min=m.clamp_min,
+                   select_key=select_key if m.entropy_quantile is not None else None, **kwargs)
 
     @property
     def out_keys(self):
@@ -157,12 +211,45 @@ class GRPOLambdaLoss(GRPOLoss):
                 # filtered tokens are out of the loss (the parent masks them); they keep their own
                 # log-weight so the parent's ESS / clip_fraction see the same values as GRPOLoss
                 z = torch.where(keep, z, x)
-        self._trace_ctx = {"z": z.detach(), "mask": mask if keep is None else mask & keep, "filtered": keep is not None}
+        select = None
+        if self.select_key is not None:
+            select = tensordict.get(self.select_key, None, as_padded_tensor=True)
+            if select is None:
+                raise ValueError(f"select_key {self.select_key!r} is not in the input tensordict")
+            if select.dtype != torch.bool:
+                raise ValueError(f"the selection ({self.select_key!r}) must be a bool tensor [B, T], "
+                                 f"got {select.dtype}")
+            if select.dim() == mask.dim() + 1 and select.shape[-1] == 1:
+                select = select.squeeze(-1)
+            if select.shape != mask.shape:
+                raise ValueError(f"the selection ({self.select_key!r}) must have the loss mask's shape "
+                                 f"{tuple(mask.shape)}, got {tuple(select.shape)}")
+        self._trace_ctx = {"z": z.detach(), "mask": mask if keep is None else mask & keep, "filtered": keep is not None,
+                           "select": select}
         return z.unsqueeze(-1), dist, kl_approx, mask
 
     def _compute_policy_objective(self, log_weight: torch.Tensor, advantage: torch.Tensor):
-        """Parent PPO-clip objective on the traced weight, with the clamped advantage."""
-        return super()._compute_policy_objective(log_weight, LF.clamp_advantages(advantage, self.clamp_min))
+        """PPO-clip objective ``-min(r A', clip(r) A')`` on the traced weight, ``A' = max(A, clamp_min)``.
+
+        The parent's value and gradient (module docstring, item 6) with one clamp: for ``A' >= 0``
+        the min is ``A' exp(min(z, hi))`` and for ``A' < 0`` it is ``A' exp(max(z, lo))`` (``lo, hi``
+        the log clip bounds), so no ``[B, T, 2]`` stack and min are needed. Returns ``(-gain, clip_fraction)``
+        with the parent's clip fraction (mean over all positions of ``clamp(z, lo, hi) != z``).
+        """
+        adv = advantage if self.clamp_min is None else advantage.clamp_min(self.clamp_min)
+        dt = log_weight.dtype
+        lo, hi = (b.to(dt) for b in self._clip_bounds)  # 0-dim, rounded as the parent's clamp rounds them
+        inf = torch.full((), float("inf"), dtype=dt, device=log_weight.device)
+        pos = adv >= 0  # [B, 1, 1] or [B, T, 1]
+        lw = log_weight.clamp(torch.where(pos, -inf, lo), torch.where(pos, hi, inf))  # [B, T, 1]
+        gain = lw.exp() * adv  # [B, T, 1]
+        with torch.no_grad():
+            clip_fraction = (log_weight.clamp(lo, hi) != log_weight).to(dt).mean()
+        loss = -gain
+        ctx = self._trace_ctx
+        if ctx is not None and ctx.get("select") is not None:
+            loss = torch.where(ctx["select"].unsqueeze(-1), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+        return loss, clip_fraction
 
     def _aggregate_loss_value(self, value: torch.Tensor, mask: torch.Tensor,
                               tensordict: Optional[TensorDictBase] = None) -> torch.Tensor:
@@ -208,6 +295,8 @@ class GRPOLambdaLoss(GRPOLoss):
         if self.clamp_min is None:
             return torch.zeros((), dtype=dtype, device=mask.device)
         adv = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
+        if adv.numel() == 0:  # empty micro-batch
+            return torch.zeros((), dtype=dtype, device=mask.device)
         below = (adv < self.clamp_min).reshape(adv.shape[0], -1)  # [B, 1] or [B, T]
         if below.shape[-1] == mask.shape[-1] and below.shape[-1] != 1:
             return LF._masked_mean(below.to(dtype), mask)
