@@ -309,3 +309,225 @@ def test_verl_actor_ppo_loss_call_site(monkeypatch):
     starts = torch.cat([torch.zeros(1, dtype=torch.long), (plen + rlen).cumsum(0)[:-1]]) + plen - 1  # [BS]
     for i in range(BS):
         torch.testing.assert_close(g_flat[starts[i]: starts[i] + rlen[i]], g_ref[i, : rlen[i]], rtol=1e-5, atol=1e-7)
+
+
+# ============================================================================= every credit method
+from creditlib import functional as CF  # noqa: E402
+from creditlib._prefix_reference import prefix_td_naive  # noqa: E402
+from creditlib.credit import get_credit  # noqa: E402
+
+_CREDIT_VARS = ("CREDITLIB_CREDIT", "CREDITLIB_TRACE_STYLE", "CREDITLIB_TRACE_GAMMA", "CREDITLIB_TRACE_LAM",
+                "CREDITLIB_TRACE_EPS", "CREDITLIB_TRACE_NORMALIZE", "CREDITLIB_CLAMP_MIN")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in _CREDIT_VARS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env_vars, style", [
+    ({"CREDITLIB_TRACE_NORMALIZE": "1", "CREDITLIB_TRACE_LAM": "0.9"}, DecayStyle("recent", 1.0, 0.9, normalize=True)),
+    ({"CREDITLIB_TRACE_STYLE": "both", "CREDITLIB_TRACE_NORMALIZE": "true", "CREDITLIB_TRACE_EPS": "0.05"},
+     DecayStyle("both", 1.0, 0.99, 0.05, normalize=True)),
+    ({"CREDITLIB_TRACE_STYLE": "sequence"}, DecayStyle("sequence")),
+    ({"CREDITLIB_CREDIT": "gspo"}, DecayStyle("sequence")),
+    ({"CREDITLIB_CREDIT": "grpo-lambda-norm"}, get_credit("grpo-lambda-norm").trace),
+])
+def test_policy_loss_new_styles_from_the_environment(clean_env, env_vars, style):
+    for k, v in env_vars.items():
+        clean_env.setenv(k, v)
+    assert cv.style_from_env() == style
+    old, new, adv, mask = _batch(13)
+    loss, _ = cv.grpo_lambda_policy_loss(old, new, adv, mask, "seq-mean-token-mean", CFG)
+    ref, _ = grpo_lambda_loss(new, old, adv, mask, style, clip_eps=(0.2, 0.28), clamp_min=None,
+                              aggregation="seq-mean-token-mean")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad(loss, new), _grad(ref, new), rtol=1e-12, atol=1e-12)
+
+
+def test_credit_environment_variable(clean_env):
+    clean_env.setenv("CREDITLIB_CREDIT", "grpo")
+    assert cv.style_from_env().is_identity() and cv.clamp_min_from_env() is None
+    clean_env.setenv("CREDITLIB_CREDIT", "prefix-gae-clamp")
+    assert cv.clamp_min_from_env() == -0.1
+    clean_env.setenv("CREDITLIB_TRACE_LAM", "0.5")
+    with pytest.raises(ValueError, match="unset CREDITLIB_TRACE_LAM"):
+        cv.style_from_env()
+    clean_env.delenv("CREDITLIB_TRACE_LAM")
+    clean_env.setenv("CREDITLIB_CREDIT", "entropy-80-20")
+    with pytest.raises(ValueError, match="no entropies"):
+        cv.style_from_env()
+    clean_env.setenv("CREDITLIB_CREDIT", "gspoo")
+    with pytest.raises(ValueError, match="CREDITLIB_CREDIT: unknown credit method.*did you mean 'gspo'"):
+        cv.style_from_env()
+    clean_env.delenv("CREDITLIB_CREDIT")
+    clean_env.setenv("CREDITLIB_TRACE_NORMALIZE", "maybe")
+    with pytest.raises(ValueError, match="CREDITLIB_TRACE_NORMALIZE"):
+        cv.style_from_env()
+
+
+def _prefix_batch():
+    """Two prompts x 4 responses over a 3-token vocabulary (many shared prefixes), uids interleaved."""
+    g = torch.Generator().manual_seed(21)
+    bs, t = 8, 7
+    responses = torch.randint(0, 3, (bs, t), generator=g)  # [bs, T]
+    responses[1, :4] = responses[5, :4]  # rows 1 and 5 share a prompt and a 4-token prefix
+    responses[3] = responses[7]  # identical responses
+    lengths = torch.tensor([7, 5, 3, 7, 6, 7, 2, 7])
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()  # [bs, T] right-padded
+    index = np.array(["a", "b", "a", "b", "a", "b", "a", "b"], dtype=object)  # [bs] any order
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # [bs]
+    rewards = torch.zeros(bs, t)
+    rewards[torch.arange(bs), lengths - 1] = scores  # outcome reward on the last token
+    return responses, mask, index, scores, rewards
+
+
+@pytest.mark.parametrize("name", ["prefix-gae", "prefix-gae-clamp", "prefix-gae-lambda"])
+def test_credit_estimator_prefix_gae_equals_the_trie_walk(clean_env, name):
+    responses, mask, index, scores, rewards = _prefix_batch()
+    clean_env.setenv("CREDITLIB_CREDIT", name)
+    adv, ret = cv.credit_advantage(rewards, mask, index, responses=responses)
+    m = get_credit(name)
+    gid = torch.tensor([0 if u == "a" else 1 for u in index])
+    delta = prefix_td_naive(responses, mask.bool(), scores.double(), group_ids=gid)  # [bs, T]
+    expected = CF.traced_credit(delta, mask.bool(), DecayStyle("recent", m.gamma, m.lam))
+    if m.clamp_min is not None:
+        expected = expected.clamp(min=m.clamp_min)
+    torch.testing.assert_close(adv, expected.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ret, adv)
+    assert not torch.allclose(adv[:, :1].expand_as(adv) * mask, adv), "credit must vary along some response"
+
+
+def test_credit_estimator_group_methods_and_errors(clean_env):
+    _, mask, index, scores, rewards = _prefix_batch()
+    adv, _ = cv.credit_advantage(rewards, mask, index, method="clamp")
+    gid = torch.tensor([0 if u == "a" else 1 for u in index])
+    expected = CF.group_advantage(scores, group_ids=gid).clamp(min=-0.1)[:, None] * mask  # [bs, T]
+    torch.testing.assert_close(adv, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="needs the response token ids"):
+        cv.credit_advantage(rewards, mask, index, method="prefix-gae")
+    with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo=False contradicts"):
+        cv.credit_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=False, method="grpo")
+    clean_env.setenv("CREDITLIB_CREDIT", "grpo")  # a bound estimator ignores the environment
+    bound = cv.make_credit_estimator("prefix-gae-lambda")
+    responses = _prefix_batch()[0]
+    a, _ = bound(token_level_rewards=rewards, response_mask=mask, index=index, config=None, responses=responses)
+    b, _ = cv.credit_advantage(rewards, mask, index, responses=responses, method="prefix-gae-lambda")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- with verl
+def test_verl_gspo_equals_creditlib_sequence_style(clean_env):
+    """verl's `gspo` loss (GSPO-token form) vs creditlib's sequence style, per-sequence advantages."""
+    core = _verl()
+    clean_env.setenv("CREDITLIB_CREDIT", "gspo")
+    cfg = _actor_config()
+    old, new, adv, mask = _batch(14)
+    for mode in MODES + ("token-sum",):
+        kw = dict(old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask, loss_agg_mode=mode,
+                  config=cfg, rollout_is_weights=None)
+        ours, _ = core.get_policy_loss_fn("grpo_lambda")(**kw)
+        theirs, _ = core.get_policy_loss_fn("gspo")(**kw)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_grad(ours, new), _grad(theirs, new), rtol=1e-9, atol=1e-12)
+
+
+def test_verl_gspo_gradient_differs_with_per_token_advantages(clean_env):
+    """GSPO-token sends each token's advantage to its own log-prob; the sequence style spreads it."""
+    core = _verl()
+    clean_env.setenv("CREDITLIB_CREDIT", "gspo")
+    cfg = _actor_config()
+    old, new, _, mask = _batch(15)
+    adv = torch.randn(BS, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * mask  # [BS, T]
+    kw = dict(old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+              loss_agg_mode="seq-mean-token-mean", config=cfg, rollout_is_weights=None)
+    ours, _ = core.get_policy_loss_fn("grpo_lambda")(**kw)
+    theirs, _ = core.get_policy_loss_fn("gspo")(**kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)  # same value
+    assert float((_grad(ours, new) - _grad(theirs, new)).abs().max()) > 1e-3  # different gradient
+
+
+def _data_proto(responses, mask, index, rewards):
+    from verl import DataProto
+
+    return DataProto.from_dict(tensors={"responses": responses, "token_level_rewards": rewards,
+                                        "response_mask": mask}, non_tensors={"uid": index})
+
+
+def test_verl_compute_advantage_gives_the_estimator_the_response_ids(clean_env):
+    _verl()
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    assert __import__("verl.trainer.ppo.core_algos", fromlist=["x"]).get_adv_estimator_fn("creditlib") is \
+        cv.credit_advantage
+    responses, mask, index, scores, rewards = _prefix_batch()
+    clean_env.setenv("CREDITLIB_CREDIT", "prefix-gae-clamp")
+    cfg = AlgoConfig(adv_estimator="creditlib")
+    out = compute_advantage(_data_proto(responses, mask, index, rewards), adv_estimator="creditlib", config=cfg)
+    expected, _ = cv.credit_advantage(rewards, mask, index, responses=responses)
+    torch.testing.assert_close(out.batch["advantages"], expected)
+    from verl import DataProto
+
+    no_ids = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
+                                 non_tensors={"uid": index})
+    with pytest.raises(ValueError, match="needs the response token ids"):
+        compute_advantage(no_ids, adv_estimator="creditlib", config=cfg)
+
+
+def _sessions():
+    """verl V1 batch: 2 prompts x 2 sessions; some sessions have several outputs (turns)."""
+    keys = ["p0_s0_0", "p0_s0_1", "p0_s1_0", "p1_s0_0", "p1_s1_0", "p1_s1_1", "p1_s1_2"]  # {uid}_{session}_{idx}
+    index = np.array([k.split("_")[0] for k in keys], dtype=object)
+    bs, t = len(keys), 5
+    mask = torch.ones(bs, t, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[5, 2:] = 0
+    final_score = {"p0_s0": 1.0, "p0_s1": 0.0, "p1_s0": 0.0, "p1_s1": 1.0}
+    rewards = torch.zeros(bs, t)
+    for i, k in enumerate(keys):  # the reward sits on the final output of each session
+        s, j = k.rsplit("_", 1)
+        if all(int(j) >= int(o.rsplit("_", 1)[1]) for o in keys if o.startswith(s + "_")):
+            rewards[i, int(mask[i].sum()) - 1] = final_score[s]
+    return keys, index, mask, rewards
+
+
+@pytest.mark.parametrize("estimator, credit", [("grpo_lambda", None), ("creditlib", "clamp")])
+def test_verl_v1_multi_output_sessions(clean_env, estimator, credit):
+    """compute_advantage_for_multi_trajectories: verl scores each session's final output for its
+    `grpo` only; creditlib's group estimators apply the same rule (then the clamp)."""
+    _verl()
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories as multi
+
+    keys, index, mask, rewards = _sessions()
+    clean_env.setenv("CREDITLIB_CLAMP_MIN", "-0.1") if credit is None else clean_env.setenv("CREDITLIB_CREDIT", credit)
+
+    def data():
+        return DataProto.from_dict(tensors={"token_level_rewards": rewards.clone(), "response_mask": mask.clone()},
+                                   non_tensors={"uid": index})
+
+    theirs = multi(data(), keys, adv_estimator="grpo", config=AlgoConfig(adv_estimator="grpo"),
+                   norm_adv_by_std_in_grpo=True).batch["advantages"]  # [bs, T]
+    ours = multi(data(), keys, adv_estimator=estimator, config=AlgoConfig(adv_estimator=estimator)).batch["advantages"]
+    assert (theirs < -0.1).any()
+    # verl's grpo: (R - mean) / (std + 1e-6); creditlib's method estimator uses 1e-4 (same up to that)
+    torch.testing.assert_close(ours, theirs.clamp(min=-0.1) * mask, rtol=2e-4, atol=1e-6)
+    assert ours[0, 0] == ours[1, 0] != 0  # two outputs of one session share its final output's advantage
+
+
+def test_verl_v1_refuses_per_token_credit_on_multi_output_sessions(clean_env):
+    _verl()
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories as multi
+
+    keys, index, mask, rewards = _sessions()
+    clean_env.setenv("CREDITLIB_CREDIT", "prefix-gae")
+    d = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask,
+                                     "responses": torch.zeros_like(mask)}, non_tensors={"uid": index})
+    with pytest.raises(ValueError, match="cannot be broadcast"):
+        multi(d, keys, adv_estimator="creditlib", config=AlgoConfig(adv_estimator="creditlib"))

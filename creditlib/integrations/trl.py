@@ -1,72 +1,150 @@
-"""GRPO-lambda inside Hugging Face TRL's ``GRPOTrainer`` (optional extra: ``pip install 'creditlib[trl]'``).
+"""Every creditlib credit method inside Hugging Face TRL's ``GRPOTrainer`` (extra: ``pip install 'creditlib[trl]'``).
 
-    from creditlib.integrations.trl import GRPOLambdaConfig, GRPOLambdaTrainer
+Select a method of the registry (:mod:`creditlib.credit`) by name::
 
-    args = GRPOLambdaConfig(output_dir="out", trace_style="recent", trace_lam=0.99, clamp_min=-0.1)
-    trainer = GRPOLambdaTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=reward_fn,
-                                args=args, train_dataset=dataset)
+    from creditlib.integrations.trl import CreditConfig, CreditTrainer
+
+    args = CreditConfig(output_dir="out", credit="prefix-gae")      # or "grpo-lambda", "gspo", ...
+    trainer = CreditTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset)
     trainer.train()
 
-What changes with respect to TRL's ``GRPOTrainer`` (and nothing else does):
+or keep GRPO-lambda's own fields (unchanged since the first release)::
 
-1. **Negative-advantage clamp.** After TRL has computed its group-relative advantages
-   (``_generate_and_score_completions``), ``A <- max(A, clamp_min)`` (``clamp_min=None`` disables it).
-2. **Eligibility trace over the per-token log importance weight.** Inside TRL's ``_compute_loss`` the
-   per-token log-ratio ``x_t = log pi_theta(o_t) - log pi_old(o_t)`` (completion tokens, right-padded,
-   mask = completion mask x tool mask) becomes ``z_t = sum_{j<=t} w(t, j) x_j``
-   (:func:`creditlib.functional.eligibility_trace` with ``DecayStyle(trace_style, trace_gamma,
-   trace_lam, trace_eps)``). Every TRL ``loss_type`` then runs unchanged on ``z``: the clipped
-   surrogates (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``luspo``), ``sapo``, and the
-   log-prob-weighted ``cispo`` / ``vespo`` (whose ``log pi`` term becomes ``log pi_old + z``, i.e. the
-   trace's forward view ``C_j = sum_{t>=j} w(t, j) a_t``). ``importance_sampling_level="sequence"``
-   averages ``z`` instead of ``x``.
+    from creditlib.integrations.trl import GRPOLambdaConfig, GRPOLambdaTrainer
+    args = GRPOLambdaConfig(output_dir="out", trace_style="recent", trace_lam=0.99, clamp_min=-0.1)
 
-How: TRL's ``_compute_loss`` computes ``log_ratio = per_token_logps - old_per_token_logps``. The
-trainer overrides two small methods and calls ``super()`` in both: during the loss only,
-``_get_per_token_logps_and_entropies`` returns ``old + z`` in place of ``log pi_theta``, so TRL's own
-subtraction yields ``z``. The reference KL term and the off-policy sequence mask still see the true
-``log pi_theta`` (their inputs are shifted by the same amount, with the gradient of ``log pi_theta``),
-so ``beta``, ``use_bias_correction_kl`` and ``off_policy_mask_threshold`` keep their meaning; the
-entropies are untouched. If a future TRL stops routing the loss through that method the trainer
-raises instead of silently training plain GRPO.
+What a :class:`~creditlib.credit.CreditMethod` changes in TRL's ``GRPOTrainer`` (nothing else does):
 
-With ``trace_gamma * trace_lam = 0``, ``trace_eps = 0``, ``trace_style="recent"`` and
-``clamp_min=None`` this is stock TRL (``z = x``). The old TRL Liger GRPO loss, which bypasses
-``_compute_loss``, is refused with a ``ValueError``; TRL 1.x's layer-only Liger kernels are fine.
+1. **Advantages** (``_generate_and_score_completions``, where TRL has the completion ids).
+   ``advantage="group"`` with the mean baseline: TRL's own group-relative advantage (its
+   ``scale_rewards``). ``baseline="loo"`` (RLOO) and ``advantage="prefix_td"`` (prefix-tree TD error
+   with GAE): creditlib computes them from TRL's rewards (the weighted sum of the reward functions,
+   gathered over processes) and, for the prefix tree, the completion token ids; the prefix methods
+   hand TRL per-token ``[B, T]`` advantages, which TRL's loss accepts as they are. Completions that
+   every reward function declined to score (TRL's unscorable rows) get advantage 0 and stay out of
+   the other completions' baselines, as in TRL. Then the clamp ``A <- max(A, clamp_min)``.
+2. **Log-ratio** (``trace``): inside TRL's ``_compute_loss`` the per-token log-ratio
+   ``x_t = log pi_theta(o_t) - log pi_old(o_t)`` (mask = completion mask x tool mask) becomes
+   ``z = F.eligibility_trace(x, mask, trace)``: GRPO-lambda's decayed trace, its row-normalised
+   form, or GSPO's sequence-level mean log-ratio (``DecayStyle("sequence")``). Every TRL
+   ``loss_type`` then runs on ``z``.
+3. **Tokens in the loss** (``entropy_quantile``): TRL's own ``top_entropy_quantile``, which keeps
+   the same tokens as :func:`creditlib.functional.entropy_mask` (tested).
+
+How the trace is applied: TRL's ``_compute_loss`` computes ``log_ratio = per_token_logps -
+old_per_token_logps``. The trainer overrides ``_get_per_token_logps_and_entropies`` and, during the
+loss only, returns ``old + z`` in place of ``log pi_theta``, so TRL's own subtraction yields ``z``.
+The reference KL term and the off-policy sequence mask still see the true ``log pi_theta`` (their
+inputs are shifted by the same amount, with the gradient of ``log pi_theta``); the entropies are
+untouched. If a TRL version stops routing the loss through that method, or never calls
+``_calculate_rewards`` before a method that needs the rewards, the trainer raises instead of
+silently training plain GRPO. TRL's fused Liger GRPO loss (``use_liger_loss``, which bypasses
+``_compute_loss``) and ``AsyncGRPOTrainer`` (its own packed loss and rollout-worker advantages, not
+a ``GRPOTrainer``) are refused with a ``ValueError`` that says why.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-try:
-    from trl import GRPOConfig, GRPOTrainer
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "creditlib.integrations.trl needs Hugging Face TRL and accelerate: "
-        "pip install 'creditlib[trl]' (trl>=1.0, accelerate>=1.0)") from e
+from .._extras import require
+
+require("trl", "creditlib.integrations.trl")  # trl>=1.0,<2 and accelerate
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from .. import functional as F
+from .._validation import check_clamp_min
+from ..credit import CreditMethod, get_credit, list_credits
 from ..losses.functional import clamp_advantages
 from ..style import STYLES, DecayStyle
 
-__all__ = ["GRPOLambdaConfig", "GRPOLambdaMixin", "GRPOLambdaTrainer"]
+__all__ = ["CreditConfig", "CreditMixin", "CreditTrainer", "GRPOLambdaConfig", "GRPOLambdaMixin",
+           "GRPOLambdaTrainer"]
 
 
 def _check_clamp_min(clamp_min) -> Optional[float]:
-    if clamp_min is None:
-        return None
-    try:
-        c = float(clamp_min)
-    except (TypeError, ValueError):
-        raise ValueError(f"clamp_min must be None or a float <= 0, got {clamp_min!r}") from None
-    if not (c <= 0.0) or math.isinf(c):
-        raise ValueError(f"clamp_min must be None or a finite float <= 0 (paper default -0.1), got {clamp_min!r}")
-    return c
+    return check_clamp_min(clamp_min, "clamp_min")
+
+
+def _computes_own_advantages(method: CreditMethod) -> bool:
+    """True when creditlib (not TRL) computes the advantages: per-token prefix TD or RLOO."""
+    return method.advantage != "group" or method.baseline != "mean"
+
+
+def _reconcile(cfg, method: CreditMethod) -> None:
+    """Make TRL's own options agree with ``method``, or raise a ValueError naming both."""
+    q = method.entropy_quantile
+    if q is not None:
+        if cfg.top_entropy_quantile == 1.0:
+            cfg.top_entropy_quantile = q  # TRL's own mask keeps the same tokens as F.entropy_mask
+        elif cfg.top_entropy_quantile != q:
+            raise ValueError(
+                f"top_entropy_quantile={cfg.top_entropy_quantile} contradicts credit method {method.name!r} "
+                f"(entropy_quantile={q}): leave top_entropy_quantile at 1.0 or set it to {q}")
+    scale_rewards = cfg.scale_rewards
+    if method.scale == "none":
+        if scale_rewards not in ("none", "group"):
+            raise ValueError(f"scale_rewards={scale_rewards!r} contradicts credit method {method.name!r} "
+                             "(scale='none': no division by the reward std)")
+        cfg.scale_rewards = "none"
+    elif scale_rewards == "none":
+        raise ValueError(f"scale_rewards='none' contradicts credit method {method.name!r} (scale='std'); "
+                         "register a variant with method.replace(name=..., scale='none') instead")
+    if _computes_own_advantages(method):
+        if scale_rewards == "batch":
+            raise ValueError(f"scale_rewards='batch' cannot be combined with credit method {method.name!r}: "
+                             "its advantages are computed by creditlib per group (scale 'group' or 'none')")
+        if cfg.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={cfg.multi_objective_aggregation!r} cannot be combined with credit "
+                f"method {method.name!r}: creditlib takes the weighted sum of the reward functions as the "
+                "reward ('sum_then_normalize')")
+
+
+@dataclass
+class CreditConfig(GRPOConfig):
+    r"""TRL's :class:`~trl.GRPOConfig` plus ``credit``: the name of a creditlib credit method.
+
+    Every ``GRPOConfig`` field keeps its meaning. ``credit`` selects a
+    :class:`~creditlib.credit.CreditMethod` from the registry (``creditlib.credit.list_credits()``:
+    ``grpo``, ``clamp``, ``grpo-lambda``, ``grpo-lambda-norm``, ``gspo``, ``prefix-gae``,
+    ``prefix-gae-clamp``, ``prefix-gae-lambda``, ``entropy-80-20``, and any method registered with
+    :func:`creditlib.credit.register_credit`: that is how to change a method's parameters).
+
+    The method's choices that TRL already has are written into TRL's fields here:
+    ``entropy_quantile`` sets ``top_entropy_quantile`` (left at 1.0 or equal, else ``ValueError``)
+    and ``scale="none"`` sets ``scale_rewards="none"``. Contradictory settings raise ``ValueError``.
+
+    Parameters:
+        credit (`str`, defaults to `"grpo-lambda"`):
+            Name of the credit method.
+    """
+
+    credit: str = field(
+        default="grpo-lambda",
+        metadata={"help": "Credit-assignment method of creditlib's registry (creditlib.credit.list_credits()): "
+                          "grpo, clamp, grpo-lambda, grpo-lambda-norm, gspo, prefix-gae, prefix-gae-clamp, "
+                          "prefix-gae-lambda, entropy-80-20, or a registered name."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _reconcile(self, self.credit_method())
+
+    def credit_method(self) -> CreditMethod:
+        """The registered :class:`~creditlib.credit.CreditMethod` named ``credit``."""
+        if not isinstance(self.credit, str):
+            raise ValueError(f"credit must be the name of a registered credit method ({', '.join(list_credits())}), "
+                             f"got {type(self.credit).__name__}; register a custom method with "
+                             "creditlib.credit.register_credit and pass its name")
+        try:
+            return get_credit(self.credit)
+        except ValueError as e:
+            raise ValueError(f"credit: {e}") from None
 
 
 @dataclass
@@ -79,8 +157,9 @@ class GRPOLambdaConfig(GRPOConfig):
     Parameters:
         trace_style (`str`, defaults to `"recent"`):
             Eligibility-trace weights ``w(t, j)`` over the per-token log-ratios: `"recent"`
-            (``d^(t-j)``, the accumulating trace) or `"both"` (``max(d^(t-j), d^j)``: credit to the
-            latest and to the earliest tokens), with ``d = trace_gamma * trace_lam``.
+            (``d^(t-j)``, the accumulating trace), `"both"` (``max(d^(t-j), d^j)``: credit to the
+            latest and to the earliest tokens) or `"sequence"` (GSPO's mean log-ratio), with
+            ``d = trace_gamma * trace_lam``.
         trace_gamma (`float`, defaults to `1.0`):
             Discount ``gamma`` in [0, 1].
         trace_lam (`float`, defaults to `0.99`):
@@ -88,14 +167,16 @@ class GRPOLambdaConfig(GRPOConfig):
             floor is plain GRPO.
         trace_eps (`float`, defaults to `0.0`):
             Weight floor in [0, 1]: ``w(t, j) = max(w(t, j), trace_eps)`` for ``j <= t`` (0 = none).
+        trace_normalize (`bool`, defaults to `False`):
+            Row-normalised weights ``w(t, j) / sum_{i<=t} w(t, i)`` (``z_t`` is a weighted mean).
         clamp_min (`float` or `None`, defaults to `-0.1`):
             Negative-advantage clamp ``A <- max(A, clamp_min)``, a float ``<= 0``; `None` disables it.
     """
 
     trace_style: str = field(
         default="recent",
-        metadata={"help": "Eligibility-trace weights: 'recent' (d^(t-j)) or 'both' (max(d^(t-j), d^j)), "
-                          "d = trace_gamma * trace_lam.", "choices": list(STYLES)},
+        metadata={"help": "Eligibility-trace weights: 'recent' (d^(t-j)), 'both' (max(d^(t-j), d^j)) or 'sequence' "
+                          "(GSPO's mean log-ratio), d = trace_gamma * trace_lam.", "choices": list(STYLES)},
     )
     trace_gamma: float = field(default=1.0, metadata={"help": "Discount gamma in [0, 1] of the trace."})
     trace_lam: float = field(
@@ -104,6 +185,8 @@ class GRPOLambdaConfig(GRPOConfig):
     )
     trace_eps: float = field(
         default=0.0, metadata={"help": "Weight floor in [0, 1] of the trace (0 disables it)."})
+    trace_normalize: bool = field(
+        default=False, metadata={"help": "Row-normalise the trace weights (z_t is a weighted mean of log-ratios)."})
     clamp_min: Optional[float] = field(
         default=-0.1,
         metadata={"help": "Negative-advantage clamp A <- max(A, clamp_min), a float <= 0; None disables it."},
@@ -117,14 +200,21 @@ class GRPOLambdaConfig(GRPOConfig):
     def decay_style(self) -> DecayStyle:
         """The :class:`creditlib.DecayStyle` these fields describe."""
         try:
-            return DecayStyle(self.trace_style, self.trace_gamma, self.trace_lam, self.trace_eps)
+            return DecayStyle(self.trace_style, self.trace_gamma, self.trace_lam, self.trace_eps,
+                              normalize=self.trace_normalize)
         except ValueError as e:  # name the config fields, not DecayStyle's arguments
             msg = str(e)
-            for name in ("style", "gamma", "lam", "eps"):
+            for name in ("style", "gamma", "lam", "eps", "normalize"):
                 if msg.startswith(name + " "):
                     msg = "trace_" + msg
                     break
             raise ValueError(msg) from None
+
+    def credit_method(self) -> CreditMethod:
+        """The unregistered :class:`~creditlib.credit.CreditMethod` these fields describe."""
+        return CreditMethod("grpo-lambda (GRPOLambdaConfig)", clamp_min=self.clamp_min, trace=self.decay_style(),
+                            scale="none" if self.scale_rewards == "none" else "std",  # TRL's own advantage
+                            description="GRPO-lambda from GRPOLambdaConfig's trace_* and clamp_min fields")
 
 
 class _TraceState:
@@ -138,62 +228,135 @@ class _TraceState:
         self.applied = False
 
 
-class GRPOLambdaMixin:
-    """GRPO-lambda on top of any ``trl.GRPOTrainer`` (sub)class: put it first in the bases.
+_ASYNC_REFUSAL = (
+    "creditlib cannot apply a credit method to {name}: it is not a trl.GRPOTrainer. TRL's AsyncGRPOTrainer "
+    "computes one float advantage per sample in its background rollout worker and its loss from packed "
+    "log-probs in its own compute_loss, with no step where creditlib could set per-token advantages or "
+    "the traced log-ratio; training it would silently skip the credit assignment. Use GRPOTrainer "
+    "(CreditTrainer / GRPOLambdaTrainer).")
 
-    Reads ``trace_style``, ``trace_gamma``, ``trace_lam``, ``trace_eps`` and ``clamp_min`` from the
-    trainer's ``args`` (a :class:`GRPOLambdaConfig`). Overrides ``_generate_and_score_completions``
-    (the clamp), ``_compute_loss`` and ``_get_per_token_logps_and_entropies`` (the trace), each
-    calling ``super()``.
+
+class CreditMixin:
+    """A creditlib credit method on top of any ``trl.GRPOTrainer`` (sub)class: put it first in the bases.
+
+    The method comes from the trainer's ``args``: a :class:`CreditConfig` (``credit`` = a registry
+    name) or a :class:`GRPOLambdaConfig`. Overrides ``_calculate_rewards`` (keeps the rewards),
+    ``_generate_and_score_completions`` (advantages and clamp), ``_compute_loss`` and
+    ``_get_per_token_logps_and_entropies`` (the log-ratio style), each calling ``super()``.
 
     Attributes:
-        trace_style: the :class:`creditlib.DecayStyle` in use.
+        credit_method: the :class:`~creditlib.credit.CreditMethod` in use.
+        trace_style: its log-ratio :class:`creditlib.DecayStyle` (``None``: the plain ratio).
         clamp_min: the advantage floor, or ``None``.
     """
 
+    _default_config = CreditConfig
+
     def __init__(self, *args, **kwargs):
+        if not isinstance(self, GRPOTrainer):
+            raise ValueError(_ASYNC_REFUSAL.format(name=type(self).__name__))
         cfg = kwargs.get("args", args[2] if len(args) > 2 else None)
         if cfg is None:
             model = kwargs.get("model", args[0] if args else None)
             config = getattr(model, "config", None)
             name = model if isinstance(model, str) else getattr(config, "_name_or_path", "model")
-            cfg = GRPOLambdaConfig(f"{str(name).split('/')[-1] or 'model'}-GRPO-lambda")
+            cfg = self._default_config(f"{str(name).split('/')[-1] or 'model'}-creditlib")
             if "args" in kwargs or len(args) <= 2:
                 kwargs["args"] = cfg
             else:
                 args = args[:2] + (cfg,) + args[3:]
-        if not isinstance(cfg, GRPOLambdaConfig):
+        if not isinstance(cfg, (CreditConfig, GRPOLambdaConfig)):
             raise ValueError(
-                f"args must be a creditlib.integrations.trl.GRPOLambdaConfig (TRL's GRPOConfig plus "
-                f"trace_style, trace_gamma, trace_lam, trace_eps, clamp_min), got {type(cfg).__name__}")
+                f"args must be a creditlib.integrations.trl.CreditConfig (TRL's GRPOConfig plus credit=NAME) or "
+                f"GRPOLambdaConfig (GRPOConfig plus trace_style, trace_gamma, trace_lam, trace_eps, clamp_min), "
+                f"got {type(cfg).__name__}")
         # TRL < 1.0 had a fused Liger GRPO loss that replaces `_compute_loss`: the trace would be skipped.
         if getattr(cfg, "use_liger_loss", False) or (
                 getattr(cfg, "use_liger_kernel", False) and hasattr(GRPOTrainer, "compute_liger_loss")):
             raise ValueError(
-                "GRPO-lambda cannot run on TRL's Liger GRPO loss (use_liger_loss / use_liger_kernel with a "
-                "TRL that has compute_liger_loss): it bypasses GRPOTrainer._compute_loss, where the "
-                "eligibility trace is applied. Set use_liger_loss=False / use_liger_kernel=False.")
-        self.trace_style: DecayStyle = cfg.decay_style()
-        self.clamp_min: Optional[float] = _check_clamp_min(cfg.clamp_min)
+                "creditlib cannot run on TRL's Liger GRPO loss (use_liger_loss / use_liger_kernel with a TRL "
+                "that has compute_liger_loss): it bypasses GRPOTrainer._compute_loss, where the advantages and "
+                "the log-ratio style are applied. Set use_liger_loss=False / use_liger_kernel=False.")
+        method = cfg.credit_method()
+        _reconcile(cfg, method)  # again: args may have been edited after construction
+        self.credit_method: CreditMethod = method
+        self.trace_style: Optional[DecayStyle] = method.trace
+        self.clamp_min: Optional[float] = method.clamp_min
         self._creditlib_state: Optional[_TraceState] = None
+        self._creditlib_rewards: Optional[torch.Tensor] = None
         super().__init__(*args, **kwargs)
 
-    # ------------------------------------------------------------------ the clamp
+    # ------------------------------------------------------------------ advantages and clamp
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._creditlib_rewards = rewards_per_func  # [N, n_funcs], gathered over processes
+        return rewards_per_func
+
     def _generate_and_score_completions(self, inputs):
+        self._creditlib_rewards = None
         output = super()._generate_and_score_completions(inputs)
+        method = self.credit_method
+        mode = "train" if self.model.training else "eval"
+        if _computes_own_advantages(method):
+            adv, valid = self._creditlib_advantages(output, mode)  # [B] or [B, T]; bool like adv
+        else:
+            adv = output["advantages"]  # [B]: TRL's group-relative advantage
+            valid = torch.ones_like(adv, dtype=torch.bool)  # [B]
+        self._creditlib_rewards = None
         if self.clamp_min is not None:
-            adv = output["advantages"]  # [B] (or [B, T] from a subclass)
-            clamped = clamp_advantages(adv, self.clamp_min)
-            mode = "train" if self.model.training else "eval"
-            frac = (adv < self.clamp_min).float().mean().reshape(1) if adv.numel() else adv.new_zeros(1)
+            below = ((adv < self.clamp_min) & valid).float().sum()
+            frac = (below / valid.sum().clamp(min=1)).reshape(1)
             self._metrics[mode]["creditlib/clamped_frac"].append(self.accelerator.gather(frac).mean().item())
-            output["advantages"] = clamped
+            adv = clamp_advantages(adv, self.clamp_min)
+        output["advantages"] = adv
         return output
 
-    # ------------------------------------------------------------------ the trace
+    def _creditlib_advantages(self, output: dict, mode: str):
+        """RLOO ``[B]`` or prefix-tree GAE ``[B, T]`` advantages (before the clamp) of this process's rows."""
+        rewards_per_func = self._creditlib_rewards  # [N, n_funcs], N = rows over all processes
+        if rewards_per_func is None:
+            raise RuntimeError(
+                "creditlib: TRL's _generate_and_score_completions did not call _calculate_rewards, so the rewards "
+                f"for credit method {self.credit_method.name!r} are unknown. This TRL version is not supported "
+                "(tested with trl 1.16).")
+        device = rewards_per_func.device
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)  # [N]: every reward function declined
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)  # [N]
+        rewards = torch.where(unscorable, torch.zeros_like(rewards), rewards)  # [N]
+        n = rewards.shape[0]
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        if n % group_size:
+            raise RuntimeError(f"creditlib: {n} completions are not whole groups of {group_size}")
+        group_ids = torch.arange(n, device=device) // group_size  # [N]
+        # Unscorable rows become groups of one (advantage 0, outside every other baseline), as in TRL.
+        group_ids = torch.where(unscorable, n + torch.arange(n, device=device), group_ids)  # [N]
+        ids = output["completion_ids"]  # [B, T] local rows, right-padded
+        cmask = output["completion_mask"].bool()  # [B, T]
+        b, t = ids.shape
+        rows = slice(self.accelerator.process_index * b, (self.accelerator.process_index + 1) * b)
+        method = self.credit_method.replace(clamp_min=None)  # the clamp is applied (and logged) by the caller
+        if not method.needs_tokens:
+            adv = method.advantages(rewards, group_ids=group_ids)[rows]  # [B]
+            return adv, torch.ones_like(adv, dtype=torch.bool)
+        all_ids = self.accelerator.gather(self.accelerator.pad_across_processes(ids, dim=1))  # [N, T']
+        all_mask = self.accelerator.gather(
+            self.accelerator.pad_across_processes(cmask.to(torch.uint8), dim=1)).bool()  # [N, T']
+        if all_ids.shape[0] != n:
+            raise RuntimeError(f"creditlib: {all_ids.shape[0]} completions but {n} rewards")
+        # Prefixes are compared over every completion token (tool results included: they are part
+        # of the state); TRL's loss mask keeps tool tokens out of the loss.
+        adv = method.advantages(rewards, all_mask, tokens=all_ids, group_ids=group_ids)  # [N, T']
+        return adv[rows, :t].to(torch.float32), cmask
+
+    # ------------------------------------------------------------------ the log-ratio style
+    def _trace_active(self) -> bool:
+        return self.trace_style is not None and not self.trace_style.is_identity()
+
     def _compute_loss(self, model, inputs):
         if getattr(self, "use_liger_loss", False):
-            raise ValueError("GRPO-lambda cannot run on TRL's Liger GRPO loss: set use_liger_loss=False.")
+            raise ValueError("creditlib cannot run on TRL's Liger GRPO loss: set use_liger_loss=False.")
+        if not self._trace_active():
+            return super()._compute_loss(model, inputs)
         completion_mask = inputs["completion_mask"]  # [B, T] int, right-padded
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         state = _TraceState(dict(inputs), mask.bool())  # mask: [B, T] bool
@@ -205,8 +368,8 @@ class GRPOLambdaMixin:
         if not state.applied:
             raise RuntimeError(
                 "creditlib: TRL's GRPOTrainer._compute_loss did not call _get_per_token_logps_and_entropies, "
-                "so the eligibility trace was not applied. This TRL version is not supported by "
-                "GRPOLambdaTrainer (tested with trl 1.16).")
+                "so the log-ratio style (trace) was not applied. This TRL version is not supported "
+                "(tested with trl 1.16).")
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -238,6 +401,25 @@ class GRPOLambdaMixin:
             sampling = inputs.get("sampling_per_token_logps", old)
             inputs["sampling_per_token_logps"] = sampling + shift.detach()
         return traced
+
+
+class CreditTrainer(CreditMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` trained with a creditlib credit method (see the module docstring).
+
+    Takes exactly ``GRPOTrainer``'s arguments; ``args`` must be a :class:`CreditConfig` (or a
+    :class:`GRPOLambdaConfig`; ``None`` for ``CreditConfig``'s defaults: ``credit="grpo-lambda"``).
+    """
+
+
+class GRPOLambdaMixin(CreditMixin):
+    """GRPO-lambda on top of any ``trl.GRPOTrainer`` (sub)class: put it first in the bases.
+
+    Reads ``trace_style``, ``trace_gamma``, ``trace_lam``, ``trace_eps``, ``trace_normalize`` and
+    ``clamp_min`` from the trainer's ``args`` (a :class:`GRPOLambdaConfig`; a :class:`CreditConfig`
+    also works). Same overrides as :class:`CreditMixin`.
+    """
+
+    _default_config = GRPOLambdaConfig
 
 
 class GRPOLambdaTrainer(GRPOLambdaMixin, GRPOTrainer):

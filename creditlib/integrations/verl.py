@@ -1,9 +1,10 @@
-"""GRPO-lambda in verl (in an existing verl environment ``pip install --no-deps creditlib``: this
-module needs only torch and numpy; verl 0.9 pins tensordict<=0.10, creditlib's base requirements
-want 0.14, so there is no ``creditlib[verl]`` extra. See ``docs/verl.md``).
+"""creditlib's credit methods in verl (``pip install 'creditlib[verl]'``, which does not combine with
+``[torchrl]``/``[rl]``: verl 0.9 pins tensordict<=0.10; this module needs only torch and numpy. See
+``docs/verl.md``).
 
-Two functions with verl's registry signatures, registered under the name ``"grpo_lambda"`` when
-this module is imported and verl is importable:
+Three functions with verl's registry signatures, registered when this module is imported and verl
+is importable: the policy loss and the clamped GRPO estimator under ``"grpo_lambda"``, and the
+credit-method estimator under ``"creditlib"``:
 
 * :func:`grpo_lambda_policy_loss` -- a policy loss for ``@register_policy_loss``
   (``actor_rollout_ref.actor.policy_loss.loss_mode=grpo_lambda``): the PPO-clipped surrogate with
@@ -12,7 +13,21 @@ this module is imported and verl is importable:
   data-parallel size, global token and sequence counts, ``loss_scale_factor``);
 * :func:`grpo_lambda_advantage` -- an advantage estimator for ``@register_adv_est``
   (``algorithm.adv_estimator=grpo_lambda``): the group-relative GRPO advantage
-  (:func:`creditlib.functional.group_advantage`) followed by the negative clamp ``max(A, c)``.
+  (:func:`creditlib.functional.group_advantage`) followed by the negative clamp ``max(A, c)``;
+* :func:`credit_advantage` -- an advantage estimator (``algorithm.adv_estimator=creditlib``) that
+  computes the advantages of a registered credit method (``CREDITLIB_CREDIT``, default
+  ``prefix-gae``): per-token prefix-tree GAE ``[bs, T]`` from the response token ids, or the
+  group / RLOO advantage. verl 0.9's ``compute_advantage`` passes no token ids to registered
+  estimators; the estimator takes ``responses=`` when called directly and otherwise reads
+  ``data.batch["responses"]`` of the verl ``compute_advantage`` call that invoked it (a frame of a
+  ``verl.*`` module), and raises a ``ValueError`` saying so when verl has not loaded them (verl's
+  V1 trainer fetches no response ids for its advantage step).
+
+verl's V1 trainer with several outputs per session (``compute_advantage_for_multi_trajectories``)
+applies its "final output of each session" rule to its built-in ``grpo`` only and hands registered
+estimators every output as a trajectory; the group estimators here apply the same rule (the final
+output of each ``{uid}_{session}`` is scored, its advantage broadcast to the session's other
+outputs), reading the session keys from that verl call.
 
 Without verl the module still imports and both functions work on plain tensors; only
 :func:`register` needs verl. verl's configs are strict dataclasses that refuse unknown keys, so
@@ -28,7 +43,13 @@ variable                   default      meaning
 ``CREDITLIB_TRACE_LAM``    ``0.99``     trace decay lambda in [0, 1]
 ``CREDITLIB_TRACE_EPS``    ``0.0``      weight floor in [0, 1]
 ``CREDITLIB_CLAMP_MIN``    ``-0.1``     advantage clamp (a float <= 0, or ``none``)
+``CREDITLIB_TRACE_NORMALIZE`` ``0``     ``1``: row-normalised trace weights
+``CREDITLIB_CREDIT``       (unset)      a registered credit method: its trace and clamp
 =========================  ===========  ==============================================
+
+``CREDITLIB_CREDIT`` (e.g. ``gspo``, ``grpo-lambda-norm``, ``prefix-gae``) replaces the
+``CREDITLIB_TRACE_*`` / ``CREDITLIB_CLAMP_MIN`` variables (setting both is a ``ValueError``);
+``trace_style`` may also be ``sequence`` (GSPO's sequence-level ratio).
 
 The clip range is verl's own ``actor.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``.
 """
@@ -39,11 +60,13 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .. import functional as F
+from ..credit import CreditMethod, get_credit
 from ..losses.functional import clamp_advantages, grpo_lambda_loss
 from ..style import DecayStyle
 
@@ -52,6 +75,10 @@ __all__ = [
     "ENV_VARS",
     "grpo_lambda_policy_loss",
     "grpo_lambda_advantage",
+    "credit_advantage",
+    "CREDIT_NAME",
+    "credit_from_env",
+    "make_credit_estimator",
     "make_policy_loss",
     "make_advantage_estimator",
     "style_from_env",
@@ -60,8 +87,10 @@ __all__ = [
     "verl_available",
 ]
 
-#: The name both functions are registered under.
+#: The name the policy loss and the clamped GRPO estimator are registered under.
 NAME = "grpo_lambda"
+#: The name the credit-method estimator is registered under.
+CREDIT_NAME = "creditlib"
 
 #: Environment variables read by the registered functions (see the module docstring).
 ENV_VARS = {
@@ -70,8 +99,11 @@ ENV_VARS = {
     "lam": "CREDITLIB_TRACE_LAM",
     "eps": "CREDITLIB_TRACE_EPS",
     "clamp_min": "CREDITLIB_CLAMP_MIN",
+    "normalize": "CREDITLIB_TRACE_NORMALIZE",
+    "credit": "CREDITLIB_CREDIT",
 }
 _DEFAULTS = {"style": "recent", "gamma": 1.0, "lam": 0.99, "eps": 0.0, "clamp_min": -0.1}
+_DEFAULT_CREDIT = "prefix-gae"  # of the "creditlib" estimator when CREDITLIB_CREDIT is unset
 _FROM_ENV = object()  # sentinel: read the parameter from the environment at call time
 
 
@@ -95,10 +127,20 @@ def style_from_env(environ: Optional[Mapping[str, str]] = None) -> DecayStyle:
         ValueError: a value is not a number or is out of range (the message names the variable).
     """
     env = os.environ if environ is None else environ
+    method = credit_from_env(env, conflicts=("style", "gamma", "lam", "eps", "normalize"))
+    if method is not None:
+        if method.entropy_quantile is not None:
+            raise ValueError(f"{ENV_VARS['credit']}={method.name!r} selects tokens by entropy, which verl's "
+                             "policy-loss signature cannot do (it receives no entropies): use another method")
+        return method.trace if method.trace is not None else DecayStyle("recent", 1.0, 0.0)  # plain ratio
     style = (env.get(ENV_VARS["style"]) or _DEFAULTS["style"]).strip()
     vals = {k: _env_float(ENV_VARS[k], _DEFAULTS[k], env) for k in ("gamma", "lam", "eps")}
+    raw_norm = (env.get(ENV_VARS["normalize"]) or "0").strip().lower()
+    if raw_norm not in ("0", "1", "true", "false", "yes", "no", "off", "on", ""):
+        raise ValueError(f"{ENV_VARS['normalize']} must be 0 or 1, got {raw_norm!r}")
+    normalize = raw_norm in ("1", "true", "yes", "on")
     try:
-        return DecayStyle(style, vals["gamma"], vals["lam"], vals["eps"])
+        return DecayStyle(style, vals["gamma"], vals["lam"], vals["eps"], normalize=normalize)
     except ValueError as e:
         key = str(e).split(" ", 1)[0]
         var = ENV_VARS.get(key)
@@ -106,8 +148,12 @@ def style_from_env(environ: Optional[Mapping[str, str]] = None) -> DecayStyle:
 
 
 def clamp_min_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[float]:
-    """The advantage clamp from ``CREDITLIB_CLAMP_MIN`` (default -0.1; ``none`` disables it)."""
+    """The advantage clamp from ``CREDITLIB_CLAMP_MIN`` (default -0.1; ``none`` disables it), or the
+    clamp of the credit method named by ``CREDITLIB_CREDIT``."""
     env = os.environ if environ is None else environ
+    method = credit_from_env(env, conflicts=("clamp_min",))
+    if method is not None:
+        return method.clamp_min
     raw = env.get(ENV_VARS["clamp_min"])
     if raw is not None and raw.strip().lower() in ("none", "null", "off"):
         return None
@@ -115,6 +161,26 @@ def clamp_min_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[
     if not (c <= 0.0) or math.isinf(c):
         raise ValueError(f"{ENV_VARS['clamp_min']} must be a finite float <= 0 or 'none', got {raw!r}")
     return c
+
+
+def credit_from_env(environ: Optional[Mapping[str, str]] = None, *, conflicts=()) -> Optional[CreditMethod]:
+    """The credit method named by ``CREDITLIB_CREDIT`` (``None`` when unset).
+
+    Raises:
+        ValueError: unknown name, or one of the ``conflicts`` variables is set as well.
+    """
+    env = os.environ if environ is None else environ
+    name = (env.get(ENV_VARS["credit"]) or "").strip()
+    if not name:
+        return None
+    both = [ENV_VARS[k] for k in conflicts if (env.get(ENV_VARS[k]) or "").strip()]
+    if both:
+        raise ValueError(f"{ENV_VARS['credit']}={name!r} sets the trace and the clamp: unset {', '.join(both)} "
+                         "(or register a credit method with the parameters you want)")
+    try:
+        return get_credit(name)
+    except ValueError as e:
+        raise ValueError(f"{ENV_VARS['credit']}: {e}") from None
 
 
 def _cfg_get(config: Any, key: str, default: Any = None) -> Any:
@@ -271,6 +337,27 @@ def grpo_lambda_advantage(
     Returns:
         ``(advantages, returns)``, both ``[bs, T]`` (0 on padding), like verl's estimators.
     """
+    _check_estimator_inputs(token_level_rewards, response_mask, index)
+    if clamp_min is _FROM_ENV:
+        clamp_min = clamp_min_from_env()
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+    sessions = None if unused.get("_final_outputs") else _sessions_from_verl(token_level_rewards.shape[0])
+    if sessions is not None:  # verl V1, several outputs per session: score the final outputs only
+        return _per_session(lambda rows: grpo_lambda_advantage(
+            token_level_rewards[rows], response_mask[rows], _take(index, rows), epsilon, norm_adv_by_std_in_grpo,
+            config, clamp_min=clamp_min, _final_outputs=True)[0], sessions, response_mask)
+    ids = _group_ids(index, token_level_rewards.device)  # [bs]
+    scores = token_level_rewards.sum(-1)  # [bs]
+    with torch.no_grad():
+        adv = F.group_advantage(scores, scale="std" if norm_adv_by_std_in_grpo else "none", group_ids=ids,
+                                eps=float(epsilon))  # [bs]
+        adv = clamp_advantages(adv, clamp_min)
+        adv = adv.unsqueeze(-1) * response_mask.to(adv.dtype)  # [bs, T]
+    return adv, adv
+
+
+def _check_estimator_inputs(token_level_rewards, response_mask, index) -> None:
     if not isinstance(token_level_rewards, torch.Tensor) or token_level_rewards.dim() != 2:
         raise ValueError("token_level_rewards must be a float tensor [bs, T], got "
                          f"{getattr(token_level_rewards, 'shape', type(token_level_rewards).__name__)}")
@@ -280,19 +367,166 @@ def grpo_lambda_advantage(
     if index is None or len(index) != bs:
         raise ValueError(f"index must give the prompt uid of each of the {bs} responses, got "
                          f"{None if index is None else len(index)} entries")
-    if clamp_min is _FROM_ENV:
-        clamp_min = clamp_min_from_env()
-    if norm_adv_by_std_in_grpo is None:
-        norm_adv_by_std_in_grpo = bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+
+
+def _take(index, rows: torch.Tensor):
+    """``index[rows]`` for verl's numpy uid array (or a list)."""
+    import numpy as np
+
+    return np.asarray(index, dtype=object)[rows.cpu().numpy()]
+
+
+def _group_ids(index, device) -> torch.Tensor:
+    """int64 ``[bs]`` group ids from verl's uid array (rows sharing a uid share a prompt)."""
     first: Dict[Any, int] = {}
-    ids = torch.tensor([first.setdefault(u, len(first)) for u in index], dtype=torch.long,
-                       device=token_level_rewards.device)  # [bs] group ids
+    return torch.tensor([first.setdefault(u, len(first)) for u in index], dtype=torch.long, device=device)
+
+
+def _verl_local(name: str, check: Callable[[Any], bool], depth: int = 6) -> Any:
+    """A local variable ``name`` of a ``verl.*`` function up the call stack (``None`` if there is none).
+
+    verl 0.9 passes registered estimators neither the response token ids nor the session keys of
+    its V1 trainer; both are locals of the verl functions that call the estimator.
+    """
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if str(frame.f_globals.get("__name__", "")).startswith("verl."):
+            value = frame.f_locals.get(name)
+            if value is not None and check(value):
+                return value
+        frame = frame.f_back
+    return None
+
+
+def _sessions_from_verl(bs: int) -> Optional[list]:
+    """Session key of each row when verl's V1 ``compute_advantage_for_multi_trajectories`` called us
+    with several outputs in some session, else ``None``."""
+    keys = _verl_local("batch_keys", lambda v: isinstance(v, (list, tuple)) and len(v) == bs)
+    if keys is None:
+        return None
+    sessions = []
+    for key in keys:
+        fields = str(key).rsplit("_", 2)
+        if len(fields) != 3:
+            return None  # not verl's "{uid}_{session}_{index}" keys
+        sessions.append((f"{fields[0]}_{fields[1]}", int(fields[2])))
+    if len({s for s, _ in sessions}) == bs:
+        return None  # one output per session: every row is its own trajectory
+    return sessions
+
+
+def _per_session(score_rows: Callable[[torch.Tensor], torch.Tensor], sessions: list,
+                 response_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's V1 rule for multi-output sessions: score the final output of each session and give
+    every output of the session that advantage (its value at the final output's first token)."""
+    final: Dict[str, Tuple[int, int]] = {}
+    for row, (key, idx) in enumerate(sessions):
+        if key not in final or final[key][0] < idx:
+            final[key] = (idx, row)
+    order = list(final)
+    rows = torch.tensor([final[k][1] for k in order], dtype=torch.long)  # [S]
+    adv_final = score_rows(rows)  # [S, T]
+    first_tok = response_mask[rows].long().argmax(dim=1)  # [S]
+    per_session = adv_final[torch.arange(len(order)), first_tok]  # [S]
+    pos = {k: i for i, k in enumerate(order)}
+    which = torch.tensor([pos[k] for k, _ in sessions], dtype=torch.long)  # [bs]
+    adv = per_session[which].unsqueeze(-1) * response_mask.to(per_session.dtype)  # [bs, T]
+    return adv, adv
+
+
+def _responses_from_verl(bs: int, T: int) -> Optional[torch.Tensor]:
+    """``data.batch["responses"]`` of the verl ``compute_advantage`` call that invoked the estimator."""
+    def has_responses(data) -> bool:
+        batch = getattr(data, "batch", None)
+        try:
+            r = batch["responses"] if batch is not None and "responses" in batch.keys() else None
+        except Exception:  # noqa: BLE001 - not a DataProto-like object
+            return False
+        return isinstance(r, torch.Tensor) and tuple(r.shape) == (bs, T)
+
+    data = _verl_local("data", has_responses)
+    return None if data is None else data.batch["responses"]
+
+
+def credit_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index=None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    config: Any = None,
+    *,
+    responses: Optional[torch.Tensor] = None,
+    method: Any = None,
+    boundary: Optional[torch.Tensor] = None,
+    **unused: Any,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The advantages of a creditlib credit method, as a verl advantage estimator.
+
+    ``R_i`` is the response's summed token-level reward and the groups are the prompt uids, as in
+    verl's ``grpo``. ``method.advantages`` then gives the per-token prefix-tree GAE ``[bs, T]``
+    (``advantage="prefix_td"``, from the response token ids) or the group / RLOO advantage
+    broadcast over the tokens, clamp included. The method's ``scale`` decides the division by the
+    group std (its epsilon is creditlib's 1e-4; verl's ``epsilon`` is not used).
+
+    Args:
+        token_level_rewards: float ``[bs, T]``.
+        response_mask: ``[bs, T]`` bool/int, right-padded.
+        index: ``[bs]`` prompt uids (verl's ``non_tensor_batch["uid"]``).
+        norm_adv_by_std_in_grpo / config: checked against the method's ``scale`` (a contradiction,
+            e.g. ``norm_adv_by_std_in_grpo=False`` with a ``scale="std"`` method, is a ``ValueError``).
+        responses: int ``[bs, T]`` response token ids; default: ``data.batch["responses"]`` of the
+            verl ``compute_advantage`` call that invoked this function.
+        method: a :class:`~creditlib.credit.CreditMethod` or a registered name; default:
+            ``CREDITLIB_CREDIT`` (unset: ``"prefix-gae"``).
+        boundary: optional bool ``[bs, T]`` step ends (step-level prefix TD).
+
+    Returns:
+        ``(advantages, returns)``, both float ``[bs, T]``, 0 on padding.
+
+    Raises:
+        ValueError: bad inputs, or a prefix method without token ids (verl's V1 trainer loads none
+            for its advantage step), or a prefix method on verl V1 sessions with several outputs.
+    """
+    _check_estimator_inputs(token_level_rewards, response_mask, index)
+    if method is None:
+        method = credit_from_env() or get_credit(_DEFAULT_CREDIT)
+    method = get_credit(method)
+    norm = norm_adv_by_std_in_grpo
+    if norm is None:
+        norm = _cfg_get(config, "norm_adv_by_std_in_grpo", None)
+    if norm is not None and bool(norm) != (method.scale == "std"):
+        raise ValueError(f"norm_adv_by_std_in_grpo={bool(norm)} contradicts credit method {method.name!r} "
+                         f"(scale={method.scale!r})")
+    bs, T = token_level_rewards.shape
+    sessions = None if unused.get("_final_outputs") else _sessions_from_verl(bs)
+    if sessions is not None:
+        if method.needs_tokens:
+            raise ValueError(f"credit method {method.name!r} gives per-token advantages, which cannot be broadcast "
+                             "to the other outputs of a verl V1 session (several outputs per session)")
+        return _per_session(lambda rows: credit_advantage(
+            token_level_rewards[rows], response_mask[rows], _take(index, rows), config=None, method=method,
+            _final_outputs=True)[0],
+            sessions, response_mask)
+    mask = response_mask.bool()  # [bs, T]
+    ids = _group_ids(index, token_level_rewards.device)  # [bs]
     scores = token_level_rewards.sum(-1)  # [bs]
     with torch.no_grad():
-        adv = F.group_advantage(scores, scale="std" if norm_adv_by_std_in_grpo else "none", group_ids=ids,
-                                eps=float(epsilon))  # [bs]
-        adv = clamp_advantages(adv, clamp_min)
-        adv = adv.unsqueeze(-1) * response_mask.to(adv.dtype)  # [bs, T]
+        if method.needs_tokens:
+            if responses is None:
+                responses = _responses_from_verl(bs, T)
+            if responses is None:
+                raise ValueError(
+                    f"credit method {method.name!r} needs the response token ids: pass responses=[bs, T], or call it "
+                    "through verl's compute_advantage with data.batch['responses'] loaded (verl's legacy trainer, "
+                    "trainer.use_v1=False, does; verl's default V1 trainer does not fetch response ids for its "
+                    "advantage step)")
+            adv = method.advantages(scores, mask, tokens=responses, group_ids=ids, boundary=boundary)  # [bs, T]
+        else:
+            adv = method.advantages(scores, group_ids=ids)  # [bs]
+            adv = adv.unsqueeze(-1) * mask.to(adv.dtype)  # [bs, T]
     return adv, adv
 
 
@@ -329,6 +563,7 @@ def make_advantage_estimator(clamp_min: Optional[float]) -> Callable[..., Tuple[
 
 grpo_lambda_policy_loss._creditlib = True
 grpo_lambda_advantage._creditlib = True
+credit_advantage._creditlib = True
 
 
 def verl_available() -> bool:
@@ -345,8 +580,23 @@ def _core_algos():
                           f"import failed: {e}") from e
 
 
+def make_credit_estimator(method: Any) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """A verl advantage estimator bound to one credit method (a :class:`CreditMethod` or a name)."""
+    method = get_credit(method)
+
+    def estimator(token_level_rewards, response_mask, index=None, epsilon=1e-6, norm_adv_by_std_in_grpo=None,
+                  config=None, responses=None, **unused):
+        return credit_advantage(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo,
+                                config, responses=responses, method=method)
+
+    estimator.__doc__ = f"Advantages of credit method {method.name!r} (see credit_advantage)."
+    estimator._creditlib = True
+    return estimator
+
+
 def register(policy_loss_name: Optional[str] = NAME, adv_estimator_name: Optional[str] = NAME, *,
-             style: Optional[DecayStyle] = None, clamp_min: Any = _FROM_ENV) -> None:
+             style: Optional[DecayStyle] = None, clamp_min: Any = _FROM_ENV,
+             credit_estimator_name: Optional[str] = None, credit: Any = None) -> None:
     """Register the policy loss and the advantage estimator in verl's registries.
 
     Called with no arguments when this module is imported (if verl is importable): ``grpo_lambda``
@@ -354,6 +604,9 @@ def register(policy_loss_name: Optional[str] = NAME, adv_estimator_name: Optiona
     imports in its workers (``VERL_USE_EXTERNAL_MODULES`` / ``actor_rollout_ref.model.external_lib``),
     to bind parameters in code, e.g. ``register("grpo_lambda_both", "grpo_lambda_c02",
     style=DecayStyle("both", lam=0.95), clamp_min=-0.2)``. ``None`` skips one of the two.
+    ``credit_estimator_name`` registers :func:`credit_advantage` too (the import registers it as
+    ``"creditlib"``), bound to ``credit`` (a :class:`CreditMethod` or a name) when given, e.g.
+    ``register(None, None, credit_estimator_name="prefix_gae_lambda", credit="prefix-gae-lambda")``.
 
     Raises:
         ImportError: verl is not installed (the message says how to install creditlib beside it).
@@ -370,6 +623,12 @@ def register(policy_loss_name: Optional[str] = NAME, adv_estimator_name: Optiona
         _check_free(registry, adv_estimator_name, "advantage estimator")
         registry.pop(adv_estimator_name, None)  # ours (e.g. after a reload): verl refuses to re-register
         core.register_adv_est(adv_estimator_name)(fn)
+    if credit_estimator_name is not None:
+        fn = credit_advantage if credit is None else make_credit_estimator(credit)
+        registry = core.ADV_ESTIMATOR_REGISTRY
+        _check_free(registry, credit_estimator_name, "advantage estimator")
+        registry.pop(credit_estimator_name, None)
+        core.register_adv_est(credit_estimator_name)(fn)
 
 
 def _check_free(registry: Mapping[str, Any], name: str, what: str) -> None:
@@ -380,7 +639,7 @@ def _check_free(registry: Mapping[str, Any], name: str, what: str) -> None:
 
 if verl_available():  # registration happens only where verl is importable
     try:
-        register()
+        register(credit_estimator_name=CREDIT_NAME)
     except ImportError as _e:  # verl is present but broken: the plain functions still work
         import warnings
 
