@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--rollout", choices=["hf", "vllm"], default="hf",
-                     help="generation backend: transformers generate, or the recipes' vLLM engine "
-                          "(creditlib.rl.rollout; needs vLLM)")
+                     help="generation backend: transformers generate, or the vLLM engine the recipes share "
+                          "(creditlib.eval.generation.VLLMEngine; needs vLLM)")
     gen.add_argument("--n-samples", type=int, default=1, help="completions per problem (n)")
     gen.add_argument("--k", default=None,
                      help="comma-separated k for pass@k (default: powers of two up to n, and n)")
@@ -93,7 +93,10 @@ def run_self_check(args) -> int:
 
     names = _parse_list(args.benchmarks) if args.benchmarks != PAPER_BENCHMARKS else None
     t0 = time.perf_counter()
-    results = self_check(args.self_check, benchmarks=names, timeout=args.timeout)
+    if not args.no_progress:
+        print("self-check: starting the verification workers (math-verify takes a few seconds to import)...",
+              file=sys.stderr, flush=True)
+    results = self_check(args.self_check, benchmarks=names, timeout=args.timeout, progress=not args.no_progress)
     print(format_self_check(results))
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s (includes starting the verification workers)")
     for r in results:
@@ -117,7 +120,11 @@ def main(argv=None) -> int:
     names = _parse_list(args.benchmarks)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        print(f"error: unknown benchmark(s) {unknown}; choose among {sorted(BENCHMARKS)}", file=sys.stderr)
+        import difflib
+
+        hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, list(BENCHMARKS), n=1))
+                 else repr(n) for n in unknown]
+        print(f"error: unknown benchmark(s) {', '.join(hints)}; choose among {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
     if not args.model and not args.oracle:
         print("error: --model is required (or --oracle, or --self-check DIR)", file=sys.stderr)
@@ -129,7 +136,12 @@ def main(argv=None) -> int:
             return 2
         k, v = item.split("=", 1)
         paths[k.strip()] = v.strip()
-    datasets = _load(names, None, paths, args.data_dir, args.limit)  # fail early on data problems
+    try:
+        datasets = _load(names, None, paths, args.data_dir, args.limit)  # fail early on data problems
+    except RuntimeError as e:  # the Hub is unreachable
+        print(f"error: {e}\nOffline? Pass --data-dir DIR (holding <benchmark>/test.jsonl) or --data NAME=FILE.",
+              file=sys.stderr)
+        return 2
 
     model_tag = "oracle" if args.oracle else args.model
     settings = {"model": model_tag, "rollout": args.rollout, "temperature": args.temperature, "top_p": args.top_p,

@@ -1,37 +1,39 @@
 #!/usr/bin/env python
-"""GRPO baseline: the GRPO-lambda recipe with the trace off and no clamp.
+"""GRPO baseline under its old name: ``recipes/grpo.py`` (credit ``grpo``; runs any causal LM, Qwen or LLaMA).
 
-    python recipes/grpo_qwen.py                   # embedded default, same task, model and budget
-    python recipes/grpo_qwen.py --help            # every option (shared with grpo_lambda_qwen.py)
+    python recipes/grpo_qwen.py ...   ==   python recipes/grpo.py --output-dir runs/grpo_qwen ...
 
-This runs exactly the pipeline of ``recipes/grpo_lambda_qwen.py`` (warm-up -> RL -> evaluation,
-same rollout, reward, advantage, optimizer, checkpoints) with two defaults changed:
-
-    lam = 0          the eligibility trace is the identity: z_t = x_t, the per-token PPO ratio
-    clamp_min = none negative advantages are not clamped
-
-so the loss is GRPO's clipped surrogate, through the same ``grpo_lambda_loss`` code path. Any other
-difference between the two recipes' results is the trace and the clamp, nothing else.
+The GRPO baseline is the same pipeline as GRPO-lambda with the credit method ``grpo``: no trace
+(the per-token PPO ratio) and no clamp, through the same ``GRPOLambdaLoss`` code path. Kept so that
+existing commands keep working; new commands use ``recipes/grpo.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling recipe
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpo_lambda_qwen  # noqa: E402
+def _load_recipe():
+    """``recipes/grpo.py`` as a module, loaded from its file."""
+    name = "creditlib_recipes_grpo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("grpo.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
+
+recipe = _load_recipe()
 NAME = "GRPO"
-DEFAULTS = {"lam": 0.0, "clamp_min": None, "output_dir": "runs/grpo_qwen"}
+DEFAULTS = {"credit": "grpo", "output_dir": "runs/grpo_qwen"}
 
 
-def main(argv=None, defaults=None) -> dict:
-    return grpo_lambda_qwen.main(argv, defaults=dict(DEFAULTS, **(defaults or {})), name=NAME,
-                                 prog="grpo_qwen.py", description=__doc__)
+def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_qwen.py", description=None) -> dict:
+    return recipe.main(argv, defaults=dict(DEFAULTS, **(defaults or {})), name=name, prog=prog,
+                       description=description or (__doc__ + "\n" + recipe.__doc__))
 
 
 if __name__ == "__main__":

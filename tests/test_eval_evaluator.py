@@ -210,4 +210,20 @@ def test_cli_help_oracle_and_tiny_model(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--model", "x", "--benchmarks", "nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+    assert main(["--model", "x", "--benchmarks", "math50"]) == 2
+    assert "did you mean 'math500'" in capsys.readouterr().err
+    # offline without local data: the error names the flags that load local files
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("the Hub is unreachable")
+
+    real = datasets.load_dataset
+    datasets.load_dataset = offline
+    try:
+        assert main(["--oracle", "--benchmarks", "amc23", "--no-cache", "--no-progress"]) == 2
+    finally:
+        datasets.load_dataset = real
+    err = capsys.readouterr().err
+    assert "--data-dir DIR" in err and "--data NAME=FILE" in err
     assert main(["--benchmarks", "amc23", "--data-dir", FIXTURES]) == 2  # neither --model nor --oracle

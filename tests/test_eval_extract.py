@@ -67,6 +67,36 @@ def test_long_and_nested_inputs_are_bounded():
     many = "\\boxed{" * 150_000
     assert last_boxed(many) is None
     assert extract_answer("x" * 1_000_000) is None
-    out = extract_answer("1" * 1_000_000)
-    assert out is not None and set(out) == {"1"}
+    assert extract_answer("1" * 1_000_000) is None  # a 1 MB "number" is longer than the cap: no answer
     assert last_boxed("\\boxed{" + "2" * (MAX_ANSWER_CHARS + 5) + "}") is None
+
+
+LONG = "x" * (MAX_ANSWER_CHARS + 1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" + LONG + " 123}",  # the bypass: an over-long box judged by its last number
+        "\\boxed{5} and finally \\boxed{" + LONG + " 5}",  # nor an earlier box when the last is over-long
+        "\\boxed{" + LONG + " 123",  # unclosed, running past the cap
+        "\\boxed " + "7" * (MAX_ANSWER_CHARS + 1),
+        "#### " + LONG + " 123",
+        "#### " + LONG + " 123\nmore",
+        "The answer is " + LONG + " 123.",
+        "So " + "9" * (MAX_ANSWER_CHARS + 1),  # the fallback's own number over the cap
+        "a" * 10_000 + "9" * 3_999,  # a number cut by the fallback's window
+    ],
+)
+def test_answer_cap_cannot_be_bypassed_through_the_fallback(text):
+    assert extract_answer(text, last_number_fallback=True) is None
+    assert extract_answer(text, last_number_fallback=False) is None
+
+
+def test_answer_cap_boundary():
+    at_cap = "y" * MAX_ANSWER_CHARS
+    assert extract_answer("\\boxed{" + at_cap + "}") == at_cap
+    assert extract_answer("#### " + "1" * MAX_ANSWER_CHARS) == "1" * MAX_ANSWER_CHARS
+    assert extract_answer("x" * 5000 + " so 42") == "42"  # a long text with a short final number is fine
+    assert extract_answer("\\boxed{3} and later \\boxed{4") == "3"  # truncated short box: the earlier one
+    assert extract_answer("it is 12 but \\boxed{" + "z" * 50) == "12"  # truncated short box, no earlier: fallback

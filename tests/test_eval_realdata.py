@@ -66,3 +66,17 @@ def test_self_check_on_fixtures():
     assert accepted <= _SAME_VALUE and len(accepted) == m500.perturbed_checked - m500.perturbed_rejected
     with pytest.raises(ValueError):
         self_check(FIXTURES, benchmarks=["nope"])
+
+
+def test_self_check_progress_bar_counts_every_check(capsys):
+    """``eval_math.py --self-check`` was silent for over a minute: it now shows a bar over every check."""
+    quiet = self_check(FIXTURES, benchmarks=["amc23"])
+    capsys.readouterr()
+    loud = self_check(FIXTURES, benchmarks=["amc23"], progress=True)
+    err = capsys.readouterr().err
+    amc = loud[0]
+    total = 2 * (amc.solution_checked + amc.answer_checked) + amc.perturbed_checked  # 2 x (0 + 40) + perturbed
+    assert "self-check (1 files)" in err and f"{total}/{total}" in err
+    # the same verdicts with and without the bar (it only splits the batches)
+    assert [(r.answer_correct, r.perturbed_rejected, r.failures) for r in loud] == \
+        [(r.answer_correct, r.perturbed_rejected, r.failures) for r in quiet]

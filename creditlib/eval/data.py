@@ -35,7 +35,8 @@ from typing import Any
 
 from .extract import last_boxed
 
-__all__ = ["BENCHMARKS", "BenchmarkSpec", "load_benchmark", "normalize_row", "reference_solution", "gold_output"]
+__all__ = ["BENCHMARKS", "BenchmarkSpec", "load_benchmark", "normalize_row", "read_rows", "reference_solution",
+           "gold_output"]
 
 
 @dataclass(frozen=True)
@@ -143,40 +144,63 @@ def normalize_row(name: str, row: dict) -> dict:
     return out
 
 
-def _read_local(path: str) -> list[dict]:
+def _json_lines(path: str, text: str | None = None) -> list[dict]:
+    """Rows of a JSON-lines file; a malformed line is a ``ValueError`` naming the file and line."""
+    rows = []
+    lines = text.splitlines() if text is not None else open(path, encoding="utf-8")
+    try:
+        for lineno, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {lineno} holds a JSON {type(row).__name__}, expected an object (one row)")
+            rows.append(row)
+    finally:
+        if text is None:
+            lines.close()
+    return rows
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a local ``.jsonl`` / ``.json`` / ``.parquet`` file, as dicts.
+
+    One loader for the evaluator and the recipes. A malformed JSON line (or a row that is not an
+    object) is a ``ValueError`` naming the file and the line number; a missing file or another
+    suffix is a ``ValueError`` too.
+    """
+    path = os.fspath(path)
     low = path.lower()
+    if not low.endswith((".jsonl", ".json", ".parquet")):
+        raise ValueError(f"path must be a .jsonl, .json or .parquet file, got {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"path {path!r} does not exist (expected a local JSONL/JSON/Parquet file)")
     if low.endswith(".jsonl"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"path {path!r}: line {lineno} is not valid JSON ({e})") from e
-        return rows
+        return _json_lines(path)
     if low.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:
             data = json.loads(text)
         except json.JSONDecodeError:  # JSON lines saved with a .json suffix
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return _json_lines(path, text)
         if isinstance(data, dict):
             for key in ("data", "rows", "test", "train"):
                 if isinstance(data.get(key), list):
                     data = data[key]
                     break
+            else:
+                data = next((v for v in data.values() if isinstance(v, list)), data)
         if not isinstance(data, list):
             raise ValueError(f"path {path!r}: expected a JSON list of rows or JSON lines")
         return data
-    if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"path must be a .jsonl, .json or .parquet file, got {path!r}")
+    return pq.read_table(path).to_pylist()
 
 
 def _resolve_path(spec: BenchmarkSpec, path: str | os.PathLike) -> str:
@@ -235,7 +259,7 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, split: str 
     spec = _check_name(name)
     if path is not None:
         file = _resolve_path(spec, path)
-        return _to_dataset(name, _read_local(file), file)
+        return _to_dataset(name, read_rows(file), file)
     import datasets
 
     split = split or spec.hub_split

@@ -12,6 +12,12 @@ Order of preference (the first that yields an answer wins):
 2. GSM8K's ``#### 42`` (the text after the last ``####`` on its line);
 3. "the (final) answer is ..." (the rest of that sentence);
 4. optionally, the last number in the last part of the text.
+
+The length cap :data:`MAX_ANSWER_CHARS` holds for every route: a stated answer that is longer
+(the last box, the ``####`` line, the "answer is" sentence) means the text has *no* answer, and
+the last-number fallback is not consulted (it would otherwise pick a number out of the over-long
+answer: ``\\boxed{<1001 characters> 123}`` is not the answer 123); a number longer than the cap
+is not an answer either.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ MAX_ANSWER_CHARS = 1000
 _BOX_COMMANDS = ("\\boxed", "\\fbox", "\\framebox")
 _MAX_BOX_CANDIDATES = 16  # boxed commands tried from the right before giving up
 _TAIL_CHARS = 4000  # "answer is" / last-number search looks only at the end of the text
+
+# A finder's verdict "an answer is stated here but it is longer than the cap" (as opposed to None,
+# "no answer stated"): extraction then returns None without trying the later routes.
+_TOO_LONG = object()
 
 _ANSWER_IS_RE = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|:)\s*:?", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -53,15 +63,9 @@ def _match_brace(text: str, open_pos: int, limit: int) -> int:
     return -1
 
 
-def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox``/``\\framebox``) in ``text``.
-
-    Nested braces are matched; an unclosed box (a truncated generation) is skipped in favour of
-    an earlier complete one. ``\\boxed 5`` (no braces) yields ``"5"``. Returns ``None`` when
-    there is no complete box whose content is at most ``max_chars`` long.
-    """
-    if not isinstance(text, str):
-        return None
+def _last_box(text: str, max_chars: int):
+    """Content of the last complete box, ``None`` (no box), or ``_TOO_LONG`` when the last box whose
+    content is not a truncated end of text holds more than ``max_chars`` characters."""
     # Candidate positions from the right: at most _MAX_BOX_CANDIDATES of them, so the total work
     # is bounded by _MAX_BOX_CANDIDATES * max_chars whatever the text holds.
     starts: list[tuple[int, str]] = []
@@ -86,19 +90,39 @@ def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
         if text[i] == "{":
             close = _match_brace(text, i, max_chars)
             if close < 0:
-                continue
+                if len(text) - i - 1 > max_chars:  # runs on past the cap: an over-long answer
+                    return _TOO_LONG
+                continue  # unclosed at the end of the text (a truncated generation): an earlier box
             content = text[i + 1 : close].strip()
-            if content and len(content) <= max_chars:
+            if len(content) > max_chars:
+                return _TOO_LONG
+            if content:
                 return content
             continue
         if i > pos + len(cmd):  # "\boxed 5": the token after the space
             j = i
-            while j < len(text) and j - i < max_chars and text[j] not in " \t\n$":
+            while j < len(text) and j - i <= max_chars and text[j] not in " \t\n$":
                 j += 1
+            if j - i > max_chars:
+                return _TOO_LONG
             token = text[i:j].strip().rstrip(".,;")
             if token:
                 return token
     return None
+
+
+def last_boxed(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox``/``\\framebox``) in ``text``.
+
+    Nested braces are matched; an unclosed box at the end of the text (a truncated generation) is
+    skipped in favour of an earlier complete one. ``\\boxed 5`` (no braces) yields ``"5"``.
+    Returns ``None`` when there is no complete box, or when the last box holds more than
+    ``max_chars`` characters (an over-long answer is no answer; an earlier box is not used).
+    """
+    if not isinstance(text, str):
+        return None
+    out = _last_box(text, max_chars)
+    return None if out is _TOO_LONG else out
 
 
 def strip_answer(ans: str) -> str:
@@ -125,9 +149,14 @@ def _gsm8k_answer(text: str, max_chars: int) -> str | None:
     pos = text.rfind("####")
     if pos < 0:
         return None
-    line = text[pos + 4 : pos + 4 + max_chars + 1].split("\n", 1)[0]
+    seg = text[pos + 4 : pos + 4 + max_chars + 64]  # the line, with room for surrounding spaces
+    line = seg.split("\n", 1)[0]
+    if "\n" not in seg and pos + 4 + len(seg) < len(text):  # the line runs on past the window
+        return _TOO_LONG
     line = line.strip()
-    if not line or len(line) > max_chars:
+    if len(line) > max_chars:
+        return _TOO_LONG
+    if not line:
         return None
     # GSM8K writes plain numbers, sometimes with thousands separators or a currency sign
     line = line.replace("$", "").strip()
@@ -162,12 +191,12 @@ def _answer_is(text: str, max_chars: int) -> str | None:
         out.append(ch)
         i += 1
     ans = "".join(out).strip()
-    if not ans or len(ans) > max_chars:
-        return None
-    return ans
+    if len(ans) > max_chars:
+        return _TOO_LONG
+    return ans or None
 
 
-def _last_number(text: str) -> str | None:
+def _last_number(text: str, max_chars: int) -> str | None:
     tail = text[-_TAIL_CHARS:]
     last = None
     for m in _NUMBER_RE.finditer(tail):
@@ -175,6 +204,9 @@ def _last_number(text: str) -> str | None:
     if last is None:
         return None
     s = last.group(0).rstrip(",")
+    cut = last.start() == 0 and len(text) > len(tail) and text[-len(tail) - 1] in "0123456789,.-"
+    if len(s) > max_chars or cut:  # longer than the cap, or the number runs on before the window
+        return None
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     return s.split(",")[-1] if "," in s else s
@@ -186,16 +218,19 @@ def extract_answer(text: str, last_number_fallback: bool = True, max_chars: int 
     Tries, in order: the last complete ``\\boxed{}``/``\\fbox{}``/``\\framebox{}``; GSM8K's
     ``####``; "the answer is ..."; and, if ``last_number_fallback``, the last number near the end
     of the text. The result is cleaned with :func:`strip_answer` and is at most ``max_chars``
-    long. Never raises on any string; non-strings give ``None``.
+    long; a stated answer longer than that is no answer, and the fallback is then not tried.
+    Never raises on any string; non-strings give ``None``.
     """
     if not isinstance(text, str) or not text:
         return None
-    for finder in (last_boxed, _gsm8k_answer, _answer_is):
+    for finder in (_last_box, _gsm8k_answer, _answer_is):
         ans = finder(text, max_chars)
+        if ans is _TOO_LONG:
+            return None
         if ans is not None:
             ans = strip_answer(ans)
             if ans:
                 return ans
     if last_number_fallback:
-        return _last_number(text)
+        return _last_number(text, max_chars)
     return None

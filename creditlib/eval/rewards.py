@@ -64,6 +64,11 @@ def accuracy_reward(
     return [1.0 if x else 0.0 for x in ok]
 
 
+# It enforces ``timeout`` per sample itself (worker processes, killed when they overrun), so a
+# wrapper such as creditlib.rl.rewards.SafeReward passes its limit in instead of adding an alarm.
+accuracy_reward.bounded_time = True
+
+
 _THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 

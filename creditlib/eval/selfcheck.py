@@ -77,16 +77,39 @@ def _files(data_dir: str, name: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".jsonl", ".parquet")))
 
 
+_CHUNK = 64  # checks per call when a progress bar is shown (the workers still run them in parallel)
+
+
+class _Checker:
+    """``is_correct_batch`` that advances a progress bar (``bar=None``: one call, no bar)."""
+
+    def __init__(self, bar, **kw):
+        self.bar, self.kw = bar, kw
+
+    def __call__(self, preds: list, golds: list, **extra) -> list[bool]:
+        if self.bar is None:
+            return is_correct_batch(preds, golds, **self.kw, **extra)
+        out: list[bool] = []
+        for i in range(0, len(preds), _CHUNK):
+            out += is_correct_batch(preds[i:i + _CHUNK], golds[i:i + _CHUNK], **self.kw, **extra)
+            self.bar.update(len(preds[i:i + _CHUNK]))
+        return out
+
+
 def self_check(
     data_dir: str,
     benchmarks: list[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     last_number_fallback: bool = False,
+    progress: bool = False,
 ) -> list[SelfCheckResult]:
     """Judge every gold solution / gold answer of the files under ``data_dir`` (laid out as
     ``<dir>/<benchmark>/*.jsonl``) against its gold answer. Returns one result per file, with
     wall times (``seconds``: loading plus the full checker on solutions and answers;
-    ``seconds_mv``: the math-verify-alone pass) and the failing rows."""
+    ``seconds_mv``: the math-verify-alone pass) and the failing rows.
+
+    ``progress=True`` shows a tqdm bar over every check (the first ones wait for the verification
+    workers to import math-verify, several seconds)."""
     if not os.path.isdir(data_dir):
         raise ValueError(f"data_dir {data_dir!r} is not a folder")
     names = benchmarks or list(BENCHMARKS)
@@ -94,55 +117,74 @@ def self_check(
         if n not in BENCHMARKS:
             raise ValueError(f"benchmarks must be among {sorted(BENCHMARKS)}, got {n!r}")
     results = []
+    loaded = []
     for name in names:
         for file in _files(data_dir, name):
             t0 = time.perf_counter()
-            ds = load_benchmark(name, path=file)
-            rows = ds.to_list()
-            res = SelfCheckResult(name, file, len(rows))
-            sol_idx, sols = [], []
-            for i, r in enumerate(rows):
-                s = reference_solution(name, r)
-                if s is not None:
-                    sol_idx.append(i)
-                    sols.append(s)
-            golds = [r["answer"] for r in rows]
-            ok_sol = is_correct_batch(sols, [golds[i] for i in sol_idx], timeout=timeout,
-                                      last_number_fallback=last_number_fallback)
-            ok_ans = is_correct_batch([f"\\boxed{{{g}}}" for g in golds], golds, timeout=timeout,
-                                      last_number_fallback=last_number_fallback)
-            res.seconds = time.perf_counter() - t0
-            res.solution_checked, res.solution_correct = len(sols), sum(ok_sol)
-            res.answer_checked, res.answer_correct = len(golds), sum(ok_ans)
-            t1 = time.perf_counter()
-            mv_sol = is_correct_batch(sols, [golds[i] for i in sol_idx], timeout=timeout,
-                                      last_number_fallback=last_number_fallback, exact_match=False)
-            mv_ans = is_correct_batch([f"\\boxed{{{g}}}" for g in golds], golds, timeout=timeout,
-                                      last_number_fallback=last_number_fallback, exact_match=False)
-            res.seconds_mv = time.perf_counter() - t1
-            res.solution_correct_mv, res.answer_correct_mv = sum(mv_sol), sum(mv_ans)
-            pert = [(i, perturb(g)) for i, g in enumerate(golds)]
-            pert = [(i, p) for i, p in pert if p is not None]
-            ok_pert = is_correct_batch([f"\\boxed{{{p}}}" for _, p in pert], [golds[i] for i, _ in pert],
-                                       timeout=timeout, last_number_fallback=last_number_fallback)
-            res.perturbed_checked, res.perturbed_rejected = len(pert), len(pert) - sum(ok_pert)
-            for (i, p), ok in zip(pert, ok_pert):
-                if ok:
-                    res.failures.append({"row": i, "kind": "perturbed_accepted", "answer": golds[i], "perturbed": p})
-            for i, ok in zip(sol_idx, mv_sol):
-                if not ok:
-                    res.failures.append({"row": i, "kind": "solution_mv", "answer": golds[i]})
-            for i, ok in enumerate(mv_ans):
-                if not ok:
-                    res.failures.append({"row": i, "kind": "answer_mv", "answer": golds[i]})
-            for i, ok in zip(sol_idx, ok_sol):
-                if not ok:
-                    res.failures.append({"row": i, "kind": "solution", "answer": golds[i], "text_tail": sols[sol_idx.index(i)][-300:]})
-            for i, ok in enumerate(ok_ans):
-                if not ok:
-                    res.failures.append({"row": i, "kind": "answer", "answer": golds[i]})
-            results.append(res)
+            loaded.append((name, file, load_benchmark(name, path=file).to_list(), time.perf_counter() - t0))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = 0
+        for name, _, rows, _ in loaded:
+            n_sol = sum(reference_solution(name, r) is not None for r in rows)
+            n_pert = sum(perturb(r["answer"]) is not None for r in rows)
+            total += 2 * (n_sol + len(rows)) + n_pert
+        bar = tqdm(total=total, desc=f"self-check ({len(loaded)} files)", unit="check", dynamic_ncols=True)
+    check = _Checker(bar, timeout=timeout, last_number_fallback=last_number_fallback)
+    try:
+        for name, file, rows, t_load in loaded:
+            results.append(_check_file(name, file, rows, t_load, check, bar))
+    finally:
+        if bar is not None:
+            bar.close()
     return results
+
+
+def _check_file(name: str, file: str, rows: list, t_load: float, check: _Checker, bar) -> SelfCheckResult:
+    """The checks of one benchmark file (see :func:`self_check`)."""
+    t0 = time.perf_counter() - t_load
+    if bar is not None:
+        bar.set_postfix_str(f"{name}: {os.path.basename(file)}")
+    res = SelfCheckResult(name, file, len(rows))
+    sol_idx, sols = [], []
+    for i, r in enumerate(rows):
+        s = reference_solution(name, r)
+        if s is not None:
+            sol_idx.append(i)
+            sols.append(s)
+    golds = [r["answer"] for r in rows]
+    ok_sol = check(sols, [golds[i] for i in sol_idx])
+    ok_ans = check([f"\\boxed{{{g}}}" for g in golds], golds)
+    res.seconds = time.perf_counter() - t0
+    res.solution_checked, res.solution_correct = len(sols), sum(ok_sol)
+    res.answer_checked, res.answer_correct = len(golds), sum(ok_ans)
+    t1 = time.perf_counter()
+    mv_sol = check(sols, [golds[i] for i in sol_idx], exact_match=False)
+    mv_ans = check([f"\\boxed{{{g}}}" for g in golds], golds, exact_match=False)
+    res.seconds_mv = time.perf_counter() - t1
+    res.solution_correct_mv, res.answer_correct_mv = sum(mv_sol), sum(mv_ans)
+    pert = [(i, perturb(g)) for i, g in enumerate(golds)]
+    pert = [(i, p) for i, p in pert if p is not None]
+    ok_pert = check([f"\\boxed{{{p}}}" for _, p in pert], [golds[i] for i, _ in pert])
+    res.perturbed_checked, res.perturbed_rejected = len(pert), len(pert) - sum(ok_pert)
+    for (i, p), ok in zip(pert, ok_pert):
+        if ok:
+            res.failures.append({"row": i, "kind": "perturbed_accepted", "answer": golds[i], "perturbed": p})
+    for i, ok in zip(sol_idx, mv_sol):
+        if not ok:
+            res.failures.append({"row": i, "kind": "solution_mv", "answer": golds[i]})
+    for i, ok in enumerate(mv_ans):
+        if not ok:
+            res.failures.append({"row": i, "kind": "answer_mv", "answer": golds[i]})
+    for i, ok in zip(sol_idx, ok_sol):
+        if not ok:
+            res.failures.append({"row": i, "kind": "solution", "answer": golds[i], "text_tail": sols[sol_idx.index(i)][-300:]})
+    for i, ok in enumerate(ok_ans):
+        if not ok:
+            res.failures.append({"row": i, "kind": "answer", "answer": golds[i]})
+    return res
 
 
 def format_self_check(results: list[SelfCheckResult]) -> str:

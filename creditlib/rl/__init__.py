@@ -4,6 +4,7 @@ The recipes in ``recipes/`` read top to bottom like the paper's algorithm box; t
 live here:
 
 * :mod:`~creditlib.rl.config` -- :class:`RecipeConfig` (typed options, YAML files, generated CLI)
+* :mod:`~creditlib.rl.registry` -- tasks and datasets by name: ``register_dataset`` (one call adds one)
 * :mod:`~creditlib.rl.task` -- the embedded dial-walk task and its offline tokenizer
 * :mod:`~creditlib.rl.data` -- prompt sources (synthetic, GSM8K / MATH / local files) with a data position
 * :mod:`~creditlib.rl.model` -- tiny Qwen2 factory, any causal LM, per-token log-probs
@@ -13,13 +14,25 @@ live here:
 * :mod:`~creditlib.rl.checkpoint` -- safetensors checkpoints (model, optimizer, RNG, step, data position)
 * :mod:`~creditlib.rl.metrics` -- ``metrics.jsonl``, PNG plot, summary table
 * :mod:`~creditlib.rl.distributed` -- torchrun + FSDP2 helpers (gloo on CPU)
+* :mod:`~creditlib.rl.loop` -- run-loop helpers: start point (resume / init-from), signals, summary
+* :mod:`~creditlib.rl.policy` -- :class:`CompletionPolicy`, the policy as TorchRL's GRPOLoss scores it
+
+Layering: ``rl`` is built on :mod:`creditlib.eval` (file and benchmark loading, answer checking
+with its time limit, the ``generate`` / vLLM sampling core) and never the other way round.
+The learning study (its statistics, plots and extra tasks) is not part of the library: it lives
+in ``benchmarks/study/`` and registers its tasks through :func:`register_dataset`.
 """
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .._extras import require
+
+require("rl", "creditlib.rl")  # names the extra before any submodule fails on a missing package
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from .config import RecipeConfig, load_config, parse_args
 from .data import Example, MathSource, SyntheticSource, build_source
 from .distributed import DistInfo, finish, init_distributed, shard_model
 from .metrics import MetricsLogger, plot_metrics, read_metrics, summary_table
+from .registry import DatasetSpec, get_dataset, list_datasets, register_dataset
 from .model import NonFiniteError, completion_logprobs, tiny_qwen2
 from .rewards import SafeReward, reward_for_dataset
 from .rollout import HFRollout, RolloutBatch, VLLMRollout
@@ -30,11 +43,12 @@ __all__ = [
     "RecipeConfig", "load_config", "parse_args",
     "ChainTask", "build_char_tokenizer", "chain_reward",
     "Example", "SyntheticSource", "MathSource", "build_source",
+    "register_dataset", "get_dataset", "list_datasets", "DatasetSpec",
     "tiny_qwen2", "completion_logprobs", "NonFiniteError",
     "HFRollout", "VLLMRollout", "RolloutBatch",
     "SafeReward", "reward_for_dataset",
     "rl_update", "sft_warmup", "evaluate_accuracy", "make_style",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "CheckpointError",
     "MetricsLogger", "read_metrics", "plot_metrics", "summary_table",
     "DistInfo", "init_distributed", "shard_model", "finish",
 ]

@@ -11,6 +11,14 @@ A checkpoint is written into ``step_N.tmp`` and renamed when complete, then ``la
 file naming it) is replaced atomically: a run killed while saving leaves the previous checkpoint
 intact. Under FSDP2 every rank takes part in gathering the full state dicts and rank 0 writes.
 Parameters are checked to be finite first: a checkpoint never holds NaN/inf weights.
+
+Damage (a missing or truncated file, a dangling ``latest``, a ``latest`` naming something outside
+``checkpoints/``) is detected without loading the tensors (:func:`check_checkpoint` reads the
+safetensors headers and compares them with the file sizes). :func:`resolve_resume` is what a
+``--resume`` calls: the checkpoint named by ``latest`` when it is intact; else the newest intact
+one, with a warning naming the damaged one; else a :class:`CheckpointError` naming the damage. It
+returns ``None`` only when there is no checkpoint at all, so a damaged run is never silently
+restarted from scratch.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,12 +38,19 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import DistInfo, barrier, reshard
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "save_weights", "load_weights",
-           "model_state_dict", "NonFiniteWeightsError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "check_checkpoint",
+           "intact_checkpoints", "read_trainer_state", "save_weights", "load_weights", "model_state_dict",
+           "NonFiniteWeightsError", "CheckpointError"]
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class NonFiniteWeightsError(RuntimeError):
     """The model holds NaN/inf parameters: no checkpoint is written."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or unreadable; the message names the file."""
 
 
 def _full_options(cpu_offload: bool = True):
@@ -165,14 +182,151 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The directory named by ``<output_dir>/checkpoints/latest``, or ``None``."""
-    root = Path(output_dir) / "checkpoints"
+def _check_safetensors(f: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``f`` is a complete safetensors file (header vs size)."""
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing")
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{f} is truncated ({size} bytes, no safetensors header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(f"{f} is truncated ({size} bytes; its header alone needs {n + 8})")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # (CheckpointError, a RuntimeError, passes through)
+        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f} has a malformed safetensors header")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{f} has a malformed safetensors header") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{f} is truncated or damaged ({size} bytes; its header says {8 + n + end})")
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """Check that checkpoint directory ``path`` is complete; return its trainer state.
+
+    Reads ``trainer_state.json`` and the safetensors headers (not the tensors) and compares each
+    file's size with its header, so a missing, truncated or garbled file is found in milliseconds.
+    Raises :class:`CheckpointError` naming the first bad file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is missing (not a directory)")
+    ts = path / "trainer_state.json"
+    try:
+        state = json.loads(ts.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ts} is missing") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ts} is truncated or unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{ts} does not hold a trainer state with an integer 'step'")
+    _check_safetensors(path / "model.safetensors")
+    _check_safetensors(path / "optimizer.safetensors")
+    for rng in sorted(path.glob("rng_rank*.safetensors")):  # optional (a rank without one keeps its RNG)
+        _check_safetensors(rng)
+    return state
+
+
+def _step_dirs(root: Path) -> List[Tuple[int, Path]]:
+    """``(step, dir)`` of the completed ``step_N`` directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(out)
+
+
+def _pointer(root: Path) -> Tuple[Optional[Path], Optional[str]]:
+    """The checkpoint ``root/latest`` names: ``(path, None)``, or ``(None, why it is unusable)``,
+    or ``(None, None)`` when there is no pointer. A name that is not a plain ``step_N`` inside
+    ``root`` (``../x``, an absolute path, a symlink out) is refused."""
     ptr = root / "latest"
-    if not ptr.is_file():
+    if not ptr.exists() and not ptr.is_symlink():
+        return None, None
+    try:
+        name = ptr.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{ptr} is unreadable ({type(e).__name__})"
+    if not _STEP_DIR.match(name):
+        return None, f"{ptr} names {name!r}, which is not a step_N directory inside {root}"
+    target = root / name
+    try:
+        inside = target.resolve().parent == root.resolve()
+    except OSError:
+        inside = False
+    if not inside:
+        return None, f"{ptr} names {name!r}, which resolves outside {root}"
+    return target, None
+
+
+def intact_checkpoints(output_dir: str | os.PathLike) -> List[Path]:
+    """The intact checkpoints of a run (see :func:`check_checkpoint`), newest first."""
+    root = Path(output_dir) / "checkpoints"
+    out = []
+    for _, p in reversed(_step_dirs(root)):
+        try:
+            check_checkpoint(p)
+        except CheckpointError:
+            continue
+        out.append(p)
+    return out
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The directory named by ``<output_dir>/checkpoints/latest``, or ``None`` (no pointer, a pointer
+    to something outside ``checkpoints/`` or to a directory without ``trainer_state.json``).
+    Does not read the tensors: use :func:`resolve_resume` to pick a checkpoint to resume from."""
+    p, _ = _pointer(Path(output_dir) / "checkpoints")
+    return p if p is not None and (p / "trainer_state.json").is_file() else None
+
+
+def resolve_resume(output_dir: str | os.PathLike, *, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The checkpoint a ``--resume`` run should load, checked intact.
+
+    * No checkpoint at all (no ``checkpoints/`` folder, or one holding neither a ``step_N``
+      directory nor a ``latest`` pointer): ``None``; starting from scratch is then right.
+    * ``latest`` names an intact checkpoint: that one.
+    * ``latest`` is dangling, unreadable, points outside ``checkpoints/``, or names a damaged
+      checkpoint (missing or truncated file): the newest intact checkpoint, after
+      ``warn(message)`` naming what is damaged and what is used (default: ``warnings.warn``).
+    * Checkpoints exist but none is intact: :class:`CheckpointError` naming the damage.
+    """
+    root = Path(output_dir) / "checkpoints"
+    steps = _step_dirs(root)
+    target, why = _pointer(root)
+    if not steps and target is None and why is None:
         return None
-    p = root / ptr.read_text().strip()
-    return p if (p / "trainer_state.json").is_file() else None
+    problems: List[str] = []
+    if why is not None:
+        problems.append(why)
+    elif target is None:
+        problems.append(f"{root / 'latest'} is missing")
+    else:
+        try:
+            check_checkpoint(target)
+            return target
+        except CheckpointError as e:
+            problems.append(f"checkpoint {target} named by {root / 'latest'} is damaged: {e}")
+    for _, p in reversed(steps):
+        if p == target:
+            continue
+        try:
+            check_checkpoint(p)
+        except CheckpointError as e:
+            problems.append(f"checkpoint {p} is damaged: {e}")
+            continue
+        msg = "; ".join(problems) + f". Resuming from the newest intact checkpoint, {p}."
+        (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
+        return p
+    raise CheckpointError("cannot resume from " + str(root) + ": " + "; ".join(problems)
+                          + ". No intact checkpoint is left; move the folder away (or use another --output-dir) "
+                            "to start from scratch.")
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
@@ -208,41 +362,83 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
         ptr_tmp = root / "latest.tmp"
         ptr_tmp.write_text(final.name)
         os.replace(ptr_tmp, root / "latest")
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in steps[:-keep] if keep > 0 else []:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        # Newer step folders belong to a timeline this run replaced (a fresh start in an old
+        # folder, or a resume past a damaged checkpoint): remove them, so that neither pruning nor
+        # a later --resume can prefer them to this run's own checkpoints. Then keep the newest
+        # `keep` of this run (this one included) and drop leftovers of killed saves.
+        steps = _step_dirs(root)
+        stale = [p for s, p in steps if s > step]
+        older = [p for s, p in steps if s < step]
+        drop = stale + (older[:len(older) - (keep - 1)] if keep > 0 and len(older) > keep - 1 else [])
+        drop += [p for p in root.glob("step_*.tmp") if p.is_dir() and p != tmp]
+        for old in drop:
+            shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
 
 
+def _newest_intact_note(path: Path) -> str:
+    """`` the newest intact checkpoint in <root> is <p>`` (or that there is none), for error messages."""
+    root = path.parent
+    good = [p for p in intact_checkpoints(root.parent) if p != path] if root.name == "checkpoints" else []
+    if good:
+        return f"; the newest intact checkpoint in {root} is {good[0]} (--resume picks it automatically)"
+    return f"; there is no intact checkpoint in {root}"
+
+
 def load_checkpoint(path: str | os.PathLike, model, optimizer, info: DistInfo) -> dict:
-    """Restore model, optimizer and this rank's RNG from ``path``; return the trainer state."""
+    """Restore model, optimizer and this rank's RNG from ``path``; return the trainer state.
+
+    Raises :class:`CheckpointError` naming the bad file and the newest intact checkpoint when a
+    file is missing, truncated or does not fit the model / optimizer.
+    """
     path = Path(path)
-    state = json.loads((path / "trainer_state.json").read_text())
+    try:
+        state = check_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}{_newest_intact_note(path)}") from None
     if state.get("world_size", 1) != info.world_size:
         raise ValueError(f"checkpoint {path} was written with world_size={state.get('world_size')} but this run has "
                          f"world_size={info.world_size}; resume with the same number of processes")
-    msd = load_weights(path / "model.safetensors")
     from safetensors import safe_open
 
-    ot = load_file(str(path / "optimizer.safetensors"))
-    with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
-        om = f.metadata()
+    current = path / "model.safetensors"
+    try:
+        msd = load_weights(current)
+        current = path / "optimizer.safetensors"
+        ot = load_file(str(current))
+        with safe_open(str(current), "pt") as f:
+            om = f.metadata()
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise CheckpointError(f"cannot load checkpoint {path}: {current} is unreadable ({type(e).__name__}: {e})"
+                              f"{_newest_intact_note(path)}") from e
     fresh = om.get("fresh") == "1"  # saved before the first optimizer step: keep the new optimizer as is
-    if info.enabled:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    current = path / "model.safetensors"
+    try:
+        if info.enabled:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        reshard(model)
-        set_model_state_dict(model, msd, options=_full_options(cpu_offload=False))
-        if not fresh:
-            osd = _unflatten_optim(ot, om, str)
-            set_optimizer_state_dict(model, optimizer, osd, options=_full_options(cpu_offload=False))
-    else:
-        model.load_state_dict(msd)
-        if not fresh:
-            optimizer.load_state_dict(_unflatten_optim(ot, om, int))
+            reshard(model)
+            set_model_state_dict(model, msd, options=_full_options(cpu_offload=False))
+            if not fresh:
+                current = path / "optimizer.safetensors"
+                osd = _unflatten_optim(ot, om, str)
+                set_optimizer_state_dict(model, optimizer, osd, options=_full_options(cpu_offload=False))
+        else:
+            model.load_state_dict(msd)
+            if not fresh:
+                current = path / "optimizer.safetensors"
+                optimizer.load_state_dict(_unflatten_optim(ot, om, int))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {current} does not fit this run's "
+                              f"{'model' if current.name.startswith('model') else 'optimizer'} (a different "
+                              f"model configuration?): {type(e).__name__}: {str(e)[:500]}"
+                              f"{_newest_intact_note(path)}") from e
     rng = path / f"rng_rank{info.rank}.safetensors"
     if rng.is_file():
-        _set_rng_state(rng)
+        try:
+            _set_rng_state(rng)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise CheckpointError(f"cannot load checkpoint {path}: {rng} is unreadable ({type(e).__name__}: {e})"
+                                  f"{_newest_intact_note(path)}") from e
     return state

@@ -4,8 +4,9 @@ Every field of :class:`RecipeConfig` is documented in its ``metadata["help"]``; 
 (``--help``) is generated from those docs, so the two cannot drift apart. Precedence, lowest
 first: dataclass defaults < the recipe's own defaults < ``--config FILE.yaml`` < command-line flags.
 
-    cfg = parse_args(argv, defaults={"lam": 0.0, "clamp_min": None})
-    cfg = load_config("recipes/configs/grpo_lambda_qwen.yaml", overrides={"max_steps": 10})
+    cfg = parse_args(argv, defaults={"credit": "grpo"})
+    cfg = load_config("recipes/configs/grpo_lambda.yaml", overrides={"max_steps": 10, "lam": 0.95})
+    method = resolve_credit(cfg)   # the credit method: --credit NAME with the credit options applied
 
 Flags are the field names with dashes (``--max-steps 10``, ``--clamp-min none``); booleans take
 ``--flag`` / ``--no-flag``. YAML files hold a flat mapping of field names (dashes or underscores);
@@ -17,19 +18,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["RecipeConfig", "parse_args", "load_config", "config_to_dict", "build_parser"]
+__all__ = ["RecipeConfig", "parse_args", "load_config", "config_to_dict", "build_parser", "resolve_credit", "credit_help",
+           "INHERIT", "CREDIT_OPTIONS"]
 
 
 def _f(default, help: str, group: str, choices=None):
     return field(default=default, metadata={"help": help, "group": group, "choices": choices})
 
 
-SYNTHETIC_DATASETS = ("synthetic", "synthetic-early")  # embedded tasks with their own tokenizer
+
+#: Value of a credit-assignment option that is not overridden: the method named by ``--credit`` decides.
+INHERIT = "method"
+#: The options that override a field of the credit method (default :data:`INHERIT`).
+CREDIT_OPTIONS = ("advantage_scale", "advantage_baseline", "clamp_min", "trace_style", "lam", "gamma", "trace_eps",
+                  "normalize", "entropy_quantile", "gae_gamma", "gae_lambda")
 
 
 @dataclass
@@ -41,6 +49,12 @@ class RecipeConfig:
     seed: int = _f(0, "Seed of model init, sampling and data order (deterministic on CPU for a fixed seed).", "run")
     max_steps: int = _f(150, "Number of RL steps (each: rollout -> reward -> advantage -> update).", "run")
     resume: bool = _f(False, "Continue from the latest checkpoint in --output-dir (model, optimizer, RNG, step, data position).", "run")
+    init_from: str = _f("", "Start RL from the weights of a saved checkpoint (a checkpoints/step_N directory, or a run's "
+                            "output directory: its latest intact checkpoint), e.g. a shared warm-up: no warm-up, a "
+                            "fresh optimizer, RL step 0, the checkpoint's data position.", "run")
+    report_to: str = _f("none", "Also log metrics to 'tensorboard' (event files in --output-dir/tensorboard; needs the "
+                                "tensorboard package) or 'wandb' (needs wandb; WANDB_MODE=offline works offline).", "run",
+                        ("none", "tensorboard", "wandb"))
     save_every: int = _f(25, "Checkpoint every N RL steps (and always at the end, on SIGTERM/SIGINT and after warm-up).", "run")
     keep_checkpoints: int = _f(2, "How many step checkpoints to keep (older ones are deleted).", "run")
     eval_every: int = _f(25, "Evaluate held-out accuracy every N RL steps (and before the first and after the last).", "run")
@@ -62,16 +76,18 @@ class RecipeConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2').", "model")
 
     # ------------------------------------------------------------------ data
-    dataset: str = _f("synthetic", "'synthetic' (embedded dial-walk task), 'synthetic-early' (early-decision task: "
-                                   "the first completion token decides, filler follows), 'gsm8k', 'math' (MATH500 for eval, "
-                                   "MATH train for RL), or a local .jsonl/.json/.parquet file with problem/question and answer fields.",
+    dataset: str = _f("synthetic", "Task or dataset: a name in creditlib.rl.registry (listed above: 'synthetic' = the "
+                                   "embedded dial-walk task, 'gsm8k', 'math' = MATH train for RL, MATH500 held out), "
+                                   "or a local .jsonl/.json/.parquet file with problem/question and answer fields.",
                       "data")
     eval_dataset: str = _f("", "Held-out set for the real path (same forms as --dataset; empty = the test split "
                                "of --dataset, or a held-out slice of a local file).", "data")
     eval_size: int = _f(512, "Number of held-out prompts evaluated (greedy decoding).", "data")
+    eval_samples: int = _f(0, "Also sample K completions per held-out prompt at --temperature and log their mean "
+                              "reward as sampled_accuracy beside the greedy accuracy (0 = greedy only).", "data")
+    log_samples: int = _f(4, "Completions written to samples.jsonl per evaluation (prompt, completion, answer, "
+                             "reward; greedy and sampled).", "data")
     num_ops: int = _f(10, "Synthetic task: moves per walk (the answer depends on every earlier step).", "data")
-    filler_length: int = _f(24, "Early-decision task (--dataset synthetic-early): characters after the decisive "
-                                "first token, none of which affects the reward.", "data")
     data_seed: int = _f(1234, "Synthetic task: seed of the problem generator (fixes the held-out split across --seed).", "data")
     max_prompt_length: int = _f(512, "Real path: prompts longer than this many tokens are dropped.", "data")
     max_new_tokens: int = _f(0, "Completion length cap (0 = task default: num_ops + 3 for the synthetic task, 512 otherwise).", "data")
@@ -96,17 +112,34 @@ class RecipeConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).", "rollout")
     vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: fraction of GPU memory for the colocated engine.", "rollout")
 
+    # ------------------------------------------------------------------ credit assignment
+    credit: str = _f("grpo-lambda", "Credit-assignment method, a name from creditlib.credit's registry (listed "
+                                    "above); the options of this group override its values.", "credit")
+    advantage_scale: str = _f(INHERIT, "Group advantage scale: 'std' (GRPO) or 'none' (Dr. GRPO).", "credit",
+                              (INHERIT, "std", "none"))
+    advantage_baseline: str = _f(INHERIT, "Group baseline: 'mean' (GRPO) or 'loo' (leave-one-out, RLOO); "
+                                          "group-advantage methods only.", "credit", (INHERIT, "mean", "loo"))
+    clamp_min: Optional[float] = _f(INHERIT, "Negative-advantage clamp c: A <- max(A, c), c <= 0 ('none' disables).",
+                                    "credit")
+    trace_style: str = _f(INHERIT, "Log-ratio trace inside the loss: 'recent' (d^(t-j)), 'both' "
+                                   "(max(d^(t-j), d^j)), 'sequence' (GSPO: the sequence mean) or 'none' "
+                                   "(plain token ratio).", "credit", (INHERIT, "recent", "both", "sequence", "none"))
+    lam: float = _f(INHERIT, "Trace decay lambda (decay d = gamma * lam; 0 = plain token ratio). Starts a "
+                             "'recent' trace on a method without one.", "credit")
+    gamma: float = _f(INHERIT, "Trace discount gamma (decay d = gamma * lam).", "credit")
+    trace_eps: float = _f(INHERIT, "Floor eps on the trace weights (0 = none).", "credit")
+    normalize: Optional[bool] = _f(INHERIT, "Row-normalise the trace weights (z_t becomes a weighted mean of "
+                                            "earlier log-ratios).", "credit")
+    entropy_quantile: Optional[float] = _f(INHERIT, "Keep only this top fraction of tokens by policy entropy in "
+                                                    "the loss, in (0, 1] ('none' keeps every token).", "credit")
+    gae_gamma: float = _f(INHERIT, "Prefix-tree methods: GAE gamma over the prefix TD error.", "credit")
+    gae_lambda: float = _f(INHERIT, "Prefix-tree methods: GAE lambda over the prefix TD error (1 = the RLOO "
+                                    "advantage with a prefix-conditioned baseline).", "credit")
+
     # ------------------------------------------------------------------ algorithm
-    lam: float = _f(0.99, "Trace decay lambda (0 = plain GRPO).", "algo")
-    gamma: float = _f(1.0, "Discount gamma of the trace (decay = gamma * lam).", "algo")
-    trace_style: str = _f("recent", "Trace weights: 'recent' (d^(t-j)) or 'both' (max(d^(t-j), d^j)).", "algo", ("recent", "both"))
-    trace_eps: float = _f(0.0, "Floor eps on the trace weights (0 = none).", "algo")
-    clamp_min: Optional[float] = _f(-0.1, "Negative-advantage clamp c: A <- max(A, c) ('none' disables).", "algo")
     clip_eps: float = _f(0.2, "PPO clip range epsilon.", "algo")
     aggregation: str = _f("token-mean", "Loss aggregation (verl's names; seq-mean-token-sum-norm = Dr. GRPO).", "algo",
                           ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
-    advantage_scale: str = _f("std", "Group advantage scale: 'std' (GRPO) or 'none' (Dr. GRPO).", "algo", ("std", "none"))
-    advantage_baseline: str = _f("mean", "Group baseline: 'mean' (GRPO) or 'loo' (leave-one-out, RLOO).", "algo", ("mean", "loo"))
     kl_coef: float = _f(0.0, "KL-to-reference coefficient (> 0 loads a frozen reference: the warm-up result or the initial model).", "algo")
     lr: float = _f(1e-4, "RL learning rate (AdamW; peak after the warm-up).", "algo")
     warmup_steps: int = _f(20, "Linear learning-rate warm-up over the first N RL steps (Adam's first updates are otherwise full-size).", "algo")
@@ -122,19 +155,20 @@ class RecipeConfig:
     def validate(self) -> "RecipeConfig":
         """Raise ``ValueError`` naming the first bad option."""
         pos = ["max_steps", "prompts_per_step", "group_size", "eval_size", "num_ops", "save_every", "eval_every",
-               "sft_batch_size", "sft_eval_every", "ppo_epochs", "keep_checkpoints", "filler_length"]
+               "sft_batch_size", "sft_eval_every", "ppo_epochs", "keep_checkpoints"]
         for name in pos:
             v = getattr(self, name)
             if name == "max_steps" and v == 0:
                 continue
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("sft_steps", "max_new_tokens", "minibatch_size", "num_threads", "warmup_steps"):
+        for name in ("sft_steps", "max_new_tokens", "minibatch_size", "num_threads", "warmup_steps", "eval_samples",
+                     "log_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lam", "gamma", "trace_eps", "sft_target_accuracy"):
+        for name in ("lam", "gamma", "trace_eps", "gae_gamma", "gae_lambda", "sft_target_accuracy"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
+            if v != INHERIT and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (the group is the baseline), got {self.group_size}")
@@ -142,8 +176,15 @@ class RecipeConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.clamp_min is not None and self.clamp_min > 0:
-            raise ValueError(f"clamp_min must be <= 0 or none, got {self.clamp_min}")
+        if self.clamp_min not in (INHERIT, None) and not (math.isfinite(self.clamp_min) and self.clamp_min <= 0):
+            raise ValueError(f"clamp_min must be a finite number <= 0 or none, got {self.clamp_min}")
+        if self.entropy_quantile not in (INHERIT, None) and not 0.0 < self.entropy_quantile <= 1.0:
+            raise ValueError(f"entropy_quantile must be in (0, 1] or none, got {self.entropy_quantile}")
+        if self.init_from and not Path(self.init_from).exists():
+            raise ValueError(f"--init-from {self.init_from}: no such checkpoint or run directory")
+        if self.resume and self.init_from:
+            raise ValueError("--resume and --init-from exclude each other: --resume continues this run's own "
+                             "checkpoints, --init-from starts a new run from another run's weights")
         if self.reward_timeout <= 0:
             raise ValueError(f"reward_timeout must be > 0 seconds, got {self.reward_timeout}")
         for f in dataclasses.fields(self):
@@ -152,9 +193,12 @@ class RecipeConfig:
                 raise ValueError(f"{f.name} must be one of {list(ch)}, got {getattr(self, f.name)!r}")
         if self.rollout == "vllm" and not self.model:
             raise ValueError("--rollout vllm needs --model NAME_OR_PATH (the embedded model has no checkpoint vLLM can load)")
-        if self.dataset in SYNTHETIC_DATASETS and self.model:
-            raise ValueError("--model with --dataset synthetic: the synthetic task has its own tokenizer; "
+        from .registry import get_dataset  # an unknown --dataset: ValueError with "did you mean"
+
+        if get_dataset(self.dataset).embedded and self.model:
+            raise ValueError(f"--model with --dataset {self.dataset}: that task has its own tokenizer and model; "
                              "pass --dataset gsm8k|math|PATH with a real model")
+        resolve_credit(self)  # unknown --credit name ("did you mean"), or an override the method cannot take
         return self
 
 
@@ -173,6 +217,10 @@ def _base_type(name: str):
 def _convert(name: str, value: Any) -> Any:
     """Convert a YAML / command-line value to the field's type; ValueError names the field."""
     tp, optional = _base_type(name)
+    if name in CREDIT_OPTIONS and isinstance(value, str) and value.strip().lower() == INHERIT:
+        return INHERIT
+    if name in CREDIT_OPTIONS and name in ("trace_style", "advantage_scale", "advantage_baseline") and value is None:
+        value = "none" if name == "trace_style" else value  # YAML null = no trace
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if optional:
             return None
@@ -251,15 +299,21 @@ def build_parser(prog: Optional[str] = None, description: Optional[str] = None,
                    help="YAML file of options (field names as keys); flags given here override it.")
     groups: dict = {}
     titles = {"run": "run", "model": "model", "data": "data", "sft": "supervised warm-up", "rollout": "rollout",
-              "algo": "algorithm (GRPO-lambda; lam=0 and clamp none = GRPO)", "reward": "reward"}
+              "credit": "credit assignment (--credit NAME; each option below overrides the method's value, "
+                        f"'{INHERIT}' = keep it)",
+              "algo": "PPO update", "reward": "reward"}
     for f in dataclasses.fields(RecipeConfig):
         g = f.metadata["group"]
         if g not in groups:
-            groups[g] = p.add_argument_group(titles.get(g, g))
+            groups[g] = p.add_argument_group(titles.get(g, g), credit_help() if g == "credit" else
+                                             _dataset_help() if g == "data" else None)
         default = defaults.get(f.name, f.default)
         tp, optional = _base_type(f.name)
         flag = "--" + f.name.replace("_", "-")
-        shown = "none" if default is None else repr(default) if isinstance(default, str) else default
+        if default == INHERIT:
+            shown = "from --credit"
+        else:
+            shown = "none" if default is None else repr(default) if isinstance(default, str) else default
         help_ = f"{f.metadata['help']} (default: {shown})"
         if tp is bool:
             groups[g].add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -290,3 +344,63 @@ def parse_args(argv: Optional[list] = None, defaults: Optional[dict] = None, pro
 
 def config_to_dict(cfg: RecipeConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _dataset_help() -> str:
+    """The registered tasks / datasets with their descriptions (for ``--help``; owner: registry)."""
+    from .registry import describe_datasets
+
+    return "--dataset: " + describe_datasets()
+
+
+def credit_help() -> str:
+    """The registered credit methods, one per line with its description (for ``--help``)."""
+    from ..credit import get_credit, list_credits
+
+    names = list_credits()
+    w = max(len(n) for n in names)
+    return "methods:\n" + "\n".join(f"  {n.ljust(w)}  {get_credit(n).description}" for n in names)
+
+
+def resolve_credit(cfg: RecipeConfig):
+    """The :class:`~creditlib.credit.CreditMethod` a config selects: ``--credit NAME`` with the overrides.
+
+    * ``advantage_scale``, ``advantage_baseline``, ``clamp_min``, ``entropy_quantile`` replace the
+      method's fields; ``gae_gamma`` / ``gae_lambda`` its GAE ``gamma`` / ``lam`` (prefix-tree methods);
+    * ``trace_style``, ``lam``, ``gamma``, ``trace_eps``, ``normalize`` edit its loss-side trace
+      (:class:`~creditlib.DecayStyle`); on a method without one they start from ``DecayStyle()``
+      (``recent``, ``lam = 0.99``); ``trace_style none`` or a trace that is the identity
+      (``lam = 0``) leaves the plain token ratio (``trace = None``).
+
+    So ``--credit grpo --lam 0.99 --clamp-min -0.1`` is ``grpo-lambda``, and ``--credit grpo-lambda
+    --lam 0 --clamp-min none`` is ``grpo``. Raises ``ValueError`` (an unknown name, with "did you
+    mean"; an override the method does not take, e.g. ``--gae-lambda`` on a group method).
+    """
+    from ..credit import get_credit
+    from ..style import DecayStyle
+
+    method = get_credit(cfg.credit)
+    changes = {}
+    for opt, fld in (("advantage_scale", "scale"), ("advantage_baseline", "baseline"), ("clamp_min", "clamp_min"),
+                     ("entropy_quantile", "entropy_quantile"), ("gae_gamma", "gamma"), ("gae_lambda", "lam")):
+        v = getattr(cfg, opt)
+        if v != INHERIT:
+            changes[fld] = v
+    trace_opts = {k: getattr(cfg, k) for k in ("trace_style", "lam", "gamma", "trace_eps", "normalize")
+                  if getattr(cfg, k) != INHERIT}
+    if trace_opts:
+        base = method.trace or DecayStyle()
+        kind = trace_opts.get("trace_style", base.style)
+        if kind == "none":
+            changes["trace"] = None
+        else:
+            style = DecayStyle(kind, gamma=trace_opts.get("gamma", base.gamma), lam=trace_opts.get("lam", base.lam),
+                               eps=trace_opts.get("trace_eps", base.eps),
+                               normalize=bool(trace_opts.get("normalize", base.normalize)))
+            changes["trace"] = None if style.is_identity() else style
+    if not changes:
+        return method
+    try:
+        return method.replace(**changes)
+    except ValueError as e:
+        raise ValueError(f"--credit {method.name}: {e}") from None

@@ -1,8 +1,14 @@
 """Prompt sources with a single-integer data position (what a checkpoint stores to resume).
 
-* :class:`SyntheticSource`: the embedded chain task (:mod:`creditlib.rl.task`).
+* :class:`SyntheticSource`: the embedded chain task (:mod:`creditlib.rl.task`), or any task with
+  its interface (``problem / heldout / train``, ``completion_length``).
 * :class:`MathSource`: GSM8K / MATH / a local JSONL-JSON-Parquet file, formatted with the model's
   chat template, rewarded by ``creditlib.eval.rewards.accuracy_reward``.
+
+Which source a ``--dataset`` value builds is decided in one place, the registry
+(:mod:`creditlib.rl.registry`); :func:`build_source` looks it up. Files and the Hub benchmarks are
+read through the evaluation package (:func:`creditlib.eval.data.read_rows`,
+:func:`creditlib.eval.load_benchmark`): ``rl`` builds on ``eval``, never the other way round.
 
 Both give ``Example(prompt, answer, solution)`` lists: ``next_batch(position, k)`` for training
 (an endless, seeded, epoch-shuffled stream), ``heldout(n)`` for evaluation and ``validation(n)``
@@ -11,17 +17,18 @@ for the warm-up's early stop. ``encode(examples)`` gives left-padded ``ids, mask
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
-import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..eval.data import read_rows
+from ..eval.extract import last_boxed
+from .registry import get_dataset
 from .rollout import left_pad
-from .task import ChainTask
 
 __all__ = ["Example", "SyntheticSource", "MathSource", "build_source", "normalize_math_row"]
 
@@ -68,7 +75,7 @@ class _Source:
 class SyntheticSource(_Source):
     """The embedded dial-walk task (held-out ``test`` and ``val`` splits never trained on)."""
 
-    def __init__(self, task: ChainTask, tokenizer):
+    def __init__(self, task, tokenizer):
         self.task, self.tokenizer = task, tokenizer
 
     @property
@@ -87,30 +94,6 @@ class SyntheticSource(_Source):
 
     def validation(self, n: int) -> List[Example]:
         return [self._ex(p) for p in self.task.heldout("val", n)]
-
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*{")
-
-
-def _last_boxed(text: str) -> Optional[str]:
-    try:
-        from creditlib.eval.extract import last_boxed
-
-        return last_boxed(text)
-    except ImportError:  # minimal fallback: balanced braces after the last \boxed{
-        m = list(_BOXED.finditer(text))
-        if not m:
-            return None
-        i, depth, out = m[-1].end(), 1, []
-        while i < len(text):
-            c = text[i]
-            depth += c == "{"
-            depth -= c == "}"
-            if depth == 0:
-                return "".join(out).strip()
-            out.append(c)
-            i += 1
-        return None
 
 
 def _answer_str(v) -> Optional[str]:
@@ -144,7 +127,7 @@ def normalize_math_row(row: dict) -> dict:
     if answer is None and row.get("final_answer") is not None:
         answer = _answer_str(row["final_answer"])
     if answer is None and solution:
-        answer = _last_boxed(solution)
+        answer = last_boxed(solution)
     if problem is None or not answer:
         raise ValueError(f"math row needs a problem (problem/question/prompt) and an answer "
                          f"(answer/final_answer/boxed solution); fields present: {sorted(row)}")
@@ -155,47 +138,57 @@ def normalize_math_row(row: dict) -> dict:
 
 
 def _read_rows(path: str) -> List[dict]:
+    if not path.lower().endswith((".jsonl", ".json", ".parquet")):
+        raise ValueError(f"dataset path {path!r} must end in .jsonl, .json or .parquet")
     if not os.path.isfile(path):
         raise ValueError(f"dataset path {path!r} does not exist (expected .jsonl, .json or .parquet)")
-    if path.endswith(".parquet"):
-        import datasets
+    return read_rows(path)  # a malformed JSON line: ValueError naming the file and the line
 
-        return list(datasets.load_dataset("parquet", data_files=path, split="train"))
-    text = open(path, encoding="utf-8").read()
-    if path.endswith(".jsonl"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if path.endswith(".json"):
-        data = json.loads(text)
-        if isinstance(data, dict):
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: JSON must hold a list of rows")
-        return data
-    raise ValueError(f"dataset path {path!r} must end in .jsonl, .json or .parquet")
+
+def _hub_error(what: str, flag: str, e: Exception) -> RuntimeError:
+    return RuntimeError(f"could not load {what} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:300]}). "
+                        f"Offline or behind a firewall? Pass the recipe flag {flag} FILE with a local "
+                        f".jsonl/.json/.parquet copy (fields: problem/question and answer; a worked "
+                        f"'solution' for the warm-up).")
 
 
 def _load_rows(spec: str, train: bool) -> List[dict]:
     """Rows for ``gsm8k`` / ``math`` (hub, through creditlib.eval) or a local file."""
+    flag = "--dataset" if train else "--eval-dataset"
     if spec in ("gsm8k", "math"):
-        if spec == "gsm8k":
-            from creditlib.eval import load_benchmark
+        from ..eval import load_benchmark
 
-            ds = load_benchmark("gsm8k", split="train" if train else None)
+        if spec == "gsm8k":
+            try:
+                ds = load_benchmark("gsm8k", split="train" if train else None)
+            except RuntimeError as e:
+                raise _hub_error(f"GSM8K ({'train' if train else 'test'} split)", flag, e) from e
             return [normalize_math_row({"problem": r["problem"], "answer": r["answer"],
                                         "solution": r.get("solution")}) for r in ds]
         if not train:
-            from creditlib.eval import load_benchmark
-
-            return [normalize_math_row(dict(r)) for r in load_benchmark("math500")]
-        import datasets
-
+            try:
+                return [normalize_math_row(dict(r)) for r in load_benchmark("math500")]
+            except RuntimeError as e:
+                raise _hub_error("MATH500 (the held-out set of --dataset math)", flag, e) from e
         try:  # the MATH training split (Hendrycks et al.)
+            import datasets
+
             ds = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split="train")
-        except Exception as e:
-            raise RuntimeError(f"could not load the MATH training split from the Hub ({type(e).__name__}: {e}); "
-                               f"pass --dataset PATH to a local JSONL/Parquet file instead") from e
+        except Exception as e:  # noqa: BLE001 - any hub / network failure
+            raise _hub_error("the MATH training split", flag, e) from e
         return [normalize_math_row(dict(r)) for r in ds]
-    return [normalize_math_row(r) for r in _read_rows(spec)]
+    if not spec.lower().endswith((".jsonl", ".json", ".parquet")):
+        close = difflib.get_close_matches(spec, ["gsm8k", "math"], n=1)
+        raise ValueError(f"{flag} {spec!r}: expected 'gsm8k', 'math' or a local .jsonl/.json/.parquet file"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    rows = _read_rows(spec)
+    out = []
+    for i, r in enumerate(rows):
+        try:
+            out.append(normalize_math_row(r))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{spec}: row {i + 1}: {e}") from None
+    return out
 
 
 class MathSource(_Source):
@@ -281,15 +274,6 @@ class MathSource(_Source):
 
 
 def build_source(cfg, tokenizer):
-    """The prompt source a :class:`~creditlib.rl.config.RecipeConfig` asks for."""
-    if cfg.dataset == "synthetic":
-        task = ChainTask(cfg.num_ops, cfg.data_seed, {"test": cfg.eval_size, "val": 256})
-        return SyntheticSource(task, tokenizer)
-    if cfg.dataset == "synthetic-early":
-        from .study_tasks import EarlyDecisionTask
-
-        task = EarlyDecisionTask(cfg.num_ops, cfg.filler_length, cfg.data_seed, {"test": cfg.eval_size, "val": 256})
-        return SyntheticSource(task, tokenizer)
-    return MathSource(cfg.dataset, tokenizer, eval_dataset=cfg.eval_dataset, chat=cfg.chat_template,
-                      instruction=cfg.instruction, max_prompt_length=cfg.max_prompt_length, seed=cfg.seed,
-                      eval_size=cfg.eval_size)
+    """The prompt source a :class:`~creditlib.rl.config.RecipeConfig` asks for (``cfg.dataset``
+    looked up in :mod:`creditlib.rl.registry`; an unknown name is a ``ValueError`` with a suggestion)."""
+    return get_dataset(cfg.dataset).build(cfg, tokenizer)

@@ -1,4 +1,11 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per line), a PNG plot and the final summary table."""
+"""Run logging: ``metrics.jsonl`` (one JSON object per line), a PNG plot and the final summary table.
+
+``--report-to tensorboard|wandb`` mirrors every numeric field of every record to TensorBoard
+(``<output_dir>/tensorboard``, via ``torch.utils.tensorboard``, which needs the ``tensorboard``
+package) or Weights & Biases (``wandb``; ``WANDB_MODE=offline`` writes a local run directory). Both
+are imported only when asked for; tags are ``<phase>/<field>`` (``rl/reward``, ``eval/accuracy``,
+``sft/loss``) against that phase's step.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,10 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "summary_table"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "summary_table", "make_reporter", "TensorBoardReporter",
+           "WandbReporter", "REPORTERS"]
+
+REPORTERS = ("none", "tensorboard", "wandb")
 
 
 def _clean(v):
@@ -26,8 +36,9 @@ class MetricsLogger:
     records with ``step <= s``, so the file of a resumed run matches an uninterrupted one.
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: Optional[int] = None, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: str | os.PathLike, resume_step: Optional[int] = None, enabled: bool = True,
+                 reporter=None):
+        self.path, self.enabled, self.reporter = Path(path), enabled, reporter
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +55,87 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
+        if self.reporter is not None:
+            self.reporter.log(rec)
+
+    def close(self) -> None:
+        if self.enabled and self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None
+
+
+def _scalars(record: Dict):
+    """``(phase, step, {field: float})`` of a record's numeric fields."""
+    phase, step = str(record.get("phase", "run")), int(record.get("step") or 0)
+    vals = {k: float(v) for k, v in record.items()
+            if k not in ("phase", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return phase, step, vals
+
+
+class TensorBoardReporter:
+    """Scalars to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``; needs ``tensorboard``)."""
+
+    def __init__(self, log_dir: str | os.PathLike, config: Optional[Dict] = None, purge_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("--report-to tensorboard needs the tensorboard package: pip install 'creditlib[tensorboard]' "
+                              "(or use --report-to none)") from e
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        if config:
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
+
+    def log(self, record: Dict) -> None:
+        phase, step, vals = _scalars(record)
+        for k, v in vals.items():
+            if math.isfinite(v):
+                self.writer.add_scalar(f"{phase}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    """Scalars to Weights & Biases (``wandb.init(dir=output_dir)``; set ``WANDB_MODE=offline`` to stay local)."""
+
+    def __init__(self, out_dir: str | os.PathLike, config: Optional[Dict] = None, name: Optional[str] = None,
+                 resume: bool = False):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("--report-to wandb needs the wandb package: pip install 'creditlib[wandb]' (WANDB_MODE=offline "
+                              "logs without an account), or use --report-to none") from e
+        self.wandb = wandb
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "creditlib"), name=name, dir=str(out_dir),
+                              config=config or {}, resume="allow" if resume else None)
+        self._phases: set = set()
+
+    def log(self, record: Dict) -> None:
+        phase, step, vals = _scalars(record)
+        if phase not in self._phases:  # each phase has its own step axis (warm-up and RL steps both start at 1)
+            self._phases.add(phase)
+            self.run.define_metric(f"{phase}/step")
+            self.run.define_metric(f"{phase}/*", step_metric=f"{phase}/step")
+        self.run.log({f"{phase}/step": step, **{f"{phase}/{k}": v for k, v in vals.items()}})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_reporter(kind: str, out_dir: str | os.PathLike, config: Optional[Dict] = None, name: Optional[str] = None,
+                  resume_step: Optional[int] = None):
+    """The ``--report-to`` sink: ``None`` for ``"none"``, else a reporter with ``log(record)`` / ``close()``."""
+    if kind not in REPORTERS:
+        raise ValueError(f"report_to must be one of {REPORTERS}, got {kind!r}")
+    if kind == "none":
+        return None
+    if kind == "tensorboard":
+        # purge_step: a resumed run drops the events logged after its checkpoint, like metrics.jsonl
+        return TensorBoardReporter(Path(out_dir) / "tensorboard", config,
+                                   purge_step=None if resume_step is None else resume_step + 1)
+    return WandbReporter(out_dir, config, name, resume=resume_step is not None)
 
 
 def read_metrics(path: str | os.PathLike) -> List[Dict]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NonFiniteError", "tiny_qwen2", "load_causal_lm", "resolve_device", "resolve_dtype", "completion_logprobs", "count_parameters"]
+__all__ = ["NonFiniteError", "tiny_qwen2", "load_causal_lm", "resolve_device", "resolve_dtype", "completion_logits",
+           "completion_logprobs", "completion_entropy", "count_parameters"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -83,8 +84,27 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the positions that predict the completion tokens: ``[B, T, V]`` (model dtype).
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts (mask: 1/True = real token).
+        completion_ids, completion_mask: ``[B, T]`` completions (mask: bool, True = valid token).
+    Only the last ``T + 1`` positions go through the LM head (``logits_to_keep``).
+    """
+    T = completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+    attn = torch.cat([prompt_mask.to(torch.long), completion_mask.to(torch.long)], dim=1)  # [B, P+T]
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)  # [B, P+T] positions over real tokens (left padding)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                logits_to_keep=T + 1)
+    return out.logits[:, :-1]  # [B, T, V]: logits at positions P-1 .. P+T-2 predict the completion
+
+
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                        completion_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 4) -> torch.Tensor:
+                        completion_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 4,
+                        return_entropy: bool = False):
     """Log-probs of the completion tokens under ``model`` (tempered), differentiable.
 
     Args:
@@ -92,21 +112,35 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         completion_ids, completion_mask: ``[B, T]`` completions (mask: bool, True = valid token).
         temperature: logits are divided by it, matching the sampling distribution.
         chunk: rows per log-softmax chunk (bounds the ``[chunk, T, V]`` float32 buffer on large vocabularies).
+        return_entropy: also return the per-token entropy of the tempered policy (``[B, T]``, no gradient).
     Returns:
-        ``[B, T]`` float32 log-probs (0 at masked positions).
+        ``[B, T]`` log-probs (float32, float64 for a float64 model; 0 at masked positions); with
+        ``return_entropy``, ``(logp, entropy)``.
     """
-    B, P = prompt_ids.shape
-    T = completion_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
-    attn = torch.cat([prompt_mask.to(torch.long), completion_mask.to(torch.long)], dim=1)  # [B, P+T]
-    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)  # [B, P+T] positions over real tokens (left padding)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
-                logits_to_keep=T + 1)
-    logits = out.logits[:, :-1]  # [B, T, V]: logits at positions P-1 .. P+T-2 predict the completion
-    rows = []
+    B = prompt_ids.shape[0]
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, T, V]
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # half models: float32; float64 stays float64
+    rows, ents = [], []
     for s in range(0, B, chunk):
-        lg = logits[s:s + chunk].float() / temperature  # [b, T, V]
-        tok = completion_ids[s:s + chunk].unsqueeze(-1)  # [b, T, 1]
-        rows.append(lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, dim=-1))  # [b, T]
-    logp = torch.cat(rows, dim=0)  # [B, T]
-    return torch.where(completion_mask, logp, torch.zeros_like(logp))  # NaN-safe at masked positions
+        lg = logits[s:s + chunk].to(dtype) / temperature  # [b, T, V]
+        tok = completion_ids[s:s + chunk]  # [b, T]
+        # the op TorchRL's LLMMaskedCategorical.log_prob applies (cross-entropy), so the sampling
+        # policy's log-probs computed here and the loss's agree to the last bit
+        rows.append(-torch.nn.functional.cross_entropy(lg.flatten(0, 1), tok.flatten(), reduction="none")
+                    .view(tok.shape))  # [b, T]
+        if return_entropy:
+            with torch.no_grad():
+                lp = torch.log_softmax(lg, dim=-1)  # [b, T, V]
+                ents.append(-(lp.exp() * lp).sum(-1))  # [b, T]
+    logp = torch.where(completion_mask, torch.cat(rows, dim=0), 0.0)  # [B, T], NaN-safe at masked positions
+    if not return_entropy:
+        return logp
+    return logp, torch.where(completion_mask, torch.cat(ents, dim=0), 0.0)  # [B, T]
+
+
+def completion_entropy(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                       chunk: int = 4) -> torch.Tensor:
+    """Per-token entropy ``[B, T]`` of the tempered policy at the completion positions (no gradient; 0 masked)."""
+    with torch.no_grad():
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                                   chunk, return_entropy=True)[1]

@@ -5,8 +5,18 @@ hangs past the limit, or returns something that is not a finite number is marked
 counted, and the run continues. The whole batch is tried in one call first (fast path); if that
 call fails, every sample is retried alone so one bad sample costs only itself.
 
-Time limits use ``SIGALRM`` in the main thread (which also interrupts pure-Python busy loops) and
-a watchdog thread elsewhere (which abandons, but cannot stop, a hung call).
+One time limit per reward, never two stacked:
+
+* a reward that bounds its own time (a function attribute ``bounded_time = True`` and a
+  ``timeout=`` keyword: the math reward :func:`creditlib.eval.rewards.accuracy_reward`, which
+  runs math-verify in worker processes and kills one that overruns) is given ``timeout`` and is
+  not wrapped in a second alarm (an alarm would interrupt the verifier pool mid-batch and force it
+  to restart its workers);
+* any other reward (the embedded tasks' string comparisons, a user's function) is guarded here:
+  ``SIGALRM`` in the main thread (which also interrupts pure-Python busy loops) and a watchdog
+  thread elsewhere (which abandons, but cannot stop, a hung call).
+
+Which reward a dataset uses is looked up in the registry (:mod:`creditlib.rl.registry`).
 """
 
 from __future__ import annotations
@@ -71,6 +81,8 @@ class SafeReward:
     Args:
         fn: the reward function (one float per completion).
         timeout: seconds allowed per sample (the batched fast path gets ``timeout * max(1, len/8)``).
+            A reward with ``fn.bounded_time = True`` receives it as ``timeout=`` and enforces it
+            itself (see the module docstring).
 
     Calling it returns ``(rewards [B] float32, stats)`` with ``stats = {"reward_errors": n,
     "reward_timeouts": n}`` for this batch.
@@ -82,13 +94,19 @@ class SafeReward:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.fn, self.timeout = fn, float(timeout)
+        self.bounded_time = bool(getattr(fn, "bounded_time", False))
         self.total_errors = 0
         self.total_timeouts = 0
         self._warned = False
 
+    def _call(self, completions: List[str], answers: List[str], limit: float):
+        if self.bounded_time:  # the reward enforces self.timeout per sample itself
+            return self.fn(completions, answers, timeout=self.timeout)
+        return _call_with_timeout(self.fn, (completions, answers), limit)
+
     def _one(self, c: str, a: str) -> Tuple[float, str]:
         try:
-            out = _call_with_timeout(self.fn, ([c], [a]), self.timeout)
+            out = self._call([c], [a], self.timeout)
             v = _as_reward(list(out)[0])
             return (v, "") if math.isfinite(v) else (0.0, "error")
         except _Timeout:
@@ -103,7 +121,7 @@ class SafeReward:
         B = len(completions)
         vals, kinds = None, None
         try:
-            out = _call_with_timeout(self.fn, (completions, answers), self.timeout * max(1.0, B / 8))
+            out = self._call(completions, answers, self.timeout * max(1.0, B / 8))
             out = [_as_reward(v) for v in out]
             if len(out) == B and all(math.isfinite(v) for v in out):
                 vals, kinds = out, [""] * B
@@ -126,17 +144,8 @@ class SafeReward:
 
 
 def reward_for_dataset(dataset: str) -> Callable[[List[str], List[str]], List[float]]:
-    """The verifiable reward for a dataset: exact final digit for ``synthetic``; math-verify otherwise."""
-    if dataset == "synthetic":
-        from .task import chain_reward
+    """The verifiable reward of a ``--dataset`` value, from the registry (:mod:`creditlib.rl.registry`):
+    exact final digit for ``synthetic``; math-verify for ``gsm8k``, ``math`` and local files."""
+    from .registry import get_dataset
 
-        return chain_reward
-    if dataset == "synthetic-early":
-        from .study_tasks import early_decision_reward
-
-        return early_decision_reward
-    try:
-        from creditlib.eval.rewards import accuracy_reward
-    except ImportError as e:
-        raise ImportError("math datasets need creditlib.eval.rewards.accuracy_reward (the evaluation package)") from e
-    return accuracy_reward
+    return get_dataset(dataset).reward

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""GRPO-lambda (arXiv 2510.00194): ``recipes/grpo.py`` with ``--credit grpo-lambda``.
+
+    python recipes/grpo_lambda.py                  # the embedded default (CPU, offline, a few minutes): make run
+    python recipes/grpo_lambda.py --lam 0.95       # any option of recipes/grpo.py (--help)
+
+The same pipeline as ``recipes/grpo.py`` (warm-up -> RL -> evaluation) with the credit method
+``grpo-lambda``: the loss takes the eligibility trace of the token log-ratios (``recent``,
+``lam = 0.99``) and the advantages pass the negative clamp ``max(A, -0.1)``. Output: runs/grpo_lambda.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _load_recipe():
+    """``recipes/grpo.py`` as a module, loaded from its file."""
+    name = "creditlib_recipes_grpo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("grpo.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+recipe = _load_recipe()
+NAME = "GRPO-lambda"
+DEFAULTS = {"credit": "grpo-lambda", "output_dir": "runs/grpo_lambda"}
+
+
+def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_lambda.py", description=None) -> dict:
+    return recipe.main(argv, defaults=dict(DEFAULTS, **(defaults or {})), name=name, prog=prog,
+                       description=description or (__doc__ + "\n" + recipe.__doc__))
+
+
+if __name__ == "__main__":
+    main()
