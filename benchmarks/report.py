@@ -1,4 +1,5 @@
-"""Run the trace benchmarks and print each variant as a multiple of ``x.clone()`` and of ``torch.cumsum``.
+"""Run the trace, prefix and loss benchmarks; print each variant as a multiple of ``x.clone()`` and of
+``torch.cumsum``, then issue 13's targets as measured ratios, met or missed.
 
     python benchmarks/report.py                      # full sizes (a few minutes), raised malloc thresholds
     python benchmarks/report.py --quick              # small sizes, seconds
@@ -36,7 +37,9 @@ def run_suite(json_path: str, quick: bool, default_malloc: bool, extra: list[str
         env.pop(k, None)
     if not default_malloc:
         env.update(RAISED_MALLOC)
-    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_trace.py"), "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_trace.py"),
+           os.path.join(HERE, "test_bench_prefix.py"), os.path.join(HERE, "test_bench_loss.py"),
+           "-q", "-p", "no:cacheprovider",
            "--benchmark-only", f"--benchmark-json={json_path}", "--benchmark-columns=median,iqr,rounds",
            "--benchmark-sort=name", *extra]
     print("$", " ".join(f"{k}={env[k]}" for k in sorted(RAISED_MALLOC) if k in env), " ".join(cmd), flush=True)
@@ -49,7 +52,7 @@ def _group_key(group: str):
 
 
 def _variant_key(v: str):
-    order = ["clone", "cumsum", "cpp:", "torch:", "dense", "torchrl-conv"]
+    order = ["clone", "cumsum", "cpp:", "torch:", "dense", "torchrl-conv", "ratio:"]
     for i, p in enumerate(order):
         if v.startswith(p):
             return (i, v)
@@ -80,34 +83,73 @@ def table(data: dict) -> str:
 
 
 def targets(data: dict) -> str:
-    """The issue's targets (B = 64, T = 16k, one thread) read off the largest T of this run."""
+    """Issue 13's targets (B = 64, one thread), each as measured ratio / target / met, read off the
+    largest T of this run (issue: T = 16k) and the loss and prefix groups."""
     med: dict = {}
+    inter: dict = {}  # (T, direction) -> the interleaved ratios in extra_info
     for b in data["benchmarks"]:
         T, direction = _group_key(b["group"])
-        med[(T, direction, b.get("extra_info", {}).get("variant", b["name"]))] = b["stats"]["median"]
+        variant = b.get("extra_info", {}).get("variant", b["name"])
+        med[(T, direction, variant)] = b["stats"]["median"]
+        if variant.startswith("ratio:"):
+            inter[(T, direction)] = {k: v for k, v in b["extra_info"].items() if "/" in k}
     if not med:
         return ""
-    Tmax = max(k[0] for k in med)
+    trace_ts = [k[0] for k in med if k[1] in ("fwd", "fwdbwd")]
+    Tmax = max(trace_ts) if trace_ts else 0
+    lines = [f"issue 13 targets (trace at T={Tmax}; ratios of medians within this run):"]
 
-    def ratio(a, b, T=Tmax, da="fwd", db=None):
-        x, y = med.get((T, da, a)), med.get((T, db or da, b))
-        return f"{x / y:.2f}x" if x and y else "n/a"
+    def line(name, a, b, limit, T=Tmax, dirs=("fwd", "fwdbwd")):
+        parts = []
+        for d in dirs:
+            x, y = med.get((T, d, a)), med.get((T, d if b != "clone" else "fwd", b))
+            if x and y:
+                r = x / y
+                parts.append(f"{d} {r:.2f}x {'met' if r <= limit else 'MISSED'}")
+            else:
+                parts.append(f"{d} n/a")
+        lines.append(f"  {name}: " + ", ".join(parts) + f" (target <= {limit})")
 
-    lines = [f"targets at T={Tmax} (issue 2):"]
+    # 1. the pure-PyTorch fallback against torch.cumsum (fwd+bwd: against cumsum's fwd+bwd)
+    line("1 torch:recent / cumsum, right-padded", "torch:recent", "cumsum", 1.5)
+    line("1 torch:recent@scattered / cumsum", "torch:recent@scattered", "cumsum", 2.5)
+    # 2. the loss (test_bench_loss.py's group)
+    loss = {k[2]: m for k, m in med.items() if str(k[1]).startswith("loss fwd+bwd")}
+    if loss.get("grpo"):
+        for v in ("grpo-lambda:recent", "plain:recent"):
+            if loss.get(v):
+                r = loss[v] / loss["grpo"]
+                lines.append(f"  2 {v} / GRPOLoss fwd+bwd (B=64, T=4096): {r:.2f}x "
+                             f"{'met' if r <= 1.05 else 'MISSED'} (target <= 1.05)")
+    # 3. the C++ kernel through the public API
+    line("3 cpp:recent / clone", "cpp:recent", "clone", 4.0, dirs=("fwdbwd",))
+    for st in ("both", "recent+eps", "both+eps", "recent-norm", "both+eps-norm"):
+        line(f"3 cpp:{st} / cpp:recent", f"cpp:{st}", "cpp:recent", 1.5)
+    for st in ("recent", "both+eps", "recent-norm"):
+        line(f"3 cpp:{st}@scattered / cpp:{st}", f"cpp:{st}@scattered", f"cpp:{st}", 2.0)
+    # 4. the new primitives: normalised / plain (also interleaved), prefix_td + GAE / trace fwd+bwd
     for be in ("cpp", "torch"):
-        lines.append(f"  {be}:recent  fwd {ratio(be + ':recent', 'clone')} of clone (target <= 3 for the fused kernel), "
-                     f"fwd+bwd {ratio(be + ':recent', 'clone', da='fwdbwd')} of clone (<= 8)")
-        for st in ("both", "recent+eps", "both+eps"):
-            lines.append(f"  {be}:{st} / {be}:recent  fwd {ratio(f'{be}:{st}', f'{be}:recent')}, "
-                         f"fwd+bwd {ratio(f'{be}:{st}', f'{be}:recent', da='fwdbwd')} (<= 2)")
-    lines.append(f"  torch:recent / cumsum  fwd {ratio('torch:recent', 'cumsum')}, "
-                 f"fwd+bwd {ratio('torch:recent', 'cumsum', da='fwdbwd')} (fallback target <= 1.5)")
+        line(f"4 {be}:recent-norm / {be}:recent", f"{be}:recent-norm", f"{be}:recent", 1.1)
+    for direction in ("fwd", "fwdbwd"):
+        info = inter.get((Tmax, direction), {})
+        if info:
+            lines.append(f"  4 interleaved cpp {direction}: " + ", ".join(
+                f"{k} {v:.2f}x" for k, v in sorted(info.items()) if isinstance(v, float)) + " (target <= 1.1)")
+    for (T, direction, v), m in sorted(med.items()):  # B = 64, G = 8, T = 4096
+        if direction == "prefix" and v.startswith("prefix_td") and med.get((T, "prefix", "trace-fwdbwd")):
+            r = m / med[(T, "prefix", "trace-fwdbwd")]
+            lines.append(f"  4 T={T} {v} / trace fwd+bwd {r:.1f}x"
+                         + (f" {'met' if r <= 10 else 'MISSED'} (target <= 10)" if v == "prefix_td+gae" else ""))
+    for (T, direction), info in sorted(inter.items()):
+        if direction == "prefix":
+            lines.append(f"  4 T={T} interleaved: " + ", ".join(f"{k} {v:.1f}x" for k, v in info.items()))
     tr = sorted(k[0] for k in med if k[2] == "torchrl-conv" and k[1] == "fwd")
     if tr:
         t = tr[-1]
-        lines.append(f"  torchrl-conv / cpp:recent at T={t}: fwd {ratio('torchrl-conv', 'cpp:recent', T=t)}, "
-                     f"fwd+bwd {ratio('torchrl-conv', 'cpp:recent', T=t, da='fwdbwd')} "
-                     f"(target >= 1000x at T=16384, where torchrl-conv is not run)")
+        x, y = med.get((t, "fwd", "torchrl-conv")), med.get((t, "fwd", "cpp:recent"))
+        x2, y2 = med.get((t, "fwdbwd", "torchrl-conv")), med.get((t, "fwdbwd", "cpp:recent"))
+        if x and y and x2 and y2:
+            lines.append(f"  (issue 2) torchrl-conv / cpp:recent at T={t}: fwd {x / y:.0f}x, fwd+bwd {x2 / y2:.0f}x")
     return "\n".join(lines)
 
 

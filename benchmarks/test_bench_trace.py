@@ -3,15 +3,21 @@
 Groups ``T=<T> fwd`` and ``T=<T> fwdbwd`` hold, for one size and direction, every variant:
 
 * ``<backend>:<style>``: ``creditlib.functional.eligibility_trace`` with ``backend="cpp"`` /
-  ``"torch"`` and style ``recent``, ``both``, ``recent+eps``, ``both+eps`` (eps floor 0.05),
-  ``gamma * lam = 0.999``, a right-padding bool mask (lengths in [3T/4, T]);
+  ``"torch"`` and style ``recent``, ``both``, ``recent+eps``, ``both+eps`` (eps floor 0.05), the
+  row-normalised ``recent-norm`` and ``both+eps-norm`` (``normalize=True``) and the GSPO
+  ``sequence`` style, ``gamma * lam = 0.999``, a right-padding bool mask (lengths in [3T/4, T]);
 * ``dense``: the definition, ``x @ W^T`` with ``W = trace_weights(T)`` (only ``T <= 4096``);
 * ``torchrl-conv``: TorchRL's ``vec_generalized_advantage_estimate`` with scalar gamma / lambda,
   which is its conv-based discounted sum (``_fast_vec_gae``: ``_custom_conv1d`` with a filter of
   ``ln(1e-7) / ln(gamma lam)`` taps, capped at T); only ``T <= 4096``, very few rounds;
 * ``cumsum``: ``torch.cumsum`` (the scan floor); in ``fwdbwd`` its forward plus backward;
 * ``clone``: ``x.clone()`` (the memory floor); forward only, in both groups: the issue's targets
-  are multiples of the forward clone.
+  are multiples of the forward clone;
+* ``<backend>:<style>@scattered``: ``recent``, ``both+eps``, ``recent-norm`` with several runs of
+  valid tokens per row (``conftest.runs_mask``).
+
+``test_scales_linearly`` is not a timing but a complexity check that runs in ``make test`` too
+(``--benchmark-disable``): it fails when a backend's time grows faster than O(T).
 
 ``python benchmarks/report.py`` runs the suite and prints each variant as a multiple of ``clone``
 and of ``cumsum``.
@@ -23,7 +29,7 @@ import pytest
 import torch
 
 from conftest import (BACKENDS, DECAY, DENSE_MAX_T, DIRECTIONS, STYLES, TORCHRL_MAX_T,
-                      backend_status)
+                      backend_status, runs_mask)
 
 
 def _run(benchmark, fn, group, variant, *, rounds=None, warmup=1):
@@ -65,11 +71,34 @@ def test_creditlib_trace(benchmark, inputs, T, direction, backend, style_name):
     from creditlib.style import DecayStyle
 
     x, mask, g = inputs
-    st, eps = STYLES[style_name]
-    style = DecayStyle(st, gamma=1.0, lam=DECAY, eps=eps)
+    st, eps, normalize = STYLES[style_name]
+    style = DecayStyle(st, gamma=1.0, lam=DECAY, eps=eps, normalize=normalize)
     fn = _fwd_or_fwdbwd(lambda v: F.eligibility_trace(v, mask, style, backend=backend), x, g, direction)
     out = _run(benchmark, fn, _group(T, direction), f"{backend}:{style_name}")
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+SCATTERED_STYLES = ("recent", "both+eps", "recent-norm")
+
+
+@pytest.mark.parametrize("style_name", SCATTERED_STYLES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_creditlib_trace_scattered(benchmark, scattered, T, direction, backend, style_name):
+    """``<backend>:<style>@scattered``: as ``test_creditlib_trace`` with several valid runs per row
+    (issue 13: scattered masks at most 2.5x ``cumsum`` for the fallback, 2x the padded time in C++)."""
+    reason = backend_status(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    from creditlib import functional as F
+    from creditlib.style import DecayStyle
+
+    x, mask, g = scattered
+    st, eps, normalize = STYLES[style_name]
+    style = DecayStyle(st, gamma=1.0, lam=DECAY, eps=eps, normalize=normalize)
+    fn = _fwd_or_fwdbwd(lambda v: F.eligibility_trace(v, mask, style, backend=backend), x, g, direction)
+    out = _run(benchmark, fn, _group(T, direction), f"{backend}:{style_name}@scattered")
+    assert out.shape == x.shape and bool(torch.isfinite(out).all()) and bool((out[~mask] == 0).all())
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -121,3 +150,119 @@ def test_clone(benchmark, inputs, T, direction):
     x, mask, g = inputs
     out = _run(benchmark, x.clone, _group(T, direction), "clone")  # forward clone in both groups
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_interleaved_normalized_ratio(benchmark, inputs, T, direction):
+    """The normalised trace / the plain trace (C++), timed interleaved in one loop: A and B
+    alternate, so machine noise hits both (issue: normalised <= 1.1x plain, fwd+bwd, B=64, T=16k).
+    ``extra_info`` gets the median over rounds of the per-round ratio B/A (each A right beside its
+    B); the benchmarked callable is one A/B pair."""
+    reason = backend_status("cpp")
+    if reason is not None:
+        pytest.skip(reason)
+    import statistics
+    import time
+
+    from creditlib import functional as F
+    from creditlib.style import DecayStyle
+
+    x, mask, g = inputs
+    pairs = {"recent-norm/recent": (DecayStyle("recent", lam=DECAY), DecayStyle("recent", lam=DECAY, normalize=True)),
+             "both+eps-norm/both+eps": (DecayStyle("both", lam=DECAY, eps=0.05),
+                                        DecayStyle("both", lam=DECAY, eps=0.05, normalize=True))}
+    fns = {name: [_fwd_or_fwdbwd(lambda v, s=s: F.eligibility_trace(v, mask, s, backend="cpp"), x, g, direction)
+                  for s in pair] for name, pair in pairs.items()}
+    reps = 3 if getattr(benchmark, "disabled", False) else 31
+    for name, (fa, fb) in fns.items():
+        fa(), fb()  # warm-up
+        ratios = []
+        for i in range(reps):
+            ts = []
+            for f in ((fa, fb) if i % 2 == 0 else (fb, fa)):  # alternate which goes first
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            ta, tb = ts if i % 2 == 0 else ts[::-1]
+            ratios.append(tb / ta)
+        benchmark.extra_info[name] = statistics.median(ratios)
+    fa, fb = fns["recent-norm/recent"]
+    out = _run(benchmark, lambda: (fa(), fb())[1], _group(T, direction), "ratio:normalized")
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+
+# ----------------------------------------------------------------------------- O(T) or fail (issue 13, item 7)
+SCALING_T = (4096, 32768)  # 8x the length: an O(T) backend costs at most about 8x, an O(T^2) one 64x
+SCALING_LIMIT = 32.0  # half of quadratic: 4x above linear, so machine noise cannot reach it
+SCALING_REPS = 7
+
+
+def scaling_ratio(make, sizes=SCALING_T, reps=SCALING_REPS) -> float:
+    """``min time(make(T1)) / min time(make(T0))``: ``make(T)`` returns a callable, timed ``reps``
+    times per size, the two sizes interleaved so that machine noise hits both; the minimum of each
+    is the least disturbed run (this is a complexity check, not a speed figure)."""
+    import time
+
+    fns = [make(T) for T in sizes]
+    for f in fns:
+        f()  # warm-up (allocations, lazy set-up, a C++ build)
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[1] / max(best[0], 1e-9)
+
+
+def _scaling_mask(kind: str, R: int, T: int) -> torch.Tensor:
+    """bool ``[R, T]``: right padding (lengths in [3T/4, T]) or those rows cut into runs."""
+    gen = torch.Generator().manual_seed(T)
+    lens = torch.randint(3 * T // 4, T + 1, (R,), generator=gen)  # [R]
+    if kind == "right":
+        return torch.arange(T)[None, :] < lens[:, None]  # [R, T]
+    return runs_mask(R, T, lens)
+
+
+@pytest.mark.parametrize("mask_kind", ["right", "scattered"])
+@pytest.mark.parametrize("style_name", ["recent", "both+eps", "recent-norm", "sequence"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_scales_linearly(direction, backend, style_name, mask_kind):
+    """Fails (never skips, unless the C++ kernel cannot be built at all) when a backend's time
+    grows faster than O(T): 8x the length must cost under 32x the time (quadratic: 64x). Runs
+    under ``--benchmark-disable`` too, so ``make test`` checks it."""
+    reason = backend_status(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    from creditlib import functional as F
+    from creditlib.style import DecayStyle
+
+    st, eps, normalize = STYLES[style_name]
+    style = DecayStyle(st, gamma=1.0, lam=DECAY, eps=eps, normalize=normalize)
+    R = 8
+
+    def make(T):
+        gen = torch.Generator().manual_seed(T)
+        x = torch.randn(R, T, generator=gen)  # [R, T]
+        g = torch.randn(R, T, generator=gen)  # [R, T]
+        mask = _scaling_mask(mask_kind, R, T)  # [R, T]
+        return _fwd_or_fwdbwd(lambda v: F.eligibility_trace(v, mask, style, backend=backend), x, g, direction)
+
+    ratio = scaling_ratio(make)
+    assert ratio < SCALING_LIMIT, (f"{backend}:{style_name} {direction} ({mask_kind} mask) does not scale as O(T): "
+                                   f"T {SCALING_T[0]} -> {SCALING_T[1]} cost {ratio:.1f}x the time "
+                                   f"(linear ~{SCALING_T[1] // SCALING_T[0]}x, limit {SCALING_LIMIT}x)")
+
+
+def test_scaling_check_catches_a_quadratic_backend():
+    """The check has teeth: a dense ``[T, T]`` weight product (what an O(T^2) placeholder backend
+    would do) exceeds the limit."""
+    def make(T):
+        x = torch.randn(1, T)  # [1, T]
+        W = torch.ones(T, T)  # [T, T]
+        return lambda: x @ W
+
+    ratio = scaling_ratio(make, sizes=(1024, 8192))
+    assert ratio >= SCALING_LIMIT, f"a dense [T, T] product scaled only {ratio:.1f}x for 8x T"

@@ -1,6 +1,6 @@
 """The documentation's Python code blocks run as written (CPU, offline).
 
-Every fenced ```python block of ``docs/*.md`` is executed. The blocks of one page run in order in
+Every fenced ```python block of ``docs/*.md`` and of ``README.md`` is executed. The blocks of one page run in order in
 one fresh Python process (a later block may use what an earlier one defined), in an empty
 temporary directory (files a page writes, e.g. ``output_dir="tiny-credit"``, land there), with the
 repository on ``PYTHONPATH``, one thread and the Hugging Face Hub offline.
@@ -84,7 +84,8 @@ for name, code in blocks:
 
 
 def _pages():
-    return sorted(p.name for p in DOCS.glob("*.md"))
+    """Every page of docs/ plus the README (``"README.md"`` is read from the repository root)."""
+    return sorted(p.name for p in DOCS.glob("*.md")) + ["README.md"]
 
 
 def _missing(modules: str):
@@ -94,11 +95,11 @@ def _missing(modules: str):
 
 @pytest.mark.parametrize("page", _pages())
 def test_page_code_blocks_run(page, tmp_path):
-    path = DOCS / page
+    path = ROOT / page if page == "README.md" else DOCS / page
     blocks = parse_blocks(path.read_text(encoding="utf-8"))
     run, skipped = [], []
     for line, code, kind, arg in blocks:
-        where = f"docs/{page}:{line}"
+        where = f"{path.relative_to(ROOT)}:{line}"
         if kind == "skip-test":
             assert arg, f"{where}: a skip-test marker needs a reason: <!-- skip-test: REASON -->"
             skipped.append(f"{where} ({arg})")
@@ -114,7 +115,7 @@ def test_page_code_blocks_run(page, tmp_path):
            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(run), text=True, capture_output=True,
                           cwd=tmp_path, env=env, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (f"a code block of docs/{page} failed:\n{proc.stdout[-3000:]}\n"
+    assert proc.returncode == 0, (f"a code block of {path.relative_to(ROOT)} failed:\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[-6000:]}")
     assert proc.stdout.count("--- running") == len(run)
 

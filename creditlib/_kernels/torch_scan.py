@@ -2,13 +2,20 @@
 
 Plan (all O(T) time and memory, no T x T matrix, no Python loop over time steps, no ``d**-t``):
 
-1. **Compaction.** Move each row's valid tokens to the front (one scatter; skipped when the mask
-   is all-valid or right-padded). Valid-token positions then equal array positions and every
-   style becomes index arithmetic that is the same for all rows.
+1. **Compaction** (general path). Move each row's valid tokens to the front (one scatter; skipped
+   when the mask is all-valid or right-padded). Valid-token positions then equal array positions
+   and every style becomes index arithmetic that is the same for all rows.
 2. **Recent trace** ``r_t = d r_{t-1} + x_t`` by a chunked matmul: each chunk of ``C`` tokens is
-   multiplied by the constant ``C x C`` matrix ``d**(i-k)`` (lower triangular), and the chunk
-   carries form the same recurrence with decay ``d**C`` on a sequence ``C`` times shorter, solved
-   recursively. Powers of ``d`` are computed in float64, then cast.
+   multiplied by the constant ``C x C`` matrix ``d**(i-k)`` (lower triangular); the chunk carries
+   ``s_k = d^C s_{k-1} + e_k`` come from the closed form ``a^k cumsum(a^-k e)`` in float64 while
+   ``a^-k`` stays under ``e^600`` (else the same scan on the carries, recursively), and one in-place
+   ``baddbmm_`` adds each carry times ``d^(i+1)`` to its chunk. Powers of ``d`` in float64, then cast.
+
+   Fast paths for ``recent`` without a floor (no compaction): right-padded rows
+   (:func:`_recent_padded`: the padding is zeroed in the output; backward, only the chunk holding
+   each row's end is redone masked) and any other mask (:func:`_recent_runs`: all-valid chunks as
+   above, all-masked chunks pass the carry on, the chunks where runs start or end token by token).
+   Both reveal a NaN/inf input through their carries and then leave it to the general path.
 3. **Other styles** from ``r``, the plain prefix sum ``P`` and the early prefix sum
    ``S_m = sum_{j<=m} d**j x_j``. With window start ``a_t`` and early end ``b_t``
    (see ``docs/trace.md``)::
@@ -16,30 +23,135 @@ Plan (all O(T) time and memory, no T x T matrix, no Python loop over time steps,
        z_t = (r_t - d**(t-a_t+1) r_{a_t-1}) + S_{b_t} + eps (P_{a_t-1} - P_{b_t})
 
    The transpose (backward pass, forward-view credit) is the mirror image with suffix sums.
+4. **Normalised weights** divide row ``t`` by ``N_t`` (a float64 table of the valid position,
+   :meth:`Schedule.row_sums`): the output after the scan, or the input before the transposed scan.
+   The **sequence** style is a masked row mean broadcast to the valid tokens (self-adjoint).
+
+Non-finite valid inputs: the chunked matmul would spread them to *earlier* tokens (``0 * inf``), so
+rows holding any are scanned with them zeroed, and the outputs their support reaches (the same scan
+with 0/1 weights, :meth:`Schedule.support`) are set to NaN.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import torch
 
-from . import varlen_to_padded
+from . import Schedule, varlen_to_padded
 
-CHUNK = 32  # chunk length of the matmul scan
+CHUNK = 16  # chunk length of the matmul scan (16 and 32 tie on this AVX-512 CPU; 8 is slower)
+# The chunk carries use the closed form a^k * cumsum(a^-k e) in float64 while the largest factor
+# a^-k stays below e^CARRY_MAX_EXP (far inside float64's range for any float32 input); longer or
+# faster-decaying sequences recurse on the carries instead.
+CARRY_MAX_EXP = 600.0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _decay_matrix(d: float, C: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``M[k, i] = d**(i - k)`` for ``k <= i`` else 0, so that ``x_chunk @ M`` is the local scan."""
+@functools.lru_cache(maxsize=32)
+def _decay_matrix(d: float, C: int, dtype: torch.dtype, device, transpose: bool = False) -> torch.Tensor:
+    """``M[k, i] = d**(i - k)`` for ``k <= i`` else 0, so that ``x_chunk @ M`` is the local scan
+    (``transpose=True``: ``M.T``, contiguous, the local suffix scan). Powers in float64, then cast."""
     i = torch.arange(C, dtype=torch.float64, device=device)
     lag = i[None, :] - i[:, None]  # [C, C] (k, i) -> i - k
     M = torch.where(lag >= 0, torch.pow(torch.tensor(d, dtype=torch.float64, device=device), lag.clamp_min(0)),
                     torch.zeros((), dtype=torch.float64, device=device))  # [C, C]
-    return M.to(dtype)
+    return (M.T if transpose else M).contiguous().to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _carry_powers(d: float, C: int, dtype: torch.dtype, device, reverse: bool) -> torch.Tensor:
+    """How a carry reaches each position of the next chunk, ``[1, C]``: ``d^(i+1)`` forward,
+    ``d^(C-i)`` for the suffix scan."""
+    i = torch.arange(C, dtype=torch.float64, device=device)  # [C]
+    e = C - i if reverse else i + 1  # [C]
+    return torch.pow(torch.tensor(d, dtype=torch.float64, device=device), e).to(dtype).view(1, C)  # [1, C]
+
+
+@functools.lru_cache(maxsize=16)
+def _carry_table(a: float, n: int, device):
+    """``(a^k, a^-k)`` for ``k = 0..n-1``, float64 ``[n]`` each (``a^-k`` as its own power: no
+    division on the hot path)."""
+    base = torch.tensor(a, dtype=torch.float64, device=device)
+    k = torch.arange(n, dtype=torch.float64, device=device)  # [n]
+    return torch.pow(base, k), torch.pow(base, -k)  # [n], [n]
+
+
+def _carry_scan(e: torch.Tensor, a: float, reverse: bool) -> torch.Tensor:
+    """``s_k = a s_{k-1} + e_k`` (``reverse``: ``s_k = a s_{k+1} + e_k``) along the last dim of the
+    chunk values ``e`` ``[R, n]``, for ``0 <= a < 1``.
+
+    Closed form in float64, ``s = a^k cumsum(a^-k e)`` (reverse ``a^-k rcumsum(a^k e)``), when
+    ``n (-ln a) <= CARRY_MAX_EXP`` (no factor leaves float64's range), else the chunked scan on
+    the carries themselves. A NaN or inf in ``e_k`` makes ``s_k`` non-finite.
+    """
+    R, n = e.shape
+    if a == 0.0:  # d**C underflowed: no carry survives a whole chunk
+        return e.clone()
+    if n * -math.log(a) > CARRY_MAX_EXP:
+        return _scan(e.contiguous(), a, reverse)[0]
+    ak, a_k = _carry_table(a, n, e.device)  # [n] a^k >= e^-600, a^-k <= e^600
+    e64 = e.to(torch.float64, copy=True)  # [R, n] (e may be a view of the chunk scan)
+    if reverse:
+        s = torch.cumsum(e64.mul_(ak).flip(-1), dim=-1).flip(-1).mul_(a_k)  # [R, n]
+    else:
+        s = torch.cumsum(e64.mul_(a_k), dim=-1).mul_(ak)  # [R, n]
+    return s.to(e.dtype)
+
+
+def _scan(x: torch.Tensor, d: float, reverse: bool, lens: Optional[torch.Tensor] = None):
+    """``(r, probe)``: ``r`` the scan of :func:`recent_scan`, ``probe`` a small tensor that is all
+    finite exactly when every input that was read is finite and nothing overflowed (a NaN or inf
+    in a row reaches that row's chunk carries, through the ``0 * inf`` of the chunk matmul at worst).
+
+    ``lens`` (int64 ``[R]``, only with ``reverse`` and ``T > CHUNK``): row ``r``'s inputs at
+    ``t >= lens[r]`` are padding and are never read into a position ``t < lens[r]`` (their chunk
+    totals are dropped and the chunk holding ``lens[r]`` is redone masked); the outputs at
+    ``t >= lens[r]`` are left for the caller to zero. A forward scan is causal and needs no ``lens``.
+    """
+    R, T = x.shape
+    if d == 0.0 or T <= 1:
+        out = x.clone()  # [R, T]
+        return out, out
+    if d == 1.0:
+        if reverse:
+            tot = x.sum(dim=-1, keepdim=True)  # [R, 1]
+            return (tot - torch.cumsum(x, dim=-1)).add_(x), tot
+        out = torch.cumsum(x, dim=-1)  # [R, T]
+        return out, out[:, -1]
+    C = CHUNK
+    if T <= C:
+        out = x @ _decay_matrix(d, T, x.dtype, x.device, reverse)  # [R, T]
+        return out, out
+    n = -(-T // C)  # chunks
+    if n * C != T:
+        x = torch.nn.functional.pad(x, (0, n * C - T))  # [R, n*C] zeros at the end change nothing
+    M = _decay_matrix(d, C, x.dtype, x.device, reverse)  # [C, C]
+    local = x.view(R, n, C) @ M  # [R, n, C] scan inside each chunk
+    # Each chunk's own total (at its end; reversed: at its start), then the carries between chunks.
+    e = local[:, :, 0 if reverse else -1]  # [R, n] (strided view)
+    if lens is not None:
+        kb = (lens // C).clamp_max(n - 1)  # [R] the chunk holding position lens (or the last one)
+        inside = (torch.arange(C, device=x.device)[None, :] < (lens - kb * C)[:, None]).to(x.dtype)  # [R, C]
+        at = kb.view(R, 1, 1).expand(R, 1, C)  # [R, 1, C]
+        xb = x.view(R, n, C).gather(1, at)[:, 0] * inside  # [R, C] that chunk, padding zeroed
+        local.scatter_(1, at, (xb @ M).unsqueeze(1))  # redo it
+        keep = torch.arange(n, device=x.device)[None, :] * C < lens[:, None]  # [R, n] chunks with a valid token
+        e = torch.where(keep, e, torch.zeros((), dtype=x.dtype, device=x.device))  # [R, n]
+    carry = _carry_scan(e, d ** C, reverse)  # [R, n]
+    shifted = torch.zeros(R, n, 1, dtype=x.dtype, device=x.device)  # [R, n, 1] carry entering each chunk
+    if reverse:
+        shifted[:, :-1, 0] = carry[:, 1:]  # suffix from the next chunk
+    else:
+        shifted[:, 1:, 0] = carry[:, :-1]  # carry from the previous chunk
+    pw = _carry_powers(d, C, x.dtype, x.device, reverse).expand(R, 1, C)  # [R, 1, C]
+    local.baddbmm_(shifted, pw)  # in place: local += carry (x) powers, one pass
+    return local.view(R, n * C)[:, :T], carry
 
 
 def recent_scan(x: torch.Tensor, d: float, reverse: bool = False) -> torch.Tensor:
@@ -47,47 +159,13 @@ def recent_scan(x: torch.Tensor, d: float, reverse: bool = False) -> torch.Tenso
 
     ``reverse=True`` gives the suffix form ``u_t = d u_{t+1} + x_t`` (the transpose), without flips.
     """
-    R, T = x.shape
-    if d == 0.0 or T <= 1:
-        return x.clone()
-    if d == 1.0:
-        if reverse:
-            tot = x.sum(dim=-1, keepdim=True)  # [R, 1]
-            return tot - torch.cumsum(x, dim=-1) + x
-        return torch.cumsum(x, dim=-1)
-    C = CHUNK
-    if T <= C:
-        M = _decay_matrix(d, T, x.dtype, x.device)  # [T, T]
-        return x @ (M.T if reverse else M)
-    n = -(-T // C)  # chunks
-    if n * C != T:
-        x = torch.nn.functional.pad(x, (0, n * C - T))  # [R, n*C] zeros at the end change nothing
-    xc = x.view(R, n, C)  # [R, n, C]
-    M = _decay_matrix(d, C, x.dtype, x.device)  # [C, C]
-    local = xc @ (M.T if reverse else M)  # [R, n, C] scan inside each chunk
-    i = torch.arange(C, dtype=torch.float64, device=x.device)  # [C]
-    base = torch.tensor(d, dtype=torch.float64, device=x.device)
-    if reverse:
-        carry = recent_scan(local[:, :, 0].contiguous(), d ** C, reverse=True)  # [R, n] value at chunk starts
-        pw = torch.pow(base, C - i).to(x.dtype)  # [C] d^(C-i)
-        local[:, :-1, :] += carry[:, 1:, None] * pw  # suffix from the next chunk
-    else:
-        carry = recent_scan(local[:, :, -1].contiguous(), d ** C)  # [R, n] value at chunk ends
-        pw = torch.pow(base, i + 1).to(x.dtype)  # [C] d^(i+1)
-        local[:, 1:, :] += carry[:, :-1, None] * pw  # carry from the previous chunk
-    return local.view(R, n * C)[:, :T]
+    return _scan(x, d, reverse)[0]
 
 
 def _pow(d: float, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``d**k`` for an integer tensor ``k >= 0``, computed in float64 (``0**0 = 1``)."""
     base = torch.tensor(d, dtype=torch.float64, device=k.device)
     return torch.pow(base, k.to(torch.float64)).to(dtype)
-
-
-def _window(d: float, eps: float) -> Optional[int]:
-    from ..style import DecayStyle
-
-    return DecayStyle("recent", 1.0, d, eps).window
 
 
 def _both_head(x: torch.Tensor, r: torch.Tensor, d: float, n: int) -> torch.Tensor:
@@ -104,14 +182,14 @@ def _both_head(x: torch.Tensor, r: torch.Tensor, d: float, n: int) -> torch.Tens
     return r[:, :n]
 
 
-def _forward_dense_rows(x: torch.Tensor, d: float, eps: float, both: bool) -> torch.Tensor:
+def _forward_dense_rows(x: torch.Tensor, sched: Schedule) -> torch.Tensor:
     """Trace of rows whose valid tokens are a prefix (zeros after). ``x`` ``[R, T]``.
 
     Window start ``a_t`` and early end ``b_t`` per style (``L`` = :attr:`DecayStyle.window`):
     recent ``a = max(0, t-L)``, ``b = -1``; both ``a = max(t//2+1, t-L)``, ``b = min(t//2, L)``.
     """
     R, T = x.shape
-    L = _window(d, eps)
+    d, eps, both, L = sched.d, sched.eps, sched.both, sched.window
     r = recent_scan(x, d)  # [R, T]
     if not both and L is None:
         return r
@@ -134,7 +212,7 @@ def _forward_dense_rows(x: torch.Tensor, d: float, eps: float, both: bool) -> to
     return z
 
 
-def _transpose_dense_rows(y: torch.Tensor, d: float, eps: float, both: bool) -> torch.Tensor:
+def _transpose_dense_rows(y: torch.Tensor, sched: Schedule) -> torch.Tensor:
     """``W^T y`` for rows whose valid tokens are a prefix (zeros after). ``y`` ``[R, T]``.
 
     ``g_j = sum_{t>=j} w(t, j) y_t``. With ``u`` the reverse recent trace and ``Q`` suffix sums:
@@ -142,7 +220,7 @@ def _transpose_dense_rows(y: torch.Tensor, d: float, eps: float, both: bool) -> 
     ``g_j = u_j + d^j (Q_{2j} - u_{2j})``, (``j > L``) as recent+floor.
     """
     R, T = y.shape
-    L = _window(d, eps)
+    d, eps, both, L = sched.d, sched.eps, sched.both, sched.window
     u = recent_scan(y, d, reverse=True)  # [R, T] u_j = sum_{t>=j} d^(t-j) y_t
     if not both and L is None:
         return u
@@ -167,33 +245,272 @@ def _transpose_dense_rows(y: torch.Tensor, d: float, eps: float, both: bool) -> 
     return g
 
 
+def _rows(x: torch.Tensor, sched: Schedule, transpose: bool) -> torch.Tensor:
+    """``W x`` / ``W^T x`` of rows whose valid tokens are a prefix (zeros after), all finite."""
+    if sched.normalize:
+        inv = sched.inv_row_sums(x.shape[-1], x.dtype, x.device)  # [T] 1 / N_k
+        if transpose:
+            return _transpose_dense_rows(x * inv, sched)
+        return _forward_dense_rows(x, sched).mul_(inv)
+    return (_transpose_dense_rows if transpose else _forward_dense_rows)(x, sched)
+
+
+def _rows_nonfinite(x: torch.Tensor, sched: Schedule, transpose: bool) -> torch.Tensor:
+    """As :func:`_rows` when some inputs may be NaN/inf: they reach exactly their support, as NaN."""
+    if bool(torch.isfinite(x.sum())):
+        return _rows(x, sched, transpose)
+    bad = ~torch.isfinite(x)  # [R, T]
+    z = _rows(torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x), sched, transpose)  # [R, T]
+    hit = _rows(bad.to(x.dtype), sched.support(), transpose) > 0.5  # [R, T] counts of reaching bad inputs
+    return z.masked_fill_(hit, float("nan"))
+
+
+def _sequence(x: torch.Tensor, valid: Optional[torch.Tensor], cd: torch.dtype) -> torch.Tensor:
+    """Each valid token gets its row's mean over valid tokens (the operator is its own transpose)."""
+    xc = x.to(cd)  # [R, T]
+    if valid is None:
+        return xc.mean(-1, keepdim=True).expand_as(xc).to(x.dtype)
+    zero = torch.zeros((), dtype=cd, device=x.device)
+    xv = torch.where(valid, xc, zero)  # [R, T] masked inputs never enter (NaN-safe)
+    n = valid.sum(-1, keepdim=True).clamp_min(1).to(cd)  # [R, 1]
+    mean = xv.sum(-1, keepdim=True) / n  # [R, 1]
+    return torch.where(valid, mean.expand_as(xc), zero).to(x.dtype)
+
+
+_ONES8 = 0x0101010101010101  # eight bytes of 1
+_PARTIAL_WORDS = torch.tensor([_ONES8 >> (8 * (8 - k)) if k else 0 for k in range(9)], dtype=torch.int64)  # k bytes of 1
+
+
+def _right_padded(mask_u8: torch.Tensor) -> Optional[torch.Tensor]:
+    """Row lengths (int64 ``[R]``) when every byte is 0 or 1 and each row's valid tokens form a
+    prefix (right padding), else ``None``.
+
+    When the mask is laid out for it, reads it as int64 words of 8 bytes (a few passes over 1/8
+    of the elements; bytewise comparisons cost several times more here): a right padded row is
+    some full words ``0x0101..01``, at most one partial word (a prefix of 1 bytes, little-endian),
+    then zero words; so the words never increase, and counting the full and the nonzero words
+    pins the partial one down.
+    """
+    R, T = mask_u8.shape
+    if T == 0:
+        return torch.zeros(R, dtype=torch.int64, device=mask_u8.device)
+    if mask_u8.is_contiguous() and T % 8 == 0 and mask_u8.storage_offset() % 8 == 0:
+        w = mask_u8.view(torch.int64)  # [R, W] words, W = T / 8
+        W = w.shape[1]
+        # A row passes when its words run from 0x0101..01 down to 0 (never increasing; none above
+        # 0x0101..01, none negative), counted by binary search on the negated row (a bool .sum()
+        # would first copy the comparison to int64), with at most one partial word between, which
+        # must be a prefix of 1 bytes. One host sync for all the conditions.
+        ok = (w[:, 0] <= _ONES8) & (w[:, -1] >= 0)  # [R]
+        if W > 1:
+            ok &= ~(w[:, 1:] > w[:, :-1]).any(-1)  # [R]
+        nw = w.neg()  # [R, W] ascending when the row passes
+        full = torch.searchsorted(nw, torch.full((R, 1), -_ONES8, dtype=torch.int64, device=w.device),
+                                  right=True)[:, 0]  # [R] words == 0x0101..01
+        partial = torch.searchsorted(nw, torch.zeros(R, 1, dtype=torch.int64, device=w.device))[:, 0] - full  # [R]
+        pw = w.gather(1, full.clamp_max(W - 1)[:, None])[:, 0] * (partial > 0)  # [R] the partial word or 0
+        nbytes = ((pw * _ONES8) >> 56) & 0xFF  # [R] its bytes summed into the top byte
+        table = _PARTIAL_WORDS.to(w.device)  # [9] k bytes of 1, k = 0..8
+        ok &= (partial <= 1) & (pw == table[nbytes.clamp_max(8)])  # [R]
+        if not bool(ok.all()):
+            return None
+        return full * 8 + nbytes  # [R]
+    if not bool((mask_u8[:, 0] <= 1).all()):
+        return None
+    # bytes that never increase along a row from a first byte <= 1 are all 0 or 1
+    if T > 1 and bool((mask_u8[:, 1:] > mask_u8[:, :-1]).any()):
+        return None
+    return torch.count_nonzero(mask_u8, dim=-1)  # [R] int64
+
+
+# Up to this many rows, and from this length on, the padding of right-padded rows is zeroed row by
+# row (one small call per row with padding, a few microseconds each) instead of multiplying the
+# whole [R, T] output by a float mask (two passes).
+ROW_LOOP_MAX = 256
+ROW_LOOP_MIN_T = 1024
+
+
+def _odd_bytes(mask_u8: torch.Tensor) -> bool:
+    """Whether some byte of the mask is neither 0 nor 1 (one reduction over the bytes)."""
+    return int(mask_u8.max()) > 1
+
+
+def _recent_padded(x: torch.Tensor, lens: Optional[torch.Tensor], mask_u8: Optional[torch.Tensor],
+                   sched: Schedule, transpose: bool) -> Optional[torch.Tensor]:
+    """The ``recent`` trace without a floor (normalised or not) of rows whose valid tokens are a
+    prefix of length ``lens`` (``None``: all valid; ``mask_u8`` its 0/1 bytes): one chunked scan
+    and the zeroing of the padding, no other pass over ``[R, T]`` for a few hundred rows.
+
+    Forward, the scan is causal: the padding reaches only padded outputs, which are zeroed.
+    Backward (``transpose``) the scan never reads padding into a valid position (see :func:`_scan`).
+    Returns ``None`` when some input (valid, or padding that was read) is NaN or inf, which the
+    scan's carries reveal at no extra cost; the caller then takes the general path.
+    """
+    R, T = x.shape
+    inv = sched.inv_row_sums(T, x.dtype, x.device) if sched.normalize else None  # [T] 1 / N_t
+    loop = (lens is not None and R <= ROW_LOOP_MAX and T >= max(ROW_LOOP_MIN_T, CHUNK + 1)
+            and 0.0 < sched.d < 1.0)  # the conditions of _scan's lens
+    mf = None if lens is None or loop else mask_u8.to(x.dtype)  # [R, T] float 0/1 (uint8 products cast slowly)
+    if transpose:
+        y = x if mf is None else x * mf  # [R, T]
+        if inv is not None:
+            y = y * inv if y is x else y.mul_(inv)
+        z, probe = _scan(y, sched.d, True, lens if loop else None)  # [R, T]
+        z = z.contiguous()
+        if mf is not None:  # (d = 1 reverse sums leave rounding residue at padding)
+            z.mul_(mf)
+    else:
+        z, probe = _scan(x, sched.d, False)  # [R, T]
+        z = z.contiguous()
+        if mf is not None:
+            z.mul_(mf)
+        if inv is not None:
+            z.mul_(inv)
+    if not bool(torch.isfinite(probe.sum())):
+        return None
+    if loop:
+        for r, n in enumerate(lens.tolist()):
+            if n < T:
+                z[r, n:].zero_()
+    return z
+
+
+def _recent_runs(x: torch.Tensor, mask_u8: torch.Tensor, d: float, transpose: bool) -> Optional[torch.Tensor]:
+    """The ``recent`` trace (no floor, not normalised, ``0 < d < 1``) under any 0/1 mask, without
+    moving tokens: chunks of ``CHUNK`` tokens that are all valid take the constant-matrix scan,
+    all-masked chunks output 0 and pass the carry on undecayed, and only the chunks where a run of
+    valid tokens starts or ends (few for masks made of runs) are computed token by token.
+
+    With ``c_t`` the valid tokens at positions ``<= t``, ``V_k`` those up to the end of chunk
+    ``k`` (``P_k = V_{k-1}``) and ``cnt_k`` those inside it, the carries are, forward, the trace at
+    each chunk's end ``s_k = d^cnt_k s_{k-1} + e_k = d^V_k cumsum(d^-V e)_k``, and backward the
+    suffix value ``s_k = sum_{t in chunks >= k} d^(c_t - P_k - 1) y_t = d^-P_k rcumsum(d^P e)_k``
+    (float64; ``None`` when ``d^-V`` could leave its range, or when a valid input is NaN/inf: the
+    caller then takes the general path). Masked inputs are never read into any output.
+    """
+    R, T = x.shape
+    C = 16  # two 8-byte mask words per chunk
+    if not (1e-6 <= d < 1.0) or T < C:
+        return None
+    n = -(-T // C)
+    if n * C != T:  # pad to whole chunks (masked)
+        x = torch.nn.functional.pad(x, (0, n * C - T))
+        mask_u8 = torch.nn.functional.pad(mask_u8, (0, n * C - T))
+    elif not mask_u8.is_contiguous() or mask_u8.storage_offset() % 8 != 0:
+        mask_u8 = mask_u8.clone(memory_format=torch.contiguous_format)  # offset 0: readable as words
+    x = x.contiguous()
+    dt, dev = x.dtype, x.device
+    f64 = torch.float64
+    mw = mask_u8.view(torch.int64).view(R, n, 2)  # [R, n, 2] the two 8-byte words of each chunk (C = 16)
+    full = (mw[:, :, 0] & mw[:, :, 1]) == _ONES8  # [R, n] every byte 1 (the bytes are 0/1)
+    empty = (mw[:, :, 0] | mw[:, :, 1]) == 0  # [R, n] no valid token
+    mixed = ~(full | empty)  # [R, n] computed token by token
+    cnt = full.to(f64) * C  # [R, n] valid tokens per chunk (mixed ones filled in below)
+    flat_mixed = mixed.view(-1).nonzero().squeeze(1)  # [K] chunk ids in R * n
+    K = flat_mixed.numel()
+    ln_d = math.log(d)
+    if K:  # the mixed chunks, token by token, in the compute dtype: exponents stay <= C, and an
+        # overflow (|x| near float32's max over d^C) makes the carries non-finite: general path
+        xm = x.view(R * n, C).index_select(0, flat_mixed)  # [K, C]
+        valid = mask_u8.view(R * n, C).index_select(0, flat_mixed) != 0  # [K, C]
+        kc = torch.cumsum(valid.to(dt), dim=-1)  # [K, C] inclusive count inside the chunk
+        Km = kc[:, -1]  # [K]
+        cnt.view(-1).index_copy_(0, flat_mixed, Km.to(f64))
+        xm = torch.where(valid, xm, torch.zeros((), dtype=dt, device=dev))  # [K, C] masked inputs never read
+        dk = torch.exp(kc * ln_d)  # [K, C] d^kc
+        dk_inv = torch.exp(kc * -ln_d)  # [K, C] d^-kc
+    V = torch.cumsum(cnt, dim=-1)  # [R, n] valid tokens up to each chunk's end
+    if float(V[:, -1].max()) * -ln_d > CARRY_MAX_EXP:
+        return None
+    local = x.view(R, n, C) @ _decay_matrix(d, C, dt, dev, transpose)  # [R, n, C] exact in full chunks
+    zero = torch.zeros((), dtype=f64, device=dev)
+    e = torch.where(full, local[:, :, 0 if transpose else -1].to(f64), zero)  # [R, n] chunk contributions
+    if K:
+        if transpose:  # local_j = d^-kc_j rcumsum(d^kc m y)_j; e = d^-1 rcumsum(...)_0
+            rcs = torch.cumsum((xm * dk).flip(-1), dim=-1).flip(-1)  # [K, C]
+            e.view(-1).index_copy_(0, flat_mixed, rcs[:, 0].to(f64) / d)
+        else:  # local_i = d^kc_i cumsum(d^-kc m x)_i; e = d^K cumsum(...)_end
+            cs = torch.cumsum(xm * dk_inv, dim=-1)  # [K, C]
+            e.view(-1).index_copy_(0, flat_mixed, (cs[:, -1] * dk[:, -1]).to(f64))
+    if transpose:
+        P = V - cnt  # [R, n] valid tokens before each chunk
+        dP = torch.exp(P * ln_d)  # [R, n]
+        s = torch.cumsum((e * dP).flip(-1), dim=-1).flip(-1).div_(dP)  # [R, n] suffix value at chunk k
+    else:
+        dV = torch.exp(V * ln_d)  # [R, n]
+        s = torch.cumsum(e / dV, dim=-1).mul_(dV)  # [R, n] trace at chunk k's end
+    if not bool(torch.isfinite(s.sum())):
+        return None
+    shifted = torch.zeros(R, n, 1, dtype=dt, device=dev)  # [R, n, 1] carry entering each chunk
+    if transpose:
+        shifted[:, :-1, 0] = s[:, 1:]
+    else:
+        shifted[:, 1:, 0] = s[:, :-1]
+    local.baddbmm_(shifted, _carry_powers(d, C, dt, dev, transpose).expand(R, 1, C))  # full chunks done
+    z = local.view(R * n, C)
+    flat_empty = empty.view(-1).nonzero().squeeze(1)  # [E]
+    if flat_empty.numel():
+        z.index_fill_(0, flat_empty, 0.0)
+    if K:
+        sk = shifted.view(-1).index_select(0, flat_mixed)  # [K] carry entering each mixed chunk
+        if transpose:  # g_j = m_j d^-kc_j (rcs_j + d^(K+1) s_{k+1})
+            zm = (rcs + (dk[:, -1] * d * sk)[:, None]).mul_(dk_inv)  # [K, C]
+        else:  # z_i = m_i d^kc_i (cs_i + s_{k-1})
+            zm = (cs + sk[:, None]).mul_(dk)  # [K, C]
+        z.index_copy_(0, flat_mixed, torch.where(valid, zm, torch.zeros((), dtype=dt, device=dev)))
+    return local.view(R, n * C)[:, :T]
+
+
 def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-               d: float, eps: float, both: bool, transpose: bool) -> torch.Tensor:
+               sched: Schedule, transpose: bool) -> torch.Tensor:
     """See :mod:`creditlib._kernels` for the calling convention."""
     if cu_seqlens is not None:  # packed -> padded [S, Tmax] (the compiled kernels work in place)
         xp, mask, _ = varlen_to_padded(x, cu_seqlens)  # [S, Tmax], [S, Tmax]
         if xp.numel() == 0:
             return torch.zeros_like(x)
-        zp = trace_scan(xp.contiguous(), mask.view(torch.uint8), None, d, eps, both, transpose)
+        zp = trace_scan(xp.contiguous(), mask.view(torch.uint8), None, sched, transpose)
         return zp[mask]  # [N]
     out_dtype = x.dtype
     cd = _compute_dtype(x.dtype)
     R, T = x.shape
-    op = _transpose_dense_rows if transpose else _forward_dense_rows
-    if mask_u8 is None or bool(mask_u8.all()):
-        return op(x.to(cd), d, eps, both).to(out_dtype)
-    if bool(torch.isfinite(x.sum())) and (T == 1 or not bool((mask_u8[:, 1:] > mask_u8[:, :-1]).any())):
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    # Any nonzero byte is a valid token (a uint8 tensor viewed as bool may hold 2 or 255).
+    if sched.sequence:
+        return _sequence(x, None if mask_u8 is None else mask_u8 != 0, cd)
+    if mask_u8 is not None and bool(mask_u8.all()):
+        mask_u8 = None
+    lens = None if mask_u8 is None else _right_padded(mask_u8)  # [R] when right padded (0/1 bytes)
+    if lens is None and mask_u8 is not None:
+        if _odd_bytes(mask_u8):
+            # bytes other than 0/1 (a uint8 tensor viewed as bool): canonicalise once, so that every
+            # path below sees 0/1 and a mask takes the same path whatever its bytes
+            mask_u8 = (mask_u8 != 0).view(torch.uint8)  # [R, T]
+            lens = _right_padded(mask_u8)
+        if lens is None and sched.kind == "recent" and sched.window is None and not sched.normalize:
+            z = _recent_runs(x.to(cd), mask_u8, sched.d, transpose)  # any mask: no compaction
+            if z is not None:  # None: not applicable, or a NaN/inf input
+                return z.contiguous().to(out_dtype)
+    padded = mask_u8 is None or lens is not None
+    if padded and sched.kind == "recent" and sched.window is None:
+        z = _recent_padded(x.to(cd), lens, mask_u8, sched, transpose)  # None: some input is NaN/inf
+        if z is not None:
+            return z.to(out_dtype)
+    if mask_u8 is None:
+        return _rows_nonfinite(x.to(cd), sched, transpose).to(out_dtype)
+    if padded and bool(torch.isfinite(x.sum())):
         # right padding (valid tokens form a prefix): positions already count valid tokens, and
-        # with finite inputs a float mask multiplies padding to exact zeros (no bool `where`).
+        # with finite inputs a 0/1 float mask multiplies padding to exact zeros (no bool `where`).
         # A finite sum proves every input finite (NaN or inf anywhere makes it NaN or inf; an
         # overflow only sends us to the general path below).
         mf = mask_u8.to(cd)  # [R, T]
-        return op(x.to(cd) * mf, d, eps, both).mul_(mf).to(out_dtype)
+        return _rows(x.to(cd) * mf, sched, transpose).mul_(mf).to(out_dtype)
+    m01 = (mask_u8 != 0).view(torch.uint8)  # [R, T] exactly 0/1
     # Compaction without any bool `where` (slow on CPU): valid token k of a row goes to column
     # k+1 of a [R, T+1] buffer, masked tokens (NaN/inf included) all go to the dump column 0.
-    dst = torch.cumsum(mask_u8, dim=-1, dtype=torch.int32).mul_(mask_u8).long()  # [R, T]
+    dst = torch.cumsum(m01, dim=-1, dtype=torch.int32).mul_(m01).long()  # [R, T]
     # dst: 1 + valid-token index, 0 when masked
     buf = torch.zeros(R, T + 1, dtype=cd, device=x.device).scatter_(1, dst, x.to(cd))  # [R, T+1]
-    zc = op(buf[:, 1:].contiguous(), d, eps, both)  # [R, T] rows hold their valid tokens first
+    zc = _rows_nonfinite(buf[:, 1:].contiguous(), sched, transpose)  # [R, T] rows hold their valid tokens first
     zb = torch.nn.functional.pad(zc, (1, 0))  # [R, T+1], column 0 = 0
     return zb.gather(1, dst).to(out_dtype)  # [R, T]: masked positions read the 0 column
