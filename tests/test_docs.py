@@ -88,6 +88,10 @@ def _pages():
     return sorted(p.name for p in DOCS.glob("*.md")) + ["README.md"]
 
 
+def _path(page: str) -> Path:
+    return ROOT / page if page == "README.md" else DOCS / page
+
+
 def _missing(modules: str):
     names = [m.strip() for m in modules.split(",") if m.strip()]
     return [m for m in names if importlib.util.find_spec(m) is None]
@@ -95,7 +99,7 @@ def _missing(modules: str):
 
 @pytest.mark.parametrize("page", _pages())
 def test_page_code_blocks_run(page, tmp_path):
-    path = ROOT / page if page == "README.md" else DOCS / page
+    path = _path(page)
     blocks = parse_blocks(path.read_text(encoding="utf-8"))
     run, skipped = [], []
     for line, code, kind, arg in blocks:
@@ -160,9 +164,9 @@ def test_parse_blocks_rejects_unclosed_fence():
 
 def test_every_skip_marker_has_a_reason():
     for page in _pages():
-        for line, _, kind, arg in parse_blocks((DOCS / page).read_text(encoding="utf-8")):
+        for line, _, kind, arg in parse_blocks(_path(page).read_text(encoding="utf-8")):
             if kind == "skip-test":
-                assert arg, f"docs/{page}:{line}: <!-- skip-test: REASON --> needs a reason"
+                assert arg, f"{_path(page).relative_to(ROOT)}:{line}: <!-- skip-test: REASON --> needs a reason"
 
 
 # ----------------------------------------------------------------------------- the figure of docs/credit.md
