@@ -154,7 +154,7 @@ def write_summary(name: str, cfg, out: Path, model, tokenizer, full_state_dict: 
     tokenizer.save_pretrained(final)
     recs = read_metrics(out / "metrics.jsonl")
     rl = [r for r in recs if r.get("phase") == "rl"]
-    png = plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{name} on {cfg.dataset}") if cfg.plot else None
+    png = plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{name} (--credit {cfg.credit}) on {cfg.dataset}") if cfg.plot else None
     first, last = rl[:10], rl[-10:]
     before = state.get("acc_before")
     init = state.get("acc_init")
