@@ -39,7 +39,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,13 +53,9 @@ ROUNDS = 5  # timed steps per case (each a different batch of prompts)
 
 def _recipe():
     """``recipes/grpo.py`` as a module (loaded from its file, as the presets do)."""
-    name = "creditlib_recipes_grpo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "recipes" / "grpo.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    from creditlib.rl.loop import load_recipe
+
+    return load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "grpo.py")
 
 
 def _recipe_step_fn(credit: str, out_dir, functional: bool = False):

@@ -10,23 +10,11 @@ existing commands keep working; new commands use ``recipes/grpo.py``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+from creditlib.rl.loop import load_recipe  # needs creditlib installed (make install / pip install -e .)
 
-def _load_recipe():
-    """``recipes/grpo.py`` as a module, loaded from its file."""
-    name = "creditlib_recipes_grpo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("grpo.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-recipe = _load_recipe()
+recipe = load_recipe(Path(__file__).resolve().with_name("grpo.py"))  # the pipeline, loaded from its file
 NAME = "GRPO"
 DEFAULTS = {"credit": "grpo", "output_dir": "runs/grpo_qwen"}
 

@@ -9,13 +9,19 @@ lives here:
 * :class:`StopSignals` -- SIGTERM / SIGINT finish the current step, checkpoint and exit ``128 + signal``;
 * :func:`learning_rate` -- linear warm-up of the RL learning rate;
 * :func:`nonfinite_message` -- the message of a NaN/inf stop (the last good checkpoint, how to resume);
-* :func:`write_summary` -- final model, plot and the summary table.
+* :func:`write_summary` -- final model, plot and the summary table;
+* :func:`load_recipe` -- a recipe script as a module (the presets and the benchmarks load
+  ``recipes/grpo.py`` this way, without putting ``recipes/`` on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import signal
+import sys
 import time
+from types import ModuleType
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,7 +33,7 @@ from .distributed import all_reduce_sum
 from .metrics import plot_metrics, read_metrics, summary_table
 
 __all__ = ["StartPoint", "start_point", "init_weights", "StopSignals", "learning_rate", "nonfinite_message",
-           "write_summary"]
+           "write_summary", "load_recipe"]
 
 
 @dataclass(frozen=True)
@@ -181,3 +187,25 @@ def write_summary(name: str, cfg, out: Path, model, tokenizer, full_state_dict: 
         ("checkpoint / final model", f"{ckpt.latest_checkpoint(out)} / {final}"),
     ]
     return summary_table(rows, (f"{name} summary", "")), png
+
+
+def load_recipe(path: str | os.PathLike) -> ModuleType:
+    """The recipe script at ``path`` (e.g. ``recipes/grpo.py``) as a module, executed once per process.
+
+    Registered in ``sys.modules`` as ``creditlib_recipes_<stem>``, so every preset that loads the same
+    file shares one module.
+    """
+    path = Path(path).resolve()
+    name = f"creditlib_recipes_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"path must be a Python recipe file, got {str(path)!r}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
