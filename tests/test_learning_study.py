@@ -319,6 +319,12 @@ def test_late_and_long_tasks_problems_and_rewards():
         late_decision_reward(["1"], [])
     with pytest.raises(ValueError, match="filler_length"):
         LateDecisionTask(filler_length=0)
+    with pytest.raises(ValueError, match="before_fill"):
+        LateDecisionTask(before_fill="?")
+    # the variant filled with the prompt's moves (repeated from the first), same problems
+    mv = LateDecisionTask(8, 24, 7, {"test": 64, "val": 32}, before_fill="moves")
+    p, q = mv.problem("train", 3), late.problem("train", 3)
+    assert p.prompt == q.prompt and p.solution == (p.prompt[1:9] * 3)[:24] + q.answer
     with pytest.raises(ValueError, match="side"):
         LongDecisionTask(side=0)
     # the tasks draw different problems from the same data seed (their generators are named)
@@ -485,6 +491,11 @@ def test_analysis_and_report_from_run_folders(tmp_path):
     page = rp.read_text()
     assert page.index("## Conclusion") < page.index("## Headline") < page.index("## Results")
     assert "](../img/study_late_forest.png)" in page and "Not written yet" in page
+    # the across-task overview: AUC table with each method's chosen lr, and one forest over tasks
+    assert page.index("## Headline") < page.index("## Across tasks") < page.index("## Results")
+    assert "| clamp | 0.6" in page and "(0.0002)" in page
+    assert (img / "study_overview_forest.png").stat().st_size > 5000
+    assert "](../img/study_overview_forest.png)" in page
     rp.write_text(page.replace("_Not written yet: summarise the headline below, plainly, whatever it says._",
                                "Clamp wins here."))
     ls.write_report(rp, plan, text, info, img, "cmd")

@@ -508,6 +508,7 @@ def plot_forest(ratios: Dict[str, Dict[str, Tuple[float, float, float]]], png: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if not ratios:
         raise ValueError("ratios must hold at least one panel")
@@ -527,6 +528,13 @@ def plot_forest(ratios: Dict[str, Dict[str, Tuple[float, float, float]]], png: s
             ax.plot([p], [y], "o", color="C0", mfc="white" if cens else "C0", ms=6)
         ax.axvline(1.0, color="grey", ls="--", lw=1)
         ax.set_xscale("log")
+        lo_x, hi_x = ax.get_xlim()
+        lo_x, hi_x = min(lo_x, 0.9), max(hi_x, 1.12)  # a panel whose every ratio is 1 still gets a readable axis
+        ax.set_xlim(lo_x, hi_x)
+        ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0) if lo_x <= t <= hi_x]
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(panel, fontsize=9)
         ax.grid(axis="x", alpha=0.3, which="both")
         ax.set_xlabel(f"steps ratio / {baseline}")

@@ -10,7 +10,7 @@ parses its command line::
 Every task is a dial walk in the prompt (as in :class:`creditlib.rl.task.ChainTask`). In ``walk`` the
 completion writes every step and each one feeds the answer; the others differ in WHERE in the
 completion their one decisive token sits. The other completion tokens are filler that the
-reward ignores: after the decision, the prompt's moves repeated; before it, ``=`` signs:
+reward ignores: the prompt's moves repeated, or (before ``long``'s decision) ``=`` signs:
 
 =========  ==============================================  ==========================  ==========
 dataset    completion (8-move walk, answer ``1``)          reward reads                tokens
@@ -41,6 +41,12 @@ warm-ups of the 495k-parameter model (2026-11-30): ``long`` with moves before th
 chance (validation accuracy 0.10) at step 310 when it was stopped; with ``=`` it sat near 0.2 from step
 400 and jumped to 0.52 at step 990. ``late`` (``=``) sat at 0.16-0.22 through 800 steps. A decision
 late in the completion is slow to learn for this model either way; the study's warm-ups allow 1500 steps.
+In the study2 sweep (2026-11-30) ``late``'s warm-up (batch 64) again stalled: greedy 0.18-0.21 at its
+1500-step cap (about what knowing the start digit's parity gives: 0.2), and so confident that a group's
+8 samples almost always agreed (train reward 0.17-0.19, pre-clip gradient norm 0.06-0.08): 50 RL steps
+at any rate from 2e-5 to 2e-4 left validation accuracy at 0.18-0.20 for every method. Filling with the
+prompt's moves instead (``before_fill="moves"``) was worse: chance (0.07-0.11) at 1500 steps. The study
+therefore warms ``late`` up with batches of 128 for up to 2500 steps (``TASKS`` in the runner).
 
 **Held-out split.** The recipe evaluates on a source's ``heldout(n)``. Each study source serves the
 ``test`` split there, or the ``val`` split when the environment variable ``STUDY_EVAL_SPLIT=val`` is
@@ -131,15 +137,19 @@ class DecisionTask(ChainTask):
     Args:
         num_ops: moves of the walk in the prompt (>= 1); there are ``10 * 2**num_ops`` distinct prompts.
         before, after: filler characters before / after the decision (>= 0 each).
+        before_fill: what fills ``before``: ``"="`` signs or ``"moves"`` (the prompt's moves, repeated).
         data_seed: seed of the generator; with ``key``, the split name and the index it fixes a problem.
         heldout_sizes: sizes of the held-out splits excluded from training, e.g. ``{"test": 512, "val": 256}``.
         key: the generator's name (different tasks draw different problems from the same seed).
     """
 
     def __init__(self, num_ops: int = 8, before: int = 0, after: int = 24, data_seed: int = 1234,
-                 heldout_sizes: Optional[dict] = None, key: str = "decision"):
+                 heldout_sizes: Optional[dict] = None, key: str = "decision", before_fill: str = "="):
         if not isinstance(num_ops, int) or isinstance(num_ops, bool) or num_ops < 1:
             raise ValueError(f"num_ops must be a positive int, got {num_ops!r}")
+        if before_fill not in ("=", "moves"):
+            raise ValueError(f"before_fill must be '=' or 'moves', got {before_fill!r}")
+        self.before_fill = before_fill
         for name, v in (("before", before), ("after", after)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -164,8 +174,9 @@ class DecisionTask(ChainTask):
         prompt = str(r) + "".join(ops) + "?"
         for op in ops:
             r = (r + _MOVES[op]) % 10
-        after = ("".join(ops) * -(-self.after // self.num_ops))[:self.after]  # the moves, repeated
-        return ChainProblem(prompt, "=" * self.before + str(r) + after, str(r))
+        moves = "".join(ops) * -(-max(self.before, self.after) // self.num_ops)  # the moves, repeated
+        before = "=" * self.before if self.before_fill == "=" else moves[:self.before]
+        return ChainProblem(prompt, before + str(r) + moves[:self.after], str(r))
 
 
 class EarlyDecisionTask(DecisionTask):
@@ -185,14 +196,18 @@ class EarlyDecisionTask(DecisionTask):
 
 
 class LateDecisionTask(DecisionTask):
-    """The control: ``filler_length`` ``=`` signs, then the decision as the LAST token."""
+    """The control: ``filler_length`` filler tokens, then the decision as the LAST token.
+
+    The filler is ``=`` signs (``before_fill="="``, the default) or the prompt's moves, repeated
+    (``"moves"``: a variant whose warm-up stayed at chance; see the module docstring).
+    """
 
     def __init__(self, num_ops: int = 8, filler_length: int = 24, data_seed: int = 1234,
-                 heldout_sizes: Optional[dict] = None):
+                 heldout_sizes: Optional[dict] = None, before_fill: str = "="):
         if not isinstance(filler_length, int) or isinstance(filler_length, bool) or filler_length < 1:
             raise ValueError(f"filler_length must be a positive int, got {filler_length!r}")
         self.filler_length = filler_length
-        super().__init__(num_ops, filler_length, 0, data_seed, heldout_sizes, key="late")
+        super().__init__(num_ops, filler_length, 0, data_seed, heldout_sizes, key="late", before_fill=before_fill)
 
 
 class LongDecisionTask(DecisionTask):
@@ -283,8 +298,9 @@ def register_tasks() -> None:
                      description="learning study: a dial walk whose answer is the FIRST completion token, then filler "
                                  f"tokens (STUDY_EARLY_FILLER, default {EARLY_FILLER}) that do not affect the reward")
     register_dataset("late", _build_late, reward=late_decision_reward, embedded=True, overwrite=True,
-                     description="learning study (control): '=' filler tokens (STUDY_EARLY_FILLER, default "
-                                 f"{EARLY_FILLER}), then the answer as the LAST completion token")
+                     description="learning study (control): filler tokens (the prompt's moves repeated; "
+                                 f"STUDY_EARLY_FILLER, default {EARLY_FILLER}), then the answer as the LAST "
+                                 "completion token")
     register_dataset("long", _build_long, reward=first_digit_reward, embedded=True, overwrite=True,
                      description=f"learning study: {LONG_SIDE} '=' tokens (STUDY_LONG_SIDE), the answer, {LONG_SIDE} "
                                  "filler moves: a 66-token completion whose middle token decides")
