@@ -708,6 +708,15 @@ def headline(sums: Dict[str, dict], ratios: Dict[tuple, dict], keys: List[tuple]
     return lines
 
 
+def censored(sums: Dict[str, dict], method: str, key: tuple) -> bool:
+    """Whether ``method``'s steps ratio to the baseline at ``key`` involves a seed that never reached the
+    threshold (its own or the baseline's), so the ratio is a bound, not an estimate."""
+    def short(m: str) -> bool:
+        return m in sums and sums[m][key]["reached"] < sums[m]["n"]
+
+    return short(method) or short(BASELINE)
+
+
 def analyze(out: Path, plan: Plan, acc_th: Optional[List[float]], rew_th: Optional[List[float]], window: int,
             img_dir: Path, n_boot: int, collapse_margin: float) -> Tuple[str, dict]:
     """Tables (Markdown, returned and written to ``<out>/results.md``), ``summary.json`` and PNGs.
@@ -791,7 +800,7 @@ def analyze(out: Path, plan: Plan, acc_th: Optional[List[float]], rew_th: Option
                 e = s[k]
                 lb = e["reached"] < s["n"]
                 r = ratios.get(k, {}).get(m)
-                cens = lb or (BASELINE in sums and sums[BASELINE][k]["reached"] < sums[BASELINE]["n"])
+                cens = censored(sums, m, k)
                 ratio = "n/a" if r is None else "1 (baseline)" if m == BASELINE else \
                     S.fmt_ci(r, 2) + (" (censored)" if cens else "")
                 rows.append([_key_label(k, window), m, f"{e['reached']}/{s['n']}", S.fmt_ci(e["steps"], 1, lb),
@@ -817,17 +826,13 @@ def analyze(out: Path, plan: Plan, acc_th: Optional[List[float]], rew_th: Option
                               f"{task}: RL steps to threshold (95% bootstrap CI; hatched = lower bound)")
         images += [f"study_{task}_reward.png", f"study_{task}_steps.png"]
         if ratios and len(sums) > 1:
-            cens = {_key_label(k, window): {m: sums[m][k]["reached"] < sums[m]["n"]
-                                            or sums[BASELINE][k]["reached"] < sums[BASELINE]["n"] for m in sums}
-                    for k in keys}
+            cens = {_key_label(k, window): {m: censored(sums, m, k) for m in sums} for k in keys}
             S.plot_forest({_key_label(k, window): ratios[k] for k in keys}, img_dir / f"study_{task}_forest.png",
                           BASELINE, f"{task}: steps to threshold / {BASELINE} (95% CI; hollow = censored)", cens)
             images.append(f"study_{task}_forest.png")
         k0 = keys[0]
         overview[task] = {"label": _key_label(k0, window), "ratios": ratios.get(k0, {}),
-                          "censored": {m: sums[m][k0]["reached"] < sums[m]["n"]
-                                       or (BASELINE in sums and sums[BASELINE][k0]["reached"] < sums[BASELINE]["n"])
-                                       for m in sums},
+                          "censored": {m: censored(sums, m, k0) for m in sums},
                           "auc": {m: s["auc"] for m, s in sums.items()}, "lr": {m: states[m]["lr"] for m in sums}}
         js[task] = {m: {("/".join(map(str, k)) if isinstance(k, tuple) else k): val for k, val in s.items()}
                     for m, s in sums.items()}

@@ -114,6 +114,12 @@ def available() -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
+    def _scalars(tab_ptr, C: tl.constexpr):
+        """The scalars after the table's three length-C rows: d (split hi + lo), eps, d^(L+1)."""
+        base = tab_ptr + 3 * C
+        return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+    @triton.jit
     def _rows(cu_ptr, R, T, VARLEN: tl.constexpr, BR: tl.constexpr):
         """The program's rows: (start offsets int64 [BR], lengths int32 [BR], 0 beyond R)."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
@@ -156,10 +162,7 @@ if _HAVE_TRITON:
                           FLOOR: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
                           BR: tl.constexpr, C: tl.constexpr):
         start, length = _rows(cu_ptr, R, T, VARLEN, BR)  # [BR], [BR]
-        d_hi = tl.load(tab_ptr + 3 * C)
-        d_lo = tl.load(tab_ptr + 3 * C + 1)
-        eps = tl.load(tab_ptr + 3 * C + 2)
-        c_floor = tl.load(tab_ptr + 3 * C + 3)  # d^(L+1)
+        d_hi, d_lo, eps, c_floor = _scalars(tab_ptr, C)
         ar = tl.arange(0, C)
         carry = tl.zeros([BR], ACC)
         p_carry = tl.zeros([BR], ACC)
@@ -228,10 +231,7 @@ if _HAVE_TRITON:
                           BR: tl.constexpr, C: tl.constexpr):
         """``W^T x``: the same pass from the end of the rows."""
         start, length = _rows(cu_ptr, R, T, VARLEN, BR)  # [BR], [BR]
-        d_hi = tl.load(tab_ptr + 3 * C)
-        d_lo = tl.load(tab_ptr + 3 * C + 1)
-        eps = tl.load(tab_ptr + 3 * C + 2)
-        c_floor = tl.load(tab_ptr + 3 * C + 3)  # d^(L+1)
+        d_hi, d_lo, eps, c_floor = _scalars(tab_ptr, C)
         ar = tl.arange(0, C)
         maxlen = tl.max(length, 0)
         # n = number of valid tokens of each row (to count valid indices from the start)
@@ -402,8 +402,7 @@ if _HAVE_TRITON:
         """(B) every chunk's carry-in, chunk after chunk, the single pass's compensated recurrence."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
         rin = rows < R
-        d_hi = tl.load(tab_ptr + 3 * C)
-        d_lo = tl.load(tab_ptr + 3 * C + 1)
+        d_hi, d_lo, _, _ = _scalars(tab_ptr, C)
         carry = tl.zeros([BR], ACC)
         for c in range(0, NCH):
             tl.store(cin_ptr + rows * NCH + c, carry, mask=rin)
@@ -422,8 +421,7 @@ if _HAVE_TRITON:
         """(C) the chunk's outputs from its carry-in."""
         x, vi, valid, inb, ptrs, kk = _split_tile(x_ptr, m_ptr, kin_ptr, inv_ptr, ntot_ptr, T, NCH,
                                                   HAS_MASK, REV, NORM, ACC, C)
-        d_hi = tl.load(tab_ptr + 3 * C)
-        d_lo = tl.load(tab_ptr + 3 * C + 1)
+        d_hi, d_lo, _, _ = _scalars(tab_ptr, C)
         carry = tl.load(cin_ptr + tl.program_id(1) * NCH + tl.program_id(0) + tl.arange(0, 1))  # [1]
         z, _, _, _ = _recent_chunk(x, vi, carry, tab_ptr, d_hi, d_lo, tl.arange(0, C), C)
         if NORM and not REV:
