@@ -23,8 +23,9 @@ __version__ = "0.2.0"
 
 # The TensorDict modules (extra [torchrl]) and the credit-method registry (torch only), loaded on
 # first access so that `import creditlib` imports torch and nothing else.
-_MODULES = ("TraceAdvantage", "CriticFreeTD", "ClampNegative", "PrefixTD", "EntropySelect", "credit_pipeline")
-_CREDIT = ("CreditMethod", "register_credit", "get_credit", "list_credits")
+_MODULES = ("TraceAdvantage", "CriticFreeTD", "ClampNegative", "PrefixGAE", "PrefixTD", "EntropySelect",
+            "CreditAdvantage", "credit_pipeline")
+_CREDIT = ("CreditMethod", "Advantage", "CreditBatch", "register_credit", "get_credit", "list_credits")
 _SUBPACKAGES = ("losses", "eval", "integrations", "rl", "credit", "modules")
 
 # Star-imports take the torch-only names (the TensorDict modules stay attributes, so that

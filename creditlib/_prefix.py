@@ -21,8 +21,10 @@ How ``prefix_td`` is computed (no Python loop over tokens, rows or groups; one l
 3. ``V_i`` is a step function of ``k`` with at most ``G - 1`` steps, so the TD error is sparse:
    at most ``G`` nonzero positions per row, at ``k = LCP(i, j)`` where a completion ``j`` leaves
    ``o_i`` (the change of the leave-one-out mean) and at ``n_i - 1`` (the completion's own
-   reward against the value of its last shared prefix). These are ``[K, G, G, G]``-sized sums in
-   float64, written once each into a zero ``[B, T]`` output.
+   reward against the value of its last shared prefix). Each slot's common-prefix lengths are
+   sorted once; the counts and reward sums of the members sharing a prefix are suffix sums read
+   by ``searchsorted`` (float64, ``[K, G, G]``: memory ``O(B G + B T)``, never ``G^3``), written
+   once each into a zero ``[B, T]`` output.
 
 The step-level variant (``boundary``) reads ``V_i`` only at the step starts (a count against each
 row's sorted common-prefix lengths) and writes one TD error per step, on its last token.
@@ -35,7 +37,8 @@ from typing import Optional
 
 import torch
 
-from ._validation import check_float, check_mask, check_positive_int, check_quantile, is_real
+from ._validation import (as_bool_mask, check_eps, check_float, check_groups, check_mask, check_quantile,
+                          check_scale)
 
 __all__ = ["prefix_td", "entropy_mask"]
 
@@ -57,33 +60,54 @@ def _check_tokens(tokens) -> torch.Tensor:
 
 
 def _check_rewards(rewards, B: int, device: torch.device) -> torch.Tensor:
+    """Float ``[B]`` on ``device`` and finite (reads the data)."""
+    rewards = _check_rewards_shape(rewards, B, device)
+    _check_finite_rewards(rewards.detach())
+    return rewards
+
+
+def _check_rewards_shape(rewards, B: int, device: torch.device) -> torch.Tensor:
+    """Float ``[B]`` on ``device`` (static checks only: nothing is read)."""
     rewards = check_float("rewards", rewards)
     if rewards.shape != (B,):
         raise ValueError(f"rewards must be 1-D [B] with B = {B} (the rows of tokens), got shape {tuple(rewards.shape)}")
     if rewards.device != device:
         raise ValueError(f"rewards is on {rewards.device} but tokens is on {device}")
-    bad = ~torch.isfinite(rewards.detach())  # [B]
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"rewards must be finite: rewards[{i}] = {float(rewards[i])}")
     return rewards
 
 
-def _check_groups(B: int, group_size, group_ids, device: torch.device):
-    """-> (K, Gm, slots): ``slots`` None (group_size: row ``k*G + g`` is slot ``(k, g)``) or an
-    int64 ``[K, Gm]`` of row indices, -1 for empty slots of smaller groups."""
-    if (group_size is None) == (group_ids is None):
-        raise ValueError("give exactly one of group_size or group_ids")
+def _check_finite_rewards(rewards: torch.Tensor) -> None:
+    bad = ~torch.isfinite(rewards)  # [B]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"rewards must be finite: rewards[{i}] = {float(rewards[i])}")
+
+
+def _validate_groups(B: int, group_size, group_ids) -> Optional[int]:
+    """The static checks of the groups (shapes and types; no data read)."""
+    G = check_groups(group_size, group_ids)
     if group_ids is None:
-        G = check_positive_int("group_size", group_size)
         if B % G != 0:
             raise ValueError(f"group_size={G} must divide the batch size B = {B}")
-        return B // G, G, None
+        return G
     if (not isinstance(group_ids, torch.Tensor) or group_ids.is_floating_point() or group_ids.is_complex()
             or group_ids.dtype == torch.bool or group_ids.shape != (B,)):
         raise ValueError(f"group_ids must be an integer tensor of shape ({B},), got "
                          f"{getattr(group_ids, 'dtype', type(group_ids).__name__)} "
                          f"{tuple(getattr(group_ids, 'shape', ()))}")
+    return None
+
+
+def _check_groups(B: int, group_size, group_ids, device: torch.device):
+    """-> (K, Gm, slots): ``slots`` None (group_size: row ``k*G + g`` is slot ``(k, g)``) or an
+    int64 ``[K, Gm]`` of row indices, -1 for empty slots of smaller groups."""
+    return _group_slots(B, _validate_groups(B, group_size, group_ids), group_ids, device)
+
+
+def _group_slots(B: int, group_size: Optional[int], group_ids: Optional[torch.Tensor], device: torch.device):
+    """:func:`_check_groups` on validated groups."""
+    if group_ids is None:
+        return B // group_size, group_size, None
     if B == 0:
         return 0, 1, torch.zeros(0, 1, dtype=torch.int64, device=device)
     gid = torch.unique(group_ids.to(device), return_inverse=True)[1]  # [B] in 0..K-1
@@ -102,9 +126,7 @@ def _check_groups(B: int, group_size, group_ids, device: torch.device):
 def _check_boundary(boundary, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     if boundary is None:
         return None
-    if not isinstance(boundary, torch.Tensor) or boundary.dtype != torch.bool:
-        raise ValueError(f"boundary must be None or a bool tensor [B, T] (True = the token ends a step), got "
-                         f"{getattr(boundary, 'dtype', type(boundary).__name__)}")
+    boundary = as_bool_mask(boundary, "boundary")  # bool or integer 0/1 (nonzero = the token ends a step)
     if boundary.shape != tokens.shape:
         raise ValueError(f"boundary shape {tuple(boundary.shape)} must equal tokens shape {tuple(tokens.shape)}")
     if boundary.device != tokens.device:
@@ -289,19 +311,24 @@ def _group_scale(r: torch.Tensor, valid: torch.Tensor, scale: str, eps: float) -
 def _sparse_deltas(lcp: torch.Tensor, r: torch.Tensor, ng: torch.Tensor):
     """The nonzero TD errors (before scaling) of every slot: positions and values ``[K, Gm, Gm + 1]``
     and which are present. Entry ``j < Gm``: where completion ``j`` leaves ``o_i`` (only the first
-    ``j`` of a tie), entry ``Gm``: the last valid token."""
+    ``j`` of a tie), entry ``Gm``: the last valid token.
+
+    For slot ``i`` and a depth ``p = LCP(i, j)``, the members still on ``o_i`` at depth ``p`` are
+    those ``j'`` with ``LCP(i, j') >= p``: each row of ``lcp`` is sorted once (``O(G^2 log G)``
+    time, ``O(G^2)`` memory), and the counts and reward sums of the members at ``>= p`` and
+    ``> p`` are suffix sums read at ``searchsorted`` positions."""
     K, Gm, _ = lcp.shape
-    li = lcp.unsqueeze(-1)  # [K, Gm(i), Gm(j), 1]    LCP(i, j)
-    lj = lcp.unsqueeze(-2)  # [K, Gm(i), 1, Gm(j')]   LCP(i, j')
-    rj = r[:, None, None, :]  # [K, 1, 1, Gm(j')]
-    ge = (lj >= li).to(r.dtype)  # [K, Gm, Gm, Gm] others still on o_i at depth LCP(i, j)
-    gt = (lj > li).to(r.dtype)  # [K, Gm, Gm, Gm] ... one token deeper
-    cnt_ge, sum_ge = ge.sum(-1), (ge * rj).sum(-1)  # [K, Gm, Gm]
-    cnt_gt, sum_gt = gt.sum(-1), (gt * rj).sum(-1)  # [K, Gm, Gm]
-    L = lcp.amax(-1)  # [K, Gm] deepest prefix shared with another member (-1: none)
-    idx = torch.arange(Gm, device=lcp.device)
-    earlier = idx[None, :] < idx[:, None]  # [Gm(j), Gm(j')] j' < j
-    tie_before = ((lj == li) & earlier).any(-1)  # [K, Gm, Gm]
+    a, order = lcp.sort(stable=True, dim=-1)  # [K, Gm(i), Gm] ascending LCP(i, .) (ties keep the index order)
+    ra = r.unsqueeze(1).expand(K, Gm, Gm).gather(-1, order)  # [K, Gm, Gm] rewards in that order
+    zero = torch.zeros(K, Gm, 1, dtype=r.dtype, device=r.device)
+    suf = torch.cat([ra.flip(-1).cumsum(-1).flip(-1), zero], -1)  # [K, Gm, Gm + 1] suffix reward sums
+    lo = torch.searchsorted(a, lcp, right=False)  # [K, Gm, Gm] first sorted index with LCP >= LCP(i, j)
+    hi = torch.searchsorted(a, lcp, right=True)  # [K, Gm, Gm] first sorted index with LCP > LCP(i, j)
+    cnt_ge, sum_ge = (Gm - lo).to(r.dtype), suf.gather(-1, lo)  # [K, Gm, Gm] others still on o_i at LCP(i, j)
+    cnt_gt, sum_gt = (Gm - hi).to(r.dtype), suf.gather(-1, hi)  # [K, Gm, Gm] ... one token deeper
+    inv = torch.empty_like(order).scatter_(-1, order, torch.arange(Gm, device=lcp.device).expand_as(order))
+    tie_before = inv != lo  # [K, Gm, Gm] an earlier j' has the same LCP with i (stable sort: it comes first)
+    L = a[..., -1]  # [K, Gm] deepest prefix shared with another member (-1: none)
     bp_on = (lcp >= 0) & (lcp < L.unsqueeze(-1)) & ~tie_before  # [K, Gm, Gm]
     # V(p + 1) - V(p) at p = LCP(i, j): the mean over the others deeper than p minus over those at >= p
     bp_val = sum_gt / cnt_gt.clamp_min(1) - sum_ge / cnt_ge.clamp_min(1)  # [K, Gm, Gm]
@@ -376,15 +403,15 @@ def prefix_td(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
 
     Args:
         tokens: integer ``[B, T]`` token ids (only valid positions are read).
-        mask: bool ``[B, T]``, True = valid completion token; any pattern (left/right padding,
-            several runs): positions count valid tokens only.
+        mask: bool or integer ``[B, T]``, nonzero = valid completion token; any pattern
+            (left/right padding, several runs): positions count valid tokens only.
         rewards: float ``[B]``, finite.
         group_size: ``G``; rows ``[k G, (k + 1) G)`` share a prompt. Must divide ``B``.
         group_ids: int ``[B]`` instead of ``group_size``: equal ids form a group (any order and
             sizes).
         scale: ``"std"`` or ``"none"``.
         eps: added to the std (``>= 0``).
-        boundary: optional bool ``[B, T]``, True where a token ends a step (e.g. a newline;
+        boundary: optional bool (or integer 0/1) ``[B, T]``, True where a token ends a step (e.g. a newline;
             flags at masked positions are ignored): the step-level variant. The step starts of a
             row are valid position 0 and each valid position ``m < n_i`` whose previous valid
             token is a boundary; with ``b_i(k)`` the last step start ``<= k``, ``V`` is replaced by
@@ -398,19 +425,45 @@ def prefix_td(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
         the result never requires grad.
 
     Cost: ``O(B G T)`` byte comparisons (every pair of a group, whole rows, whatever the data)
-    and ``O(B G^2)`` small float64 sums; no Python loop over tokens, rows or groups.
+    and ``O(B G log G)`` small float64 sorts and sums; memory ``O(B G + B T)`` beyond the inputs
+    (the pair comparisons go through buffers of at most 64 MiB); no Python loop over tokens, rows
+    or groups. This is the TD error; :class:`creditlib.modules.PrefixGAE` writes GAE over it.
+
+    ``torch.compile(fullgraph=True)`` compiles it: the work is one opaque custom op
+    (``creditlib::prefix_td``), so the graph holds one node and no data-dependent branch.
     """
     tokens = _check_tokens(tokens)
     B, T = tokens.shape
-    check_mask(mask, tokens, "tokens")
-    rewards = _check_rewards(rewards, B, tokens.device)
-    if scale not in ("std", "none"):
-        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-    if not (is_real(eps) and float(eps) >= 0):
-        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
-    eps = float(eps)
-    K, Gm, slots = _check_groups(B, group_size, group_ids, tokens.device)
+    mask = check_mask(mask, tokens, "tokens")
+    rewards = _check_rewards_shape(rewards, B, tokens.device)
+    scale = check_scale(scale)
+    eps = check_eps(eps)
+    G = _validate_groups(B, group_size, group_ids)
     boundary = _check_boundary(boundary, tokens)
+    if group_ids is not None:
+        group_ids = group_ids.to(tokens.device)
+    return _prefix_td_op(tokens, mask, rewards.detach(), G, group_ids, scale, eps, boundary)
+
+
+@torch.library.custom_op("creditlib::prefix_td", mutates_args=())
+def _prefix_td_op(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: Optional[int],
+                  group_ids: Optional[torch.Tensor], scale: str, eps: float,
+                  boundary: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_finite_rewards(rewards)
+    return _prefix_td_impl(tokens, mask, rewards, group_size, group_ids, scale, eps, boundary)
+
+
+@_prefix_td_op.register_fake
+def _(tokens, mask, rewards, group_size, group_ids, scale, eps, boundary):
+    return tokens.new_empty(tokens.shape, dtype=rewards.dtype)  # [B, T]
+
+
+def _prefix_td_impl(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: Optional[int],
+                    group_ids: Optional[torch.Tensor], scale: str, eps: float,
+                    boundary: Optional[torch.Tensor]) -> torch.Tensor:
+    """prefix_td on validated inputs (bool mask and boundary, finite detached rewards)."""
+    B, T = tokens.shape
+    K, Gm, slots = _group_slots(B, group_size, group_ids, tokens.device)
     dev = tokens.device
     out = torch.zeros(B, T, dtype=rewards.dtype, device=dev)  # [B, T]
     if B == 0 or T == 0 or Gm < 2:
@@ -488,16 +541,23 @@ def entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> 
 
     Args:
         entropy: float ``[..., T]`` per-token entropies (any sign; finite at valid positions).
-        mask: bool, same shape; True = valid token.
+        mask: bool or integer (nonzero = valid token), same shape.
         quantile: in ``(0, 1]``: the fraction of valid tokens kept (1 keeps every valid token).
     Returns:
         bool ``[..., T]``; all False when no token is valid. Inputs of any size (``torch.quantile``
         stops at 2**24 elements; beyond that a ``kthvalue`` form with the same arithmetic).
+
+    ``torch.compile(fullgraph=True)`` compiles it (one opaque custom op, ``creditlib::entropy_mask``).
     """
     entropy = check_float("entropy", entropy)
-    check_mask(mask, entropy, "entropy")
+    mask = check_mask(mask, entropy, "entropy")
     quantile = check_quantile(quantile)
-    e = entropy.detach()
+    return _entropy_mask_op(entropy.detach(), mask, quantile)
+
+
+@torch.library.custom_op("creditlib::entropy_mask", mutates_args=())
+def _entropy_mask_op(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    e = entropy
     mask = _canonical(mask)
     vals = e[mask].float()  # [N] valid entropies
     if vals.numel() == 0:
@@ -509,4 +569,9 @@ def entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> 
         raise ValueError(f"entropy must be finite at valid positions: entropy[{where}] = {float(vals[i])}")
     q = _quantile(vals, 1.0 - quantile)  # float32 scalar
     cmp = torch.promote_types(e.dtype, torch.float32)
-    return mask & (e.to(cmp) >= q)
+    return mask & (e.to(cmp) >= q)  # [..., T]
+
+
+@_entropy_mask_op.register_fake
+def _(entropy, mask, quantile):
+    return torch.empty_like(mask)  # bool [..., T]

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ._validation import check_groups, check_scale
+
 
 class _Node:
     __slots__ = ("children", "members")
@@ -79,10 +81,8 @@ def prefix_td_naive(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Ten
 
     Arguments as :func:`creditlib.functional.prefix_td` (not validated here beyond the basics).
     """
-    if (group_size is None) == (group_ids is None):
-        raise ValueError("give exactly one of group_size or group_ids")
-    if scale not in ("std", "none"):
-        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+    check_groups(group_size, group_ids)
+    check_scale(scale)
     B, T = tokens.shape
     out = [[0.0] * T for _ in range(B)]
     tok = tokens.tolist()

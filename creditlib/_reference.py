@@ -92,8 +92,11 @@ def eligibility_trace_naive(x: torch.Tensor, mask: torch.Tensor, style: DecaySty
 
     ``x``: float ``[..., T]``; ``mask``: bool ``[..., T]`` (any nonzero byte is valid).
     ``transpose=True`` applies ``W^T`` (the forward-view credit / the backward pass). Masked
-    outputs are 0 and masked inputs ignored; a NaN/inf at a valid input reaches exactly the outputs
-    whose weight includes it (:func:`trace_support`), also where that weight underflows to 0.
+    outputs are 0 and masked inputs ignored. A NaN/inf at a valid input reaches exactly the outputs
+    whose weight includes it (:func:`trace_support`), also where that weight underflows to 0; the
+    weights are positive, so an output reached only by ``-inf`` inputs is ``-inf`` (only by
+    ``+inf``: ``+inf``), one reached by a NaN or by both signs is NaN, and every other output is
+    the finite sum of its finite inputs.
     """
     style = _check_style(style)
     shape = x.shape
@@ -111,10 +114,13 @@ def eligibility_trace_naive(x: torch.Tensor, mask: torch.Tensor, style: DecaySty
     finite = torch.isfinite(x64)  # [R, T]
     z = torch.bmm(W, torch.where(finite, x64, zero)[:, :, None])[:, :, 0]  # [R, T] the finite part
     if not bool(finite.all()):
-        # non-finite inputs enter each output whose support holds them, with their weight
-        # (w * inf = inf, w * nan = nan; a weight that underflowed to 0 still gives nan)
-        bad = ~finite  # [R, T]
-        terms = torch.where(S & bad[:, None, :], W * x64[:, None, :], zero)  # [R, T, T]
-        hit = (S & bad[:, None, :]).any(-1)  # [R, T]
-        z = torch.where(hit, z + terms.sum(-1), z)
+        # non-finite inputs enter each output whose support holds them (w > 0 as a real number,
+        # even where it underflowed): w * (+-inf) = +-inf, and inf - inf or any NaN gives NaN
+        def reaches(sel):  # [R, T] bool inputs -> [R, T] bool outputs they reach
+            return (S & sel[:, None, :]).any(-1)
+
+        pos, neg = reaches(x64 == float("inf")), reaches(x64 == float("-inf"))  # [R, T] each
+        nan = reaches(torch.isnan(x64)) | (pos & neg)  # [R, T]
+        z = torch.where(pos, float("inf"), torch.where(neg, float("-inf"), z))  # [R, T]
+        z = torch.where(nan, float("nan"), z)
     return z.to(x.dtype).reshape(shape)

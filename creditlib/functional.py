@@ -7,6 +7,12 @@ Public names (fixed by the design contract)::
     z = eligibility_trace_varlen(x, cu_seqlens, style)   # packed x: [N]; cu_seqlens: int [S+1]
     c = traced_credit(adv, mask, style)            # forward view: adv [...] or [..., T] -> [..., T]
     a = group_advantage(rewards, group_size, scale="std", baseline="mean")   # [B] -> [B]
+    d = prefix_td(tokens, mask, rewards, group_size)   # per-token prefix-tree TD error [B, T]
+    k = entropy_mask(entropy, mask, quantile=0.2)      # bool [B, T]
+
+Options are keyword-only (``scale=``, ``baseline=``, ``eps=``, ``backend=``, ...); a mask is a
+bool tensor or an integer 0/1 tensor (nonzero = valid, as ``mask.bool()``: Hugging Face and TRL
+masks are ``int64``), a float mask is refused (see :mod:`creditlib._validation`).
 
 Every trace op is O(T) in time and memory in the forward and the backward pass, for every
 :class:`DecayStyle`: ``"recent"``, ``"both"``, eps floors, row-normalised weights
@@ -21,6 +27,12 @@ an empty result that keeps the autograd graph; masked inputs are ignored even wh
 NaN/inf at a *valid* token reaches exactly the outputs whose weight includes it (see
 ``creditlib._kernels``); a bool mask whose bytes are not 0/1 (``uint8.view(torch.bool)``) counts
 any nonzero byte as a valid token. Validation goes through :mod:`creditlib._validation`.
+
+``torch.compile(fullgraph=True)`` compiles every public function here: the trace, ``prefix_td``
+and ``entropy_mask`` are opaque custom ops (one graph node each), ``group_advantage`` is plain
+tensor code when the groups are given by ``group_size``. While compiling, the data-dependent
+checks (non-finite rewards) are skipped; with ``group_ids`` (``torch.unique``: a shape that
+depends on the data) ``group_advantage`` needs a graph break, so ``fullgraph=True`` refuses it.
 """
 
 from __future__ import annotations
@@ -33,9 +45,11 @@ from . import _kernels
 from ._kernels import Schedule
 from ._reference import eligibility_trace_naive, trace_weights
 from ._prefix import entropy_mask, prefix_td
+from ._validation import as_bool_mask
+from ._validation import check_baseline, check_eps, check_groups, check_scale, check_style, compiling
 from ._validation import check_float as _check_float
-from ._validation import check_positive_int
 from ._validation import check_mask as _check_mask
+from ._validation import deprecated_alias
 from .style import DecayStyle
 
 __all__ = [
@@ -53,12 +67,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- validation
 # (the shared checks live in creditlib._validation; _check_float / _check_mask stay importable here)
-def _check_style(style) -> DecayStyle:
-    if not isinstance(style, DecayStyle):
-        raise ValueError(
-            f"style must be a creditlib.DecayStyle (e.g. DecayStyle('recent', lam=0.99)), "
-            f"got {type(style).__name__}")
-    return style
+_check_style = check_style
 
 
 # ----------------------------------------------------------------------------- the operator
@@ -126,7 +135,7 @@ def eligibility_trace(x: torch.Tensor, mask: Optional[torch.Tensor], style: Deca
 
     Args:
         x: float ``[..., T]``, per-token log importance ratio ``log pi - log pi_old``.
-        mask: bool ``[..., T]`` (True = valid token), or ``None`` for all valid. Any pattern of
+        mask: bool or integer ``[..., T]`` (nonzero = valid token), or ``None`` for all valid. Any pattern of
             valid runs is allowed; positions count valid tokens only, masked outputs are 0 and
             masked inputs are ignored even when NaN/inf.
         style: a :class:`DecayStyle` (any kind, floor, ``normalize``; ``"sequence"`` is not causal:
@@ -142,7 +151,7 @@ def eligibility_trace(x: torch.Tensor, mask: Optional[torch.Tensor], style: Deca
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., T], got a scalar")
     if mask is not None:
-        _check_mask(mask, x)
+        mask = _check_mask(mask, x)
     return _padded(x, mask, style, False, backend)
 
 
@@ -195,7 +204,8 @@ def traced_credit(adv: torch.Tensor, mask: Optional[torch.Tensor], style: DecayS
     Args:
         adv: float ``[...]`` (one advantage per sequence, broadcast over its valid tokens) or
             ``[..., T]`` (per-token advantages, e.g. already multiplied by aggregation weights).
-        mask: bool ``[..., T]``; required when ``adv`` is per-sequence. ``None`` = all valid.
+        mask: bool or integer ``[..., T]`` (nonzero = valid); required when ``adv`` is
+            per-sequence. ``None`` = all valid.
         style: a :class:`DecayStyle`.
     Returns:
         ``[..., T]`` credit, dtype of ``adv``; 0 at masked positions.
@@ -203,22 +213,24 @@ def traced_credit(adv: torch.Tensor, mask: Optional[torch.Tensor], style: DecayS
     style = _check_style(style)
     adv = _check_float("adv", adv)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            _check_mask(mask, mask if isinstance(mask, torch.Tensor) else adv, "mask")
+        mask = as_bool_mask(mask)
         if mask.dim() == 0:
             raise ValueError("mask must have at least one dimension [..., T]")
         if adv.shape == mask.shape[:-1]:
             adv = adv.unsqueeze(-1).expand(mask.shape)  # [..., T]
         elif adv.shape == mask.shape[:-1] + (1,):
             adv = adv.expand(mask.shape)  # [..., T]
-        _check_mask(mask, adv, "adv (per-token) / adv[..., None] (per-sequence)")
+        mask = _check_mask(mask, adv, "adv (per-token) / adv[..., None] (per-sequence)")
     elif adv.dim() == 0:
         raise ValueError("adv must be per-token [..., T] when mask is None")
     return _padded(adv, mask, style, True, backend)
 
 
-def group_advantage(rewards: torch.Tensor, group_size: Optional[int] = None, scale: str = "std",
-                    baseline: str = "mean", *, group_ids: Optional[torch.Tensor] = None,
+_GA_POSITIONAL = ("scale", "baseline")
+
+
+def group_advantage(rewards: torch.Tensor, group_size: Optional[int] = None, *args,
+                    scale: str = "std", baseline: str = "mean", group_ids: Optional[torch.Tensor] = None,
                     eps: float = 1e-4) -> torch.Tensor:
     """Critic-free TD error: the group-relative advantage of each completion.
 
@@ -230,45 +242,63 @@ def group_advantage(rewards: torch.Tensor, group_size: Optional[int] = None, sca
     Args:
         rewards: float ``[B]``.
         group_size: ``G``: completions ``[k*G, (k+1)*G)`` share a prompt. Must divide ``B``.
+
+    Keyword Args:
+        scale: ``"std"`` or ``"none"``.
+        baseline: ``"mean"`` or ``"loo"``.
         group_ids: int ``[B]`` instead of ``group_size``: completions with equal ids form a group
             (any order, any group sizes).
+        eps: added to the group std (finite, ``>= 0``).
     Returns:
         advantages ``[B]``, dtype of ``rewards``.
+
+    ``scale`` and ``baseline`` given by position (``group_advantage(r, 4, "none")``) still work
+    for one release, with a ``DeprecationWarning``.
+
+    Compiles with ``torch.compile(fullgraph=True)`` when the groups are given by ``group_size``
+    (the non-finite reward check is skipped while compiling); ``group_ids`` takes a
+    ``torch.unique``, whose output shape depends on the data, so it needs a graph break.
 
     Raises:
         ValueError: a NaN or inf reward (naming the first bad index: mark failed rewards as wrong
             instead), or a bad argument.
     """
+    if args:
+        if len(args) > len(_GA_POSITIONAL):
+            raise TypeError(f"group_advantage takes at most 2 positional arguments beyond group_size "
+                            f"(deprecated), got {len(args)}")
+        deprecated_alias("group_advantage(rewards, group_size, scale, baseline) with scale/baseline by position",
+                         "the keywords scale=..., baseline=...")
+        scale = args[0]
+        if len(args) > 1:
+            baseline = args[1]
     rewards = _check_float("rewards", rewards)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
-    if scale not in ("std", "none"):
-        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-    if baseline not in ("mean", "loo"):
-        raise ValueError(f"baseline must be 'mean' or 'loo', got {baseline!r}")
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    scale = check_scale(scale)
+    baseline = check_baseline(baseline)
+    eps = check_eps(eps)
     B = rewards.shape[0]
-    bad = ~torch.isfinite(rewards)  # [B]
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"rewards must be finite: rewards[{i}] = {rewards[i].item()} "
-                         f"({int(bad.sum())} non-finite of {B}); mark failed rewards as wrong (e.g. 0) instead")
-    if (group_size is None) == (group_ids is None):
-        raise ValueError("give exactly one of group_size or group_ids")
+    group_size = check_groups(group_size, group_ids)
+    if not compiling():
+        bad = ~torch.isfinite(rewards)  # [B]
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"rewards must be finite: rewards[{i}] = {rewards[i].item()} "
+                             f"({int(bad.sum())} non-finite of {B}); mark failed rewards as wrong (e.g. 0) instead")
     r = rewards.to(torch.float64)  # [B]
     if group_ids is None:
-        group_size = check_positive_int("group_size", group_size)
         if B % group_size != 0:
             raise ValueError(f"group_size={group_size} must divide the batch size {B}")
         gid = torch.arange(B, device=r.device) // group_size  # [B]
+        n_groups = B // group_size
     else:
         if not isinstance(group_ids, torch.Tensor) or group_ids.shape != (B,) or group_ids.is_floating_point():
             raise ValueError(f"group_ids must be an int tensor of shape ({B},), got "
                              f"{getattr(group_ids, 'dtype', type(group_ids).__name__)} "
                              f"{tuple(getattr(group_ids, 'shape', ()))}")
         gid = torch.unique(group_ids.to(r.device), return_inverse=True)[1]  # [B] in 0..n-1
-    n_groups = int(gid.max()) + 1 if B else 0
+        n_groups = int(gid.max()) + 1 if B else 0
     cnt = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, gid, torch.ones_like(r))  # [n]
     tot = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, gid, r)  # [n]
     mean = (tot / cnt)[gid]  # [B]

@@ -3,24 +3,30 @@
     from tensordict.nn import TensorDictSequential
     credit = TensorDictSequential(
         CriticFreeTD(group_size=8),                   # reward [B] -> advantage [B]
-        ClampNegative(min=-0.1),                      # advantage <- max(advantage, -0.1)
+        ClampNegative(clamp_min=-0.1),                # advantage <- max(advantage, -0.1)
         TraceAdvantage(DecayStyle("recent", lam=0.99), mode="credit"),  # -> per-token credit [B, T]
     )
     td = credit(td)   # td holds "reward" [B] and "mask" [B, T]
 
-The credit primitives beyond the trace have modules too: :class:`PrefixTD` (per-token prefix-tree
-TD error with GAE, ``[B, T]``) and :class:`EntropySelect` (top-entropy loss mask). A registered
-credit method becomes its advantage pipeline in one call::
+The credit primitives beyond the trace have modules too: :class:`PrefixGAE` (GAE over the
+per-token prefix-tree TD error, ``[B, T]``), :class:`EntropySelect` (top-entropy loss mask) and
+:class:`CreditAdvantage` (the advantage of any registered credit method, e.g. one with an
+advantage kind of your own). A registered credit method becomes its advantage pipeline in one call::
 
-    pipe = credit_pipeline("prefix-gae-clamp", group_size=8)   # PrefixTD -> ClampNegative
+    pipe = credit_pipeline("prefix-gae-clamp", group_size=8)   # PrefixGAE -> ClampNegative
 
 Keys are configurable (strings or nested tuples); every module documents the shapes it reads and
-writes. Rewards and advantages may carry trailing singleton dims (TorchRL's ``[B, 1]``).
+writes. Rewards and advantages may carry trailing singleton dims (TorchRL's ``[B, 1]``). Masks
+are bool or integer (0/1, nonzero = valid: Hugging Face / TRL's ``int64`` masks), ``[B, T]`` or
+``[B, T, 1]``.
+
+Renamed (the old names work for one release, with a ``DeprecationWarning``): ``PrefixTD`` ->
+``PrefixGAE`` (it writes GAE, while ``F.prefix_td`` returns the TD error), ``PrefixTD(gamma=,
+lam=)`` -> ``PrefixGAE(gae_gamma=, gae_lam=)``, ``ClampNegative(min=)`` -> ``ClampNegative(clamp_min=)``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,12 +39,16 @@ from tensordict import TensorDictBase  # noqa: E402
 from tensordict.nn import TensorDictModuleBase  # noqa: E402
 
 from . import functional as F
-from ._validation import check_clamp_min, check_positive_int, check_quantile
+from ._validation import (as_bool_mask, check_baseline, check_clamp_min, check_eps, check_groups, check_quantile,
+                          check_scale, check_style, deprecated_alias)
 from .style import DecayStyle
 
 NestedKey = Union[str, Sequence[str]]
 
-__all__ = ["CriticFreeTD", "ClampNegative", "TraceAdvantage", "PrefixTD", "EntropySelect", "credit_pipeline"]
+__all__ = ["CriticFreeTD", "ClampNegative", "TraceAdvantage", "PrefixGAE", "PrefixTD", "EntropySelect",
+           "CreditAdvantage", "credit_pipeline"]
+
+_UNSET = object()
 
 
 def _squeeze_trailing(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
@@ -71,16 +81,9 @@ class CriticFreeTD(TensorDictModuleBase):
                  scale: str = "std", baseline: str = "mean", eps: float = 1e-4,
                  reward_key: NestedKey = "reward", advantage_key: NestedKey = "advantage"):
         super().__init__()
-        if (group_size is None) == (group_id_key is None):
-            raise ValueError("CriticFreeTD needs exactly one of group_size or group_id_key")
-        if group_size is not None:
-            group_size = check_positive_int("group_size", group_size)
-        if scale not in ("std", "none"):
-            raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-        if baseline not in ("mean", "loo"):
-            raise ValueError(f"baseline must be 'mean' or 'loo', got {baseline!r}")
+        group_size = check_groups(group_size, group_id_key, ids_name="group_id_key")
         self.group_size, self.group_id_key = group_size, group_id_key
-        self.scale, self.baseline, self.eps = scale, baseline, float(eps)
+        self.scale, self.baseline, self.eps = check_scale(scale), check_baseline(baseline), check_eps(eps)
         self.reward_key, self.advantage_key = reward_key, advantage_key
         self.in_keys = [reward_key] + ([group_id_key] if group_id_key is not None else [])
         self.out_keys = [advantage_key]
@@ -102,19 +105,27 @@ class CriticFreeTD(TensorDictModuleBase):
 
 
 class ClampNegative(TensorDictModuleBase):
-    """Negative-advantage clamp ``A <- max(A, min)`` (GRPO-lambda default ``min = -0.1``).
+    """Negative-advantage clamp ``A <- max(A, clamp_min)`` (GRPO-lambda default ``clamp_min = -0.1``).
 
     Large negative advantages times accumulated log-ratios give destructive updates; the clamp
     bounds them. Reads ``advantage_key``, writes ``out_key`` (default: the same key, in place) and,
     when ``clamped_key`` is given, the bool mask of clamped entries.
+
+    Args:
+        clamp_min: a finite float ``<= 0`` (the one clamp rule of the library; the same name as in
+            the losses and the registry). ``min=`` is its deprecated name (one release, with a
+            ``DeprecationWarning``); ``.min`` reads it too.
     """
 
-    def __init__(self, min: float = -0.1, *, advantage_key: NestedKey = "advantage",
-                 out_key: Optional[NestedKey] = None, clamped_key: Optional[NestedKey] = None):
+    def __init__(self, clamp_min: float = -0.1, *, advantage_key: NestedKey = "advantage",
+                 out_key: Optional[NestedKey] = None, clamped_key: Optional[NestedKey] = None, min=_UNSET):
         super().__init__()
-        if min is None:
-            raise ValueError("min must be a finite float <= 0, got None (leave ClampNegative out for no clamp)")
-        self.min = check_clamp_min(min, "min")  # the one clamp rule: finite and <= 0
+        if min is not _UNSET:
+            deprecated_alias("ClampNegative(min=...)", "ClampNegative(clamp_min=...)")
+            clamp_min = min
+        if clamp_min is None:
+            raise ValueError("clamp_min must be a finite float <= 0, got None (leave ClampNegative out for no clamp)")
+        self.clamp_min = check_clamp_min(clamp_min)  # the one clamp rule: finite and <= 0
         self.advantage_key = advantage_key
         self.out_key = advantage_key if out_key is None else out_key
         self.clamped_key = clamped_key
@@ -125,26 +136,35 @@ class ClampNegative(TensorDictModuleBase):
         adv = tensordict.get(self.advantage_key)
         if not adv.is_floating_point():
             raise ValueError(f"advantage ({self.advantage_key!r}) must be floating, got {adv.dtype}")
-        tensordict.set(self.out_key, adv.clamp_min(self.min))
+        tensordict.set(self.out_key, adv.clamp_min(self.clamp_min))
         if self.clamped_key is not None:
-            tensordict.set(self.clamped_key, adv < self.min)
+            tensordict.set(self.clamped_key, adv < self.clamp_min)
         return tensordict
 
+    @property
+    def min(self) -> float:
+        """Deprecated name of :attr:`clamp_min`."""
+        deprecated_alias("ClampNegative.min", "ClampNegative.clamp_min")
+        return self.clamp_min
+
     def extra_repr(self) -> str:
-        return f"min={self.min}"
+        return f"clamp_min={self.clamp_min}"
 
 
 class TraceAdvantage(TensorDictModuleBase):
     """Eligibility trace of GRPO-lambda over the valid tokens of each sequence, in either view.
 
     * ``mode="credit"`` (forward view, default): reads ``advantage_key`` (``[B]``, ``[B, 1]``,
-      ``[B, T]`` or ``[B, T, 1]``) and ``mask_key`` (bool ``[B, T]``), writes the per-token credit
+      ``[B, T]`` or ``[B, T, 1]``) and ``mask_key`` (``[B, T]`` or ``[B, T, 1]``), writes the per-token credit
       ``C_j = sum_{t>=j} w(t, j) A_t`` to ``out_key`` (default ``"traced_advantage"``). Feed it to
       any loss that takes per-token advantages (TorchRL's ``GRPOLoss``: ``keepdim=True``).
     * ``mode="log_weight"`` (backward view): reads ``log_prob_key`` and ``old_log_prob_key``
       (``[B, T]`` or ``[B, T, 1]``) and ``mask_key``; writes the traced log importance weight
       ``z_t = sum_{j<=t} w(t, j) (log pi - log pi_old)_j`` to ``out_key`` (default
       ``"traced_log_weight"``). ``exp(z)`` replaces the token ratio in the PPO surrogate.
+
+    The mask is bool or integer (nonzero = valid), ``[B, T]`` or ``[B, T, 1]``: a 2-D mask is
+    always ``[B, T]`` (``T = 1`` included: each row is its own sequence).
 
     Args:
         style: the :class:`DecayStyle`.
@@ -158,8 +178,7 @@ class TraceAdvantage(TensorDictModuleBase):
                  old_log_prob_key: NestedKey = "old_log_prob", out_key: Optional[NestedKey] = None,
                  keepdim: bool = False, backend: str = "auto"):
         super().__init__()
-        if not isinstance(style, DecayStyle):
-            raise ValueError(f"style must be a creditlib.DecayStyle, got {type(style).__name__}")
+        check_style(style)
         if mode not in ("credit", "log_weight"):
             raise ValueError(f"mode must be 'credit' or 'log_weight', got {mode!r}")
         self.style, self.mode, self.keepdim, self.backend = style, mode, bool(keepdim), backend
@@ -175,12 +194,7 @@ class TraceAdvantage(TensorDictModuleBase):
         self.out_keys = [out_key]
 
     def _mask(self, tensordict: TensorDictBase) -> torch.Tensor:
-        mask = tensordict.get(self.mask_key)
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask ({self.mask_key!r}) must be a bool tensor, got {mask.dtype}")
-        if mask.dim() >= 2 and mask.shape[-1] == 1:
-            mask = mask.squeeze(-1)  # [B, T, 1] -> [B, T]
-        return mask
+        return _read_mask(tensordict, self.mask_key)  # [B, T]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         mask = self._mask(tensordict)  # [B, T]
@@ -230,10 +244,9 @@ def _squeeze_like(t: torch.Tensor, name: str, shape: torch.Size) -> torch.Tensor
 
 
 def _read_mask(tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
-    mask = tensordict.get(key)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = getattr(mask, "dtype", type(mask).__name__)
-        raise ValueError(f"mask ({key!r}) must be a bool tensor [B, T], got {got}")
+    """The mask at ``key`` as bool ``[B, T]``: bool or integer (nonzero = valid), ``[B, T]`` or
+    ``[B, T, 1]`` (only a 3-D mask loses its trailing dim: a ``[B, 1]`` mask is ``T = 1``)."""
+    mask = as_bool_mask(tensordict.get(key), f"mask ({key!r})")
     if mask.dim() >= 3 and mask.shape[-1] == 1:
         mask = mask.squeeze(-1)  # [B, T, 1] -> [B, T]
     if mask.dim() != 2:
@@ -241,17 +254,17 @@ def _read_mask(tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
     return mask
 
 
-class PrefixTD(TensorDictModuleBase):
-    """Group prefix-tree TD error (leave-one-out) with GAE: per-token advantages ``[B, T]``.
+class PrefixGAE(TensorDictModuleBase):
+    """GAE over the group prefix-tree TD error (leave-one-out): per-token advantages ``[B, T]``.
 
     The completions of one prompt form a prefix tree; the value of a prefix is the mean reward of
     the *other* completions of the group that share it, and each valid token's TD error is the
-    change of that value (:func:`creditlib.functional.prefix_td`). GAE(gamma, lam) over it,
-    ``F.traced_credit(delta, mask, DecayStyle("recent", gamma, lam))``, is written to
-    ``advantage_key``; with ``gamma = lam = 1`` token ``k`` gets the RLOO advantage with a
-    prefix-conditioned baseline, ``(R_i - V_i(k)) / s``.
+    change of that value (:func:`creditlib.functional.prefix_td`, which returns that TD error).
+    GAE(gae_gamma, gae_lam) over it, ``F.traced_credit(delta, mask, DecayStyle("recent", gae_gamma,
+    gae_lam))``, is written to ``advantage_key``; with ``gae_gamma = gae_lam = 1`` token ``k`` gets
+    the RLOO advantage with a prefix-conditioned baseline, ``(R_i - V_i(k)) / s``.
 
-    Reads ``tokens_key`` (int ``[B, T]``), ``mask_key`` (bool ``[B, T]`` or ``[B, T, 1]``: the
+    Reads ``tokens_key`` (int ``[B, T]``), ``mask_key`` (bool or int ``[B, T]`` or ``[B, T, 1]``: the
     completion tokens; prompt and padding masked out, any layout), ``reward_key`` (``[B]`` or
     ``[B, 1, ...]``), and optionally ``group_id_key`` (int ``[B]``) and ``boundary_key`` (bool
     ``[B, T]``: step ends, for the step-level variant). Writes ``advantage_key``: ``[B, T]``, or
@@ -261,28 +274,33 @@ class PrefixTD(TensorDictModuleBase):
         group_size: completions ``[k*G, (k+1)*G)`` share a prompt. Give this or ``group_id_key``.
         group_id_key: key of an int tensor ``[B]``: equal ids form a group.
         scale: ``"std"`` (divide by the group std + eps) or ``"none"``.
-        gamma, lam: GAE parameters in [0, 1] (default 1, 1).
+        gae_gamma, gae_lam: GAE parameters in [0, 1] (default 1, 1); the same names as in
+            :class:`~creditlib.credit.CreditMethod`. ``gamma=`` / ``lam=`` are their deprecated
+            names (one release, with a ``DeprecationWarning``).
         eps: added to the group std (default 1e-4).
         keepdim: write ``[B, T, 1]``.
     """
 
     def __init__(self, group_size: Optional[int] = None, *, group_id_key: Optional[NestedKey] = None,
-                 scale: str = "std", gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-4,
+                 scale: str = "std", gae_gamma: float = 1.0, gae_lam: float = 1.0, eps: float = 1e-4,
                  tokens_key: NestedKey = "tokens", mask_key: NestedKey = "mask", reward_key: NestedKey = "reward",
                  boundary_key: Optional[NestedKey] = None, advantage_key: NestedKey = "advantage",
-                 keepdim: bool = False):
+                 keepdim: bool = False, gamma=_UNSET, lam=_UNSET):
         super().__init__()
-        if (group_size is None) == (group_id_key is None):
-            raise ValueError("PrefixTD needs exactly one of group_size or group_id_key")
-        if group_size is not None:
-            group_size = check_positive_int("group_size", group_size)
-        if scale not in ("std", "none"):
-            raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-        self.gae = DecayStyle("recent", gamma=gamma, lam=lam)  # validates gamma, lam in [0, 1]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or not math.isfinite(eps):
-            raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+        if gamma is not _UNSET:
+            deprecated_alias(f"{type(self).__name__}(gamma=...)", "gae_gamma=...")
+            gae_gamma = gamma
+        if lam is not _UNSET:
+            deprecated_alias(f"{type(self).__name__}(lam=...)", "gae_lam=...")
+            gae_lam = lam
+        group_size = check_groups(group_size, group_id_key, ids_name="group_id_key")
+        try:
+            self.gae = DecayStyle("recent", gamma=gae_gamma, lam=gae_lam)  # validates both in [0, 1]
+        except ValueError as e:
+            raise ValueError(str(e).replace("gamma", "gae_gamma", 1) if str(e).startswith("gamma")
+                             else str(e).replace("lam", "gae_lam", 1)) from None
         self.group_size, self.group_id_key = group_size, group_id_key
-        self.scale, self.eps, self.keepdim = scale, float(eps), bool(keepdim)
+        self.scale, self.eps, self.keepdim = check_scale(scale), check_eps(eps), bool(keepdim)
         self.tokens_key, self.mask_key, self.reward_key = tokens_key, mask_key, reward_key
         self.boundary_key, self.advantage_key = boundary_key, advantage_key
         self.in_keys = [tokens_key, mask_key, reward_key] + [k for k in (group_id_key, boundary_key) if k is not None]
@@ -309,7 +327,16 @@ class PrefixTD(TensorDictModuleBase):
 
     def extra_repr(self) -> str:
         g = f"group_size={self.group_size}" if self.group_size else f"group_id_key={self.group_id_key!r}"
-        return f"{g}, scale={self.scale!r}, gamma={self.gae.gamma:g}, lam={self.gae.lam:g}"
+        return f"{g}, scale={self.scale!r}, gae_gamma={self.gae.gamma:g}, gae_lam={self.gae.lam:g}"
+
+
+class PrefixTD(PrefixGAE):
+    """Deprecated name of :class:`PrefixGAE` (it writes GAE over the TD error; the TD error itself is
+    :func:`creditlib.functional.prefix_td`). Works for one release, with a ``DeprecationWarning``."""
+
+    def __init__(self, *args, **kwargs):
+        deprecated_alias("creditlib.modules.PrefixTD", "creditlib.modules.PrefixGAE")
+        super().__init__(*args, **kwargs)
 
 
 class EntropySelect(TensorDictModuleBase):
@@ -320,8 +347,8 @@ class EntropySelect(TensorDictModuleBase):
     ``top_entropy_quantile``). Use the result as the loss mask (``GRPOLambdaLoss(select_key=...)``,
     ``grpo_lambda_loss(loss_mask=...)``) or as the mask of a trace over the selected tokens only.
 
-    Reads ``entropy_key`` (float ``[B, T]`` or ``[B, T, 1]``) and ``mask_key`` (bool ``[B, T]`` or
-    ``[B, T, 1]``); writes ``out_key`` as bool ``[B, T]`` (``[B, T, 1]`` with ``keepdim=True``).
+    Reads ``entropy_key`` (float ``[B, T]`` or ``[B, T, 1]``) and ``mask_key`` (bool or int ``[B, T]``
+    or ``[B, T, 1]``); writes ``out_key`` as bool ``[B, T]`` (``[B, T, 1]`` with ``keepdim=True``).
 
     Args:
         quantile: fraction of valid tokens to keep, in (0, 1] (1 keeps every valid token).
@@ -346,6 +373,97 @@ class EntropySelect(TensorDictModuleBase):
         return f"quantile={self.quantile:g}"
 
 
+class CreditAdvantage(TensorDictModuleBase):
+    """The advantage of a credit method (any :class:`~creditlib.credit.Advantage` kind), before its clamp.
+
+    Reads what the method's advantage kind needs (its :class:`~creditlib.credit.Advantage` says):
+    ``reward_key`` (``[B]`` or ``[B, 1, ...]``) always, ``mask_key`` (bool or int ``[B, T]`` /
+    ``[B, T, 1]``) for per-token kinds or kinds with ``needs_mask``, ``tokens_key`` (int
+    ``[B, T]``) with ``needs_tokens``, ``entropy_key`` (float ``[B, T]``) with ``needs_entropy``,
+    ``group_id_key`` (int ``[B]``) when given, ``boundary_key`` when given. Writes
+    ``advantage_key``: ``method.raw_advantages(...)``, per sequence with the reward's shape, or per
+    token ``[B, T]`` (``[B, T, 1]`` with ``keepdim=True``). :func:`credit_pipeline` appends the
+    method's clamp (:class:`ClampNegative`).
+
+    Args:
+        method: a registered name or a :class:`~creditlib.credit.CreditMethod`.
+        group_size / group_id_key: the groups (exactly one).
+    """
+
+    def __init__(self, method, group_size: Optional[int] = None, *, group_id_key: Optional[NestedKey] = None,
+                 reward_key: NestedKey = "reward", mask_key: NestedKey = "mask", tokens_key: NestedKey = "tokens",
+                 entropy_key: NestedKey = "entropy", boundary_key: Optional[NestedKey] = None,
+                 advantage_key: NestedKey = "advantage", keepdim: bool = False):
+        super().__init__()
+        from .credit import get_credit
+
+        self.method = get_credit(method)
+        kind = self.method.advantage_kind
+        self.group_size = check_groups(group_size, group_id_key, ids_name="group_id_key")
+        if boundary_key is not None and not kind.boundary:
+            raise ValueError(f"boundary_key applies to advantage kinds that take step boundaries, not "
+                             f"advantage={kind.name!r} (credit method {self.method.name!r})")
+        self.group_id_key, self.reward_key, self.mask_key = group_id_key, reward_key, mask_key
+        self.tokens_key, self.entropy_key, self.boundary_key = tokens_key, entropy_key, boundary_key
+        self.advantage_key, self.keepdim = advantage_key, bool(keepdim)
+        self.in_keys = [reward_key] + [k for k, on in ((mask_key, kind.needs_mask), (tokens_key, kind.needs_tokens),
+                                                       (entropy_key, kind.needs_entropy),
+                                                       (group_id_key, group_id_key is not None),
+                                                       (boundary_key, boundary_key is not None)) if on]
+        self.out_keys = [advantage_key]
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        kind = self.method.advantage_kind
+        reward = tensordict.get(self.reward_key)
+        r = _squeeze_trailing(reward, f"reward ({self.reward_key!r})", 1)  # [B]
+        mask = _read_mask(tensordict, self.mask_key) if kind.needs_mask else None  # [B, T]
+        tokens = entropy = boundary = gid = None
+        if kind.needs_tokens:
+            tokens = tensordict.get(self.tokens_key)
+            tokens = _squeeze_like(tokens, f"tokens ({self.tokens_key!r})", mask.shape) if mask is not None \
+                else tokens  # [B, T]
+        if kind.needs_entropy:
+            entropy = tensordict.get(self.entropy_key)
+            if mask is not None:
+                entropy = _squeeze_like(entropy, f"entropy ({self.entropy_key!r})", mask.shape)  # [B, T]
+        if self.group_id_key is not None:
+            gid = _squeeze_trailing(tensordict.get(self.group_id_key), f"group ids ({self.group_id_key!r})", 1)  # [B]
+        if self.boundary_key is not None:
+            boundary = as_bool_mask(tensordict.get(self.boundary_key), f"boundary ({self.boundary_key!r})")
+            boundary = _squeeze_like(boundary, f"boundary ({self.boundary_key!r})", mask.shape)  # [B, T]
+        adv = self.method.raw_advantages(r, mask, tokens=tokens, group_size=self.group_size, group_ids=gid,
+                                         boundary=boundary, entropy=entropy)  # [B] or [B, T]
+        if kind.per_token:
+            out = adv.unsqueeze(-1) if self.keepdim else adv  # [B, T] or [B, T, 1]
+        else:
+            out = adv.reshape(reward.shape)  # the reward's shape ([B], [B, 1], ...)
+        tensordict.set(self.advantage_key, out)
+        return tensordict
+
+    def extra_repr(self) -> str:
+        g = f"group_size={self.group_size}" if self.group_size else f"group_id_key={self.group_id_key!r}"
+        return f"method={self.method.name!r}, advantage={self.method.advantage_kind.name!r}, {g}"
+
+
+def _builtin_stage(m, group_size, group_id_key, reward_key, mask_key, tokens_key, advantage_key, boundary_key,
+                   keepdim):
+    """The dedicated module of a built-in advantage kind (``None`` for other kinds)."""
+    from .credit import GROUP, PREFIX_TD
+
+    kind = m.advantage_kind
+    if kind is GROUP:
+        if boundary_key is not None:
+            raise ValueError(f"boundary_key applies to advantage kinds that take step boundaries ('prefix_td'), "
+                             f"not advantage='group' (credit method {m.name!r})")
+        return CriticFreeTD(group_size, group_id_key=group_id_key, scale=m.scale, baseline=m.baseline,
+                            reward_key=reward_key, advantage_key=advantage_key)
+    if kind is PREFIX_TD:
+        return PrefixGAE(group_size, group_id_key=group_id_key, scale=m.scale, gae_gamma=m.gae_gamma,
+                         gae_lam=m.gae_lam, tokens_key=tokens_key, mask_key=mask_key, reward_key=reward_key,
+                         boundary_key=boundary_key, advantage_key=advantage_key, keepdim=keepdim)
+    return None
+
+
 def credit_pipeline(method, *, group_size: Optional[int] = None, group_id_key: Optional[NestedKey] = None,
                     reward_key: NestedKey = "reward", mask_key: NestedKey = "mask",
                     tokens_key: NestedKey = "tokens", advantage_key: NestedKey = "advantage",
@@ -355,7 +473,9 @@ def credit_pipeline(method, *, group_size: Optional[int] = None, group_id_key: O
 
     ``method`` is a registered name (``"grpo-lambda"``, ``"prefix-gae"``, ... see
     :func:`creditlib.credit.list_credits`) or a :class:`~creditlib.credit.CreditMethod`. The
-    pipeline is ``CriticFreeTD`` (``advantage="group"``) or ``PrefixTD`` (``"prefix_td"``), then
+    pipeline reads the method's advantage kind from the registry: ``CriticFreeTD``
+    (``advantage="group"``), ``PrefixGAE`` (``"prefix_td"``) or :class:`CreditAdvantage` (any other
+    kind, e.g. one registered with :func:`creditlib.credit.register_credit`), then
     ``ClampNegative`` when the method clamps, then ``EntropySelect`` (writing ``select_key``)
     when it selects tokens by entropy. It writes exactly ``method.advantages(...)`` and
     ``method.loss_mask(...)``. The log-ratio style ``method.trace`` belongs to the loss::
@@ -372,20 +492,18 @@ def credit_pipeline(method, *, group_size: Optional[int] = None, group_id_key: O
     """
     from tensordict.nn import TensorDictSequential
 
-    from .credit import CreditMethod, get_credit
+    from .credit import get_credit
 
-    m = get_credit(method) if not isinstance(method, CreditMethod) else method
-    if m.advantage == "group":
-        if boundary_key is not None:
-            raise ValueError(f"boundary_key applies to advantage='prefix_td' methods only (credit method {m.name!r})")
-        mods = [CriticFreeTD(group_size, group_id_key=group_id_key, scale=m.scale, baseline=m.baseline,
-                             reward_key=reward_key, advantage_key=advantage_key)]
-    else:
-        mods = [PrefixTD(group_size, group_id_key=group_id_key, scale=m.scale, gamma=m.gamma, lam=m.lam,
-                         tokens_key=tokens_key, mask_key=mask_key, reward_key=reward_key,
-                         boundary_key=boundary_key, advantage_key=advantage_key, keepdim=keepdim)]
+    m = get_credit(method)
+    stage = _builtin_stage(m, group_size, group_id_key, reward_key, mask_key, tokens_key, advantage_key,
+                           boundary_key, keepdim)
+    if stage is None:
+        stage = CreditAdvantage(m, group_size, group_id_key=group_id_key, reward_key=reward_key, mask_key=mask_key,
+                                tokens_key=tokens_key, entropy_key=entropy_key, boundary_key=boundary_key,
+                                advantage_key=advantage_key, keepdim=keepdim)
+    mods = [stage]
     if m.clamp_min is not None:
-        mods.append(ClampNegative(min=m.clamp_min, advantage_key=advantage_key))
+        mods.append(ClampNegative(clamp_min=m.clamp_min, advantage_key=advantage_key))
     if m.entropy_quantile is not None:
         mods.append(EntropySelect(m.entropy_quantile, entropy_key=entropy_key, mask_key=mask_key,
                                   out_key=select_key))

@@ -1,7 +1,7 @@
 """The credit each creditlib method gives one sample group, side by side (docs/credit.md).
 
-    python recipes/demo_credit.py                 # prints a table, writes runs/demo/credit_methods.png
-    python recipes/demo_credit.py --out docs/img  # regenerates the figure of docs/credit.md
+    python recipes/demo_credit.py                 # prints a table, writes runs/demo_credit/credit_methods.png
+    python recipes/demo_credit.py --out docs/img  # maintainers: replaces the tracked figure of docs/credit.md
 
 No model and no data: one prompt, a group of 6 completions of 12 tokens over a 3-token vocabulary
 that share prefixes and part ways at different depths (a prefix tree), verifiable 0/1 rewards.
@@ -86,7 +86,9 @@ def credit(name: str, tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.T
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="folder for the PNG figure (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo_credit",
+                   help="folder for the PNG figure (default: runs/demo_credit; docs/img replaces the tracked figure "
+                        "of docs/credit.md)")
     return p.parse_args(argv)
 
 

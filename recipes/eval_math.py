@@ -30,13 +30,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 PAPER_BENCHMARKS = "math500,aime24,amc23,minerva_math,olympiadbench"
 
 
+class _DefaultsOnce(argparse.HelpFormatter):
+    """Appends ``(default: X)`` once: not when the help already states its default, nor for unset
+    options (None, False, an empty list), which ``ArgumentDefaultsHelpFormatter`` would print as
+    ``(default: None)`` beside a help text that gives the real default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from creditlib.eval import BENCHMARKS, DEFAULT_PROMPT, DEFAULT_TIMEOUT
 
     p = argparse.ArgumentParser(
         prog="eval_math.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnce,
     )
     src = p.add_argument_group("what to evaluate")
     src.add_argument("--model", help="hub name or local path of a causal LM (required unless --oracle/--self-check)")
@@ -66,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=8,
                      help="prompts per generate call (hf); the cache is written after each call")
     gen.add_argument("--prompt-template", default=DEFAULT_PROMPT,
-                     help="user message; {problem} is replaced by the problem text")
+                     help="user message; {problem} is replaced by the problem text (default: the Qwen2.5-Math "
+                          "wording, creditlib.eval.DEFAULT_PROMPT: '{problem}' then 'Please reason step by step, "
+                          "and put your final answer within \\boxed{}.')")
     gen.add_argument("--system-prompt", default=None, help="optional system message for the chat template")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--dtype", default="auto", help="model dtype for loading (auto, bfloat16, float32, ...)")

@@ -4,6 +4,7 @@
     python recipes/grpo.py                               # plain GRPO on the embedded task (CPU, offline, minutes)
     python recipes/grpo.py --credit grpo-lambda          # GRPO-lambda (arXiv 2510.00194): recipes/grpo_lambda.py
     python recipes/grpo.py --credit prefix-gae --max-steps 200 --output-dir runs/prefix-gae
+    python recipes/grpo.py --output-dir runs/prefix-gae --resume   # continue that run
     python recipes/grpo.py --config recipes/configs/qwen2.5_1.5b_gsm8k.yaml    # a real model (GPU)
     torchrun --nproc-per-node 2 recipes/grpo.py          # data parallel, FSDP2
 
@@ -18,27 +19,30 @@ One RL step (``grpo_step`` below; B = K prompts x G completions, T = completion 
 
     1. rollout: K prompts, G completions each from the current policy        # tokens, mask [B, T]
     2. verifiable rewards R_i (1 if the final answer is right)                # [B]
-    3. credit stage, a TensorDictSequential of creditlib modules:
+    3. credit stage, creditlib.modules.credit_pipeline(method):
          CriticFreeTD   A_i = (R_i - mean_G R) / (std_G R + 1e-4)             # [B, 1, 1]
       or PrefixTD       per-token prefix-tree TD error, GAE over it           # [B, T, 1]
-         ClampNegative  A <- max(A, c)                                         # same shape
          EntropySelect  the top-entropy ("forking") tokens of the loss        # bool [B, T]
-    4. GRPOLambdaLoss (a TorchRL GRPOLoss): x_t = log pi(o_t) - log pi_old(o_t),
-       z = the method's trace of x (GRPO: z = x), L = -agg_t min(e^z_t A, clip(e^z_t) A)   # [B, T] -> scalar
-    5. backward, gradient clipping, AdamW; then log, evaluate, checkpoint
+    4. GRPOLambdaLoss.from_credit(method) (a TorchRL GRPOLoss): A <- max(A, c) (the method's clamp),
+       x_t = log pi(o_t) - log pi_old(o_t), z = the method's trace of x (GRPO: z = x),
+       L = -agg_t min(e^z_t A, clip(e^z_t) A)                                  # [B, T] -> scalar
+    5. backward, gradient clipping, AdamW (creditlib.rl.train.optimizer_step); log, evaluate, checkpoint
 
+Every run gets its own folder, ``runs/<credit>-<task>-<YYYYmmdd-HHMMSS>``, printed at start;
+``--output-dir DIR`` names one (a folder holding another run needs ``--resume`` or ``--overwrite``).
 Every option: ``--help``; the pipeline: docs/recipes.md.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 if __package__ in (None, ""):  # run as a script from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,65 +51,31 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
 
-from creditlib import ClampNegative, CriticFreeTD
+from creditlib.rl.data import Example
+from creditlib.rl.rollout import HFRollout, VLLMRollout
+
+from creditlib.credit import CreditMethod
 from creditlib.losses import GRPOLambdaLoss
-from creditlib.modules import EntropySelect, PrefixTD
+from creditlib.modules import credit_pipeline
 from creditlib.rl import checkpoint as ckpt
 from creditlib.rl.build import build_policy, build_reference, build_rollout, max_new_tokens
-from creditlib.rl.config import CREDIT_OPTIONS, INHERIT, config_to_dict, parse_args, resolve_credit
+from creditlib.rl.config import CREDIT_OPTIONS, INHERIT, RecipeConfig, config_to_dict, parse_args, resolve_credit
 from creditlib.rl.data import build_source
-from creditlib.rl.distributed import all_reduce_dict_mean, barrier, finish, init_distributed, shard_model
-from creditlib.rl.loop import (StopSignals, init_weights, learning_rate, nonfinite_message, start_point,
-                               write_summary)
+from creditlib.rl.distributed import (DistInfo, all_reduce_dict_mean, barrier, finish, init_distributed,
+                                      shard_model)
+from creditlib.rl.loop import (StartPoint, StopSignals, choose_threads, clear_run_folder, init_weights,
+                               learning_rate, nonfinite_message, read_run_info, run_folder, set_threads,
+                               start_point, write_run_info, write_summary)
 from creditlib.rl.metrics import MetricsLogger, make_reporter
 from creditlib.rl.model import NonFiniteError, completion_logprobs, count_parameters, resolve_device
 from creditlib.rl.policy import CompletionPolicy
 from creditlib.rl.rewards import SafeReward, reward_for_dataset
-from creditlib.rl.train import all_finite, clip_grad_norm, evaluate, make_optimizer, sft_warmup
+from creditlib.rl.train import evaluate, make_optimizer, optimizer_step, sft_warmup
 
 NAME = "GRPO"
-DEFAULTS: Dict[str, Any] = {"credit": "grpo", "output_dir": "runs/grpo"}  # everything else: RecipeConfig's defaults
+DEFAULTS: Dict[str, Any] = {"credit": "grpo"}  # everything else: RecipeConfig's defaults (output_dir: a new folder per run)
 
 RESPONSE, MASK, LOSS_MASK = ("tokens", "response"), ("masks", "response"), ("masks", "loss")  # tensordict keys
-
-
-# ==================================================================== the credit and loss stages
-def credit_stage(method, group_size: int) -> TensorDictSequential:
-    """The advantage stage of a credit method, from creditlib's TensorDict modules.
-
-    Reads ``reward`` ``[B, 1, 1]`` (and the completion tokens / mask / entropy when the method needs
-    them); writes ``advantage`` ``[B, 1, 1]`` (group methods) or ``[B, T, 1]`` (prefix-tree methods),
-    ``adv_clamped`` (clamp) and the loss mask ``("masks", "loss")`` (entropy selection).
-    """
-    if method.advantage == "group":  # one advantage per completion: the group is the baseline
-        stages = [CriticFreeTD(group_size, scale=method.scale, baseline=method.baseline)]  # [B, 1, 1]
-    else:  # per token: the value of a prefix = mean reward of the other completions sharing it
-        stages = [PrefixTD(group_size, scale=method.scale, gamma=method.gamma, lam=method.lam,
-                           tokens_key=RESPONSE, mask_key=MASK, keepdim=True)]  # [B, T, 1]
-    if method.clamp_min is not None:
-        stages.append(ClampNegative(method.clamp_min, clamped_key="adv_clamped"))
-    if method.entropy_quantile is not None:
-        stages.append(EntropySelect(method.entropy_quantile, entropy_key="entropy", mask_key=MASK,
-                                    out_key=LOSS_MASK))  # bool [B, T]
-    return TensorDictSequential(*stages)
-
-
-def policy_loss(method, policy: CompletionPolicy, cfg, T: int) -> GRPOLambdaLoss:
-    """TorchRL's GRPOLoss with the method's log-ratio trace (``method.trace``; ``None`` = the token ratio).
-
-    The clamp already ran in the credit stage; an entropy-selecting method keeps the policy term of
-    the selected tokens only (``select_key``; the aggregation still counts every completion token,
-    TRL's ``top_entropy_quantile`` convention); no entropy bonus; the optional KL to a frozen
-    reference is GRPOLoss's ``kl_to_ref``.
-    """
-    loss = GRPOLambdaLoss(policy, style=method.trace, clamp_min=None, clip_epsilon=cfg.clip_eps,
-                          select_key=LOSS_MASK if method.needs_entropy else None,
-                          aggregation=cfg.aggregation,
-                          loss_scale_factor=T if cfg.aggregation == "seq-mean-token-sum-norm" else None,
-                          entropy_bonus=False, kl_to_ref_coeff=cfg.kl_coef if cfg.kl_coef > 0 else None)
-    loss.set_keys(action=RESPONSE, sample_log_prob=("log_probs", "response"),
-                  ref_log_probs=("ref_log_probs", "response"))
-    return loss
 
 
 # ==================================================================== setup
@@ -113,52 +83,66 @@ def policy_loss(method, policy: CompletionPolicy, cfg, T: int) -> GRPOLambdaLoss
 class Recipe:
     """Everything a run holds (built by :func:`setup`)."""
 
-    cfg: Any
+    cfg: RecipeConfig
     name: str
-    info: Any
+    info: DistInfo
     device: torch.device
     out: Path
-    model: Any
-    tokenizer: Any
-    source: Any
+    model: torch.nn.Module  # the policy (FSDP2-sharded under torchrun)
+    tokenizer: Any  # a transformers tokenizer, or the embedded task's character tokenizer
+    source: Any  # creditlib.rl.data: SyntheticSource | MathSource
     reward: SafeReward
-    method: Any
-    credit: TensorDictSequential
+    method: CreditMethod
+    credit: TensorDictSequential  # the method's advantage stage (creditlib.modules.credit_pipeline)
     scorer: CompletionPolicy  # the sampling policy's log-probs (and entropies) before the update
     loss_fn: GRPOLambdaLoss
     optimizer: torch.optim.Optimizer
-    hf_rollout: Any
-    rollout: Any
-    heldout: list
-    start: Any
+    hf_rollout: HFRollout  # greedy evaluation and the warm-up's validation
+    rollout: Union[HFRollout, VLLMRollout]  # RL sampling (a colocated vLLM engine with --rollout vllm)
+    heldout: List[Example]
+    start: StartPoint
+    state: Dict[str, Any]  # the trainer state: a resumed checkpoint's, else filled by warm_up
     logger: MetricsLogger
     samples: MetricsLogger
     n_updates: int
-    ref_model: Any = None
-    say: Any = print
+    ref_model: Optional[torch.nn.Module] = None  # frozen reference of the KL term (--kl-coef > 0)
+    say: Callable[..., None] = print
 
 
-def setup(cfg, name: str = NAME) -> Recipe:
-    """Model, data, reward, the credit stage and the loss of a config; where the run starts.
+def setup(cfg: RecipeConfig, name: str = NAME) -> Recipe:
+    """The run folder, model, data, reward, credit stage, loss, optimizer, rollout engine, reference and loggers.
 
-    Raises (before anything is written to the output directory) when ``--resume`` finds only
-    damaged checkpoints or ``--init-from`` names no checkpoint.
+    Every check runs before anything is written to the run folder: a folder holding another run
+    without ``--resume`` / ``--overwrite``, an ``--init-from`` inside it or of another model size,
+    ``--resume`` of a damaged run or, with ``--kl-coef``, of a run without a reference policy.
     """
     device = resolve_device(cfg.device)
     info = init_distributed(device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     if cfg.prompts_per_step % info.world_size:
         raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
                          f"processes ({info.world_size})")
-    out = Path(cfg.output_dir)
     say = print if info.main else (lambda *a, **k: None)
+    out, created = run_folder(cfg, info)  # --output-dir, or a new runs/<credit>-<task>-<time>
+    cfg = replace(cfg, output_dir=str(out))
+    try:
+        return _build(cfg, name, device, info, out, say)
+    except BaseException:
+        if created and info.main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was written: leave no empty folder behind
+        raise
+
+
+def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, out: Path, say) -> Recipe:
+    say(f"{name}: run folder {out}")
     start = start_point(cfg, say)  # --resume / --init-from / fresh; raises before anything is overwritten
     method = resolve_credit(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model, tokenizer = build_policy(cfg, device)
+    threads, why = choose_threads(count_parameters(model), cfg.num_threads,
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled else 1)
+    say(f"threads: {set_threads(threads)} ({why}; --num-threads N overrides)")
     if start.kind == "init":  # another run's weights (e.g. a shared warm-up), loaded before sharding
-        model.load_state_dict({k: v.to(device) for k, v in init_weights(start).items()})
+        init_weights(start, model)  # CheckpointError when they do not fit (another model size)
     source = build_source(cfg, tokenizer)
     reward = SafeReward(reward_for_dataset(cfg.dataset), timeout=cfg.reward_timeout)
     model = shard_model(model, info, torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else None)
@@ -168,24 +152,61 @@ def setup(cfg, name: str = NAME) -> Recipe:
     K, G = cfg.prompts_per_step // info.world_size, cfg.group_size
     mb = cfg.minibatch_size or K * G
     n_updates = cfg.ppo_epochs * math.ceil(K * G / mb)  # optimizer steps per RL step
-    policy = CompletionPolicy(model, cfg.temperature, on_policy=n_updates == 1)
-    scorer = CompletionPolicy(model, cfg.temperature, entropy=method.needs_entropy)
-    hf_rollout = build_rollout(replace(cfg, rollout="hf"), model, tokenizer, source, info)
     T = max_new_tokens(cfg, source)
+    # the credit stage: the method's advantage (reward [B, 1, 1] -> advantage [B, 1, 1], or [B, T, 1]
+    # for prefix-tree methods) and entropy selection (bool [B, T]); its clamp max(A, c) runs in the
+    # loss, which then reports the fraction of advantages it raised (adv_clamped_fraction)
+    credit = credit_pipeline(method.replace(clamp_min=None), group_size=G, reward_key="reward", tokens_key=RESPONSE,
+                             mask_key=MASK, select_key=LOSS_MASK, keepdim=True)
+    # TorchRL's GRPOLoss with the method's log-ratio trace and clamp; no entropy bonus; the KL to a
+    # frozen reference is GRPOLoss's kl_to_ref; an entropy-selecting method keeps the policy term of
+    # the selected tokens only (the aggregation still counts every completion token, as TRL does)
+    policy = CompletionPolicy(model, cfg.temperature, on_policy=n_updates == 1)
+    loss_fn = GRPOLambdaLoss.from_credit(
+        method, policy, select_key=LOSS_MASK, clip_epsilon=cfg.clip_eps, aggregation=cfg.aggregation,
+        loss_scale_factor=T if cfg.aggregation == "seq-mean-token-sum-norm" else None, entropy_bonus=False,
+        kl_to_ref_coeff=cfg.kl_coef if cfg.kl_coef > 0 else None)
+    loss_fn.set_keys(action=RESPONSE, sample_log_prob=("log_probs", "response"),
+                     ref_log_probs=("ref_log_probs", "response"))
+    scorer = CompletionPolicy(model, cfg.temperature, entropy=method.needs_entropy)
+    optimizer = make_optimizer(model, cfg)
 
-    reporter = make_reporter(cfg.report_to, out, config_to_dict(cfg), name=f"{name} {cfg.credit}",
-                             resume_step=start.resume_step) if info.main else None
+    state: Dict[str, Any] = {}
+    ref_model = None
+    if start.kind == "resume":  # model, optimizer, RNG, step and data position of this run's checkpoint
+        state = ckpt.load_checkpoint(start.path, model, optimizer, info)
+        if cfg.kl_coef > 0:  # the reference the run started with (start_point checked that it exists)
+            ref_model = build_reference(cfg, device, ckpt.load_weights(out / "reference.safetensors"), info)
+    hf_rollout = build_rollout(replace(cfg, rollout="hf"), model, tokenizer, source, info)
+    rollout = hf_rollout if cfg.rollout == "hf" else build_rollout(  # a colocated vLLM engine with these weights
+        cfg, model, tokenizer, source, info, sync=ckpt.model_state_dict(model, info, every_rank=True))
+
+    # ---- the run folder: only now is anything written to it
+    if info.main:
+        if cfg.overwrite:
+            gone = clear_run_folder(out)
+            if gone:
+                say(f"--overwrite: deleted the previous run's {', '.join(gone)} in {out}")
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(info)
+    run_id = read_run_info(out).get("wandb_run_id") if start.kind == "resume" else None  # one W&B run per run
+    reporter = make_reporter(cfg.report_to, out, config_to_dict(cfg), name=f"{name} {cfg.credit} {out.name}",
+                             resume_step=start.resume_step, run_id=run_id) if info.main else None
+    if info.main:
+        write_run_info(out, name=name, credit=cfg.credit, dataset=cfg.dataset,
+                       **({"wandb_run_id": reporter.run_id} if cfg.report_to == "wandb" else {}))
     logger = MetricsLogger(out / "metrics.jsonl", resume_step=start.resume_step, enabled=info.main, reporter=reporter)
     samples = MetricsLogger(out / "samples.jsonl", resume_step=start.resume_step, enabled=info.main)
     over = {k: getattr(cfg, k) for k in CREDIT_OPTIONS if getattr(cfg, k) != INHERIT}  # the overridden values
     say(f"{name}: {count_parameters(model):,}-parameter {type(model).__name__} on {device} (x{info.world_size}), "
         f"dataset {cfg.dataset!r}, {len(heldout)} held-out prompts -> {out}\n"
         f"credit {cfg.credit}{f' with {over}' if over else ''}: {method.summary()}")
+    if start.kind == "resume":
+        say(f"resumed from {start.path} (RL step {state['step']}, data position {state['position']})")
     return Recipe(cfg=cfg, name=name, info=info, device=device, out=out, model=model, tokenizer=tokenizer,
-                  source=source, reward=reward, method=method, credit=credit_stage(method, G), scorer=scorer,
-                  loss_fn=policy_loss(method, policy, cfg, T), optimizer=make_optimizer(model, cfg),
-                  hf_rollout=hf_rollout, rollout=hf_rollout, heldout=heldout, start=start, logger=logger,
-                  samples=samples, n_updates=n_updates, say=say)
+                  source=source, reward=reward, method=method, credit=credit, scorer=scorer, loss_fn=loss_fn,
+                  optimizer=optimizer, hf_rollout=hf_rollout, rollout=rollout, heldout=heldout, start=start,
+                  state=state, logger=logger, samples=samples, n_updates=n_updates, ref_model=ref_model, say=say)
 
 
 # ==================================================================== one RL step
@@ -213,7 +234,7 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
         with torch.no_grad():
             td["ref_log_probs", "response"] = completion_logprobs(
                 r.ref_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.temperature)  # [B, T]
-    td = r.credit(td)  # advantage [B, 1, 1] or [B, T, 1] (+ adv_clamped, loss mask)
+    td = r.credit(td)  # advantage [B, 1, 1] or [B, T, 1] (+ the loss mask [B, T])
 
     sums: Dict[str, float] = {}
     n_mb = math.ceil(B / mb)
@@ -223,19 +244,11 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
             sub = td if n_mb == 1 else td[perm[i:i + mb].to(r.device)]  # [b]
             out = r.loss_fn(sub)  # PPO-clipped surrogate over the (traced) ratio, aggregated to a scalar
             loss = out.loss_objective + (out.loss_kl_to_ref if cfg.kl_coef > 0 else 0.0)
-            if not all_finite(loss.detach().cpu(), r.info):
-                raise NonFiniteError(f"the RL loss is {float(loss.detach()):.4g} (NaN/inf); no update was applied")
-            r.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = clip_grad_norm(r.model, cfg.max_grad_norm)
-            if not all_finite(gnorm, r.info):
-                r.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"the gradient norm is {float(gnorm):.4g} (NaN/inf); no update was applied")
-            r.optimizer.step()
+            gnorm = optimizer_step(r.model, r.optimizer, loss, r.info, cfg.max_grad_norm)  # finite checks, clip, step
             m = {"loss": float(loss.detach()), "loss_policy": float(out.loss_objective.detach()),
                  "grad_norm": float(gnorm), "traced_clip_fraction": float(out.traced_clip_fraction),
                  "trace_abs_mean": float(out.trace_abs_mean), "approx_kl": float(out.kl_approx),
-                 "ess": float(out.ESS)}
+                 "ess": float(out.ESS), "adv_clamped_fraction": float(out.adv_clamped_fraction)}
             if cfg.kl_coef > 0:
                 m["kl_to_ref"] = float(out.kl_to_ref)
             for k, v in m.items():
@@ -244,11 +257,6 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
     sums["num_tokens"] = float(mask.sum())
     selected = td.get(LOSS_MASK) if r.method.needs_entropy else mask  # [B, T] tokens with a policy term
     sums["loss_tokens_fraction"] = float(selected.sum()) / max(1.0, sums["num_tokens"])
-    if "adv_clamped" in td.keys():
-        c = td["adv_clamped"].reshape(B, -1)  # [B, 1] or [B, T]
-        sums["adv_clamped_fraction"] = float(c.float().mean() if c.shape[1] == 1 else c[mask].float().mean())
-    else:
-        sums["adv_clamped_fraction"] = 0.0
     return sums
 
 
@@ -267,7 +275,8 @@ def evaluate_and_log(r: Recipe, engine, step: int) -> Dict:
 
 
 def warm_up(r: Recipe) -> Dict:
-    """Fresh start: evaluate, supervised warm-up, evaluate. ``--init-from``: evaluate the loaded weights."""
+    """A new run (fresh or ``--init-from``): evaluate, supervised warm-up (fresh only), evaluate;
+    then the reference policy (``--kl-coef``: the RL starting point) and checkpoint 0."""
     cfg, info = r.cfg, r.info
     torch.manual_seed(cfg.seed + 1000 * info.rank + 1)  # per-rank sampling streams
     t0 = time.time()
@@ -282,40 +291,29 @@ def warm_up(r: Recipe) -> Dict:
             val = r.source.validation(256)
             validate = lambda: evaluate(r.hf_rollout, r.source, val, r.reward, info, r.device)["accuracy"]  # noqa: E731
             sft = sft_warmup(r.model, r.source, cfg, info, r.device, validate, r.logger.log, cfg.progress, say=r.say)
+            if r.rollout is not r.hf_rollout:  # the vLLM engine samples with the warmed-up weights
+                r.rollout.sync_weights(ckpt.model_state_dict(r.model, info, every_rank=True))
     before = evaluate_and_log(r, r.hf_rollout, 0)
-    return {"step": 0, "position": sft["position"], "acc_init": acc_init, "acc_before": before["accuracy"],
-            "sampled_before": before.get("sampled_accuracy"), "sft_steps": sft["sft_steps"],
-            "sft_seconds": time.time() - t0, "rl_seconds": 0.0,
-            "init_from": str(r.start.path) if r.start.kind == "init" else None}
-
-
-def train(r: Recipe) -> Dict:
-    cfg, info, out = r.cfg, r.info, r.out
-    t_start = time.time()
-    # ---------------------------------------------------------------- 1. warm-up (or resume)
-    if r.start.kind == "resume":
-        state = ckpt.load_checkpoint(r.start.path, r.model, r.optimizer, info)
-        r.say(f"resumed from {r.start.path} (RL step {state['step']}, data position {state['position']})")
-    else:
-        state = warm_up(r)
-        if cfg.kl_coef > 0:  # the reference policy = the RL starting point
-            ref_sd = ckpt.model_state_dict(r.model, info)
-            if info.main:
-                out.mkdir(parents=True, exist_ok=True)
-                ckpt.save_weights(ref_sd, out / "reference.safetensors")
-        r.optimizer = make_optimizer(r.model, cfg)  # fresh: the warm-up's steps are not RL steps
-        ckpt.save_checkpoint(out, 0, r.model, r.optimizer, state, info, keep=cfg.keep_checkpoints + 1)
-    if cfg.kl_coef > 0:
+    state = {"step": 0, "position": sft["position"], "acc_init": acc_init, "acc_before": before["accuracy"],
+             "sampled_before": before.get("sampled_accuracy"), "sft_steps": sft["sft_steps"],
+             "sft_seconds": time.time() - t0, "rl_seconds": 0.0,
+             "init_from": str(r.start.path) if r.start.kind == "init" else None}
+    if cfg.kl_coef > 0:  # the reference policy = the RL starting point, kept for --resume
+        ref_sd = ckpt.model_state_dict(r.model, info)
+        if info.main:
+            ckpt.save_weights(ref_sd, r.out / "reference.safetensors")
         barrier(info)
-        r.ref_model = build_reference(cfg, r.device, ckpt.load_weights(out / "reference.safetensors"), info)
-    if cfg.rollout == "vllm":  # a colocated vLLM engine loaded with the current weights
-        r.rollout = build_rollout(cfg, r.model, r.tokenizer, r.source, info,
-                                  sync=ckpt.model_state_dict(r.model, info, every_rank=True))
+        r.ref_model = build_reference(cfg, r.device, ckpt.load_weights(r.out / "reference.safetensors"), info)
+    r.optimizer = make_optimizer(r.model, cfg)  # fresh: the warm-up's steps are not RL steps
+    ckpt.save_checkpoint(r.out, 0, r.model, r.optimizer, state, info, keep=cfg.keep_checkpoints + 1)
+    return state
 
-    # ---------------------------------------------------------------- 2. RL
+
+def rl_loop(r: Recipe, state: Dict) -> Dict:
+    """RL steps ``state["step"] + 1 .. max_steps``; returns the last evaluation and how the loop ended."""
     from tqdm.auto import tqdm
 
-    G = cfg.group_size
+    cfg, info, out, G = r.cfg, r.info, r.out, r.cfg.group_size
     step, position, last_saved = state["step"], state["position"], state["step"]
     acc = {"accuracy": state.get("acc_last", state["acc_before"]),
            "sampled_accuracy": state.get("sampled_last", state.get("sampled_before"))}
@@ -346,7 +344,7 @@ def train(r: Recipe) -> Dict:
                 for group in r.optimizer.param_groups:
                     group["lr"] = lr
                 m = grpo_step(r, batch, rewards)
-                if cfg.rollout == "vllm":
+                if r.rollout is not r.hf_rollout:
                     r.rollout.sync_weights(ckpt.model_state_dict(r.model, info, every_rank=True))
                 # 5. log, evaluate, checkpoint
                 m.update(reward=float(rewards.mean()), completion_len=float(batch.completion_mask.sum(-1).float().mean()),
@@ -373,24 +371,37 @@ def train(r: Recipe) -> Dict:
         sig = int(stop.signal or signal.SIGTERM)  # a rank that got none stops with its peers
         r.say(f"{r.name}: stopped by signal {sig} after RL step {step}; checkpoint saved, resume with --resume")
         exit_code = 128 + sig
-    if exit_code:
-        r.logger.close()
-        finish(info, exit_code)
-        raise SystemExit(exit_code)
+    return {"step": step, "acc": acc, "t_rl": t_rl, "exit_code": exit_code}
 
-    # ---------------------------------------------------------------- 3. evaluation summary and artefacts
+
+def finish_run(r: Recipe, state: Dict, end: Dict, t_start: float) -> Dict:
+    """The final model, plot and summary table (main rank); the process group torn down."""
+    cfg, info, out = r.cfg, r.info, r.out
+    if end["exit_code"]:
+        r.logger.close()
+        finish(info, end["exit_code"])
+        raise SystemExit(end["exit_code"])
+    acc, step = end["acc"], end["step"]
     full_sd = ckpt.model_state_dict(r.model, info)
     summary = {"accuracy_initial": state.get("acc_init"), "accuracy_before": state["acc_before"],
                "accuracy_after": acc["accuracy"], "sampled_accuracy_after": acc.get("sampled_accuracy"),
                "steps": step, "credit": cfg.credit, "output_dir": str(out), "wall_seconds": time.time() - t_start}
     if info.main:
         table, png = write_summary(r.name, cfg, out, r.model, r.tokenizer, full_sd, state, acc, step, r.reward,
-                                   t_start, t_rl, len(r.heldout), [("credit method", r.method.summary())])
+                                   t_start, end["t_rl"], len(r.heldout), [("credit method", r.method.summary())])
         print("\n" + table)
         summary["plot"] = str(png) if png else None
     r.logger.close()
     finish(info, 0)
     return summary
+
+
+def train(r: Recipe) -> Dict:
+    """Warm-up (a new run) -> RL loop -> finish. Exits non-zero on a NaN stop or a signal."""
+    t_start = time.time()
+    state = r.state if r.start.kind == "resume" else warm_up(r)
+    end = rl_loop(r, state)
+    return finish_run(r, state, end, t_start)
 
 
 def main(argv=None, defaults: Optional[dict] = None, name: str = NAME, prog: Optional[str] = None,

@@ -6,7 +6,8 @@
 
 The same pipeline as ``recipes/grpo.py`` (warm-up -> RL -> evaluation) with the credit method
 ``grpo-lambda``: the loss takes the eligibility trace of the token log-ratios (``recent``,
-``lam = 0.99``) and the advantages pass the negative clamp ``max(A, -0.1)``. Output: runs/grpo_lambda.
+``lam = 0.99``) and the advantages pass the negative clamp ``max(A, -0.1)``. Output: a new
+folder ``runs/grpo-lambda-<task>-<YYYYmmdd-HHMMSS>`` per run (``--output-dir`` to choose one).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from creditlib.rl.loop import load_recipe  # needs creditlib installed (make ins
 
 recipe = load_recipe(Path(__file__).resolve().with_name("grpo.py"))  # the pipeline, loaded from its file
 NAME = "GRPO-lambda"
-DEFAULTS = {"credit": "grpo-lambda", "output_dir": "runs/grpo_lambda"}
+DEFAULTS = {"credit": "grpo-lambda"}
 
 
 def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_lambda.py", description=None) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Old name of ``recipes/grpo_lambda.py`` (GRPO-lambda; the recipe runs any causal LM, Qwen or LLaMA).
 
-    python recipes/grpo_lambda_qwen.py ...   ==   python recipes/grpo.py --credit grpo-lambda --output-dir runs/grpo_lambda_qwen ...
+    python recipes/grpo_lambda_qwen.py ...   ==   python recipes/grpo.py --credit grpo-lambda ...
 
 Kept so that existing commands keep working; new commands use ``recipes/grpo_lambda.py`` or
 ``recipes/grpo.py --credit NAME``.
@@ -15,7 +15,7 @@ from creditlib.rl.loop import load_recipe  # needs creditlib installed (make ins
 
 recipe = load_recipe(Path(__file__).resolve().with_name("grpo.py"))  # the pipeline, loaded from its file
 NAME = "GRPO-lambda"
-DEFAULTS = {"credit": "grpo-lambda", "output_dir": "runs/grpo_lambda_qwen"}
+DEFAULTS = {"credit": "grpo-lambda"}
 
 
 def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_lambda_qwen.py", description=None) -> dict:

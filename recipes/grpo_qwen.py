@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GRPO baseline under its old name: ``recipes/grpo.py`` (credit ``grpo``; runs any causal LM, Qwen or LLaMA).
 
-    python recipes/grpo_qwen.py ...   ==   python recipes/grpo.py --output-dir runs/grpo_qwen ...
+    python recipes/grpo_qwen.py ...   ==   python recipes/grpo.py ...
 
 The GRPO baseline is the same pipeline as GRPO-lambda with the credit method ``grpo``: no trace
 (the per-token PPO ratio) and no clamp, through the same ``GRPOLambdaLoss`` code path. Kept so that
@@ -16,7 +16,7 @@ from creditlib.rl.loop import load_recipe  # needs creditlib installed (make ins
 
 recipe = load_recipe(Path(__file__).resolve().with_name("grpo.py"))  # the pipeline, loaded from its file
 NAME = "GRPO"
-DEFAULTS = {"credit": "grpo", "output_dir": "runs/grpo_qwen"}
+DEFAULTS = {"credit": "grpo"}
 
 
 def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_qwen.py", description=None) -> dict:

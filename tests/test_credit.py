@@ -141,8 +141,8 @@ def test_builtins_registered_with_descriptions():
     assert get_credit("grpo-lambda-norm").trace.normalize and get_credit("grpo-lambda-norm").clamp_min == -0.1
     assert get_credit("gspo").trace.style == "sequence"
     pg = get_credit("prefix-gae")
-    assert pg.per_token and pg.needs_tokens and (pg.gamma, pg.lam) == (1.0, 1.0)
-    assert get_credit("prefix-gae-lambda").lam == 0.95 and get_credit("prefix-gae-clamp").clamp_min == -0.1
+    assert pg.per_token and pg.needs_tokens and (pg.gae_gamma, pg.gae_lam) == (1.0, 1.0)
+    assert get_credit("prefix-gae-lambda").gae_lam == 0.95 and get_credit("prefix-gae-clamp").clamp_min == -0.1
     assert get_credit("entropy-80-20").entropy_quantile == 0.2 and get_credit("entropy-80-20").needs_entropy
     assert get_credit("grpo").trace is None and not get_credit("grpo").per_token
     assert get_credit("PREFIX_GAE") is get_credit("prefix-gae")  # case and _ forgiven
@@ -183,9 +183,9 @@ def test_register_one_call_and_overwrite_rules():
     (dict(advantage="critic"), "advantage must be one of"),
     (dict(scale="mad"), "scale must be one of"),
     (dict(baseline="median"), "baseline must be one of"),
-    (dict(advantage="prefix_td", gamma=1.5), "gamma"),
-    (dict(advantage="prefix_td", lam=-0.1), "lam"),
-    (dict(lam=0.9), "advantage='prefix_td' only"),
+    (dict(advantage="prefix_td", gae_gamma=1.5), "gae_gamma"),
+    (dict(advantage="prefix_td", gae_lam=-0.1), "gae_lam"),
+    (dict(gae_lam=0.9), "advantage='prefix_td' only"),
     (dict(advantage="prefix_td", baseline="loo"), "baseline='loo'"),
     (dict(clamp_min=0.1), "clamp_min must be None or a finite float <= 0"),
     (dict(clamp_min=float("nan")), "clamp_min"),
@@ -205,8 +205,8 @@ def test_name_and_replace_validate():
         CreditMethod("")
     with pytest.raises(ValueError, match="clamp_min"):
         get_credit("clamp").replace(clamp_min=0.5)
-    m = get_credit("prefix-gae").replace(name="p2", lam=0.5)
-    assert m.lam == 0.5 and get_credit("prefix-gae").lam == 1.0  # frozen original untouched
+    m = get_credit("prefix-gae").replace(name="p2", gae_lam=0.5)
+    assert m.gae_lam == 0.5 and get_credit("prefix-gae").gae_lam == 1.0  # frozen original untouched
     assert CreditMethod("y", clamp_min=0).clamp_min == 0.0  # 0 is allowed (clamps every negative to 0)
 
 
@@ -254,7 +254,7 @@ def test_prefix_advantages_match_definition(name, scale, seed):
     tokens, mask, r, G = _prefix_batch(seed=seed)
     m = get_credit(name).replace(scale=scale)
     adv = m.advantages(r, mask, tokens=tokens, group_size=G)  # [B, T]
-    want = ref_gae(ref_prefix_td(tokens, mask, r, G, scale=scale), mask, m.gamma, m.lam)
+    want = ref_gae(ref_prefix_td(tokens, mask, r, G, scale=scale), mask, m.gae_gamma, m.gae_lam)
     if m.clamp_min is not None:
         want = want.clamp_min(m.clamp_min)
     assert adv.shape == mask.shape and adv.dtype == r.dtype

@@ -1,18 +1,27 @@
-"""The documentation's Python code blocks run as written (CPU, offline).
+"""The documentation's Python code blocks run as written, each on its own (CPU, offline).
 
-Every fenced ```python block of ``docs/*.md`` and of ``README.md`` is executed. The blocks of one page run in order in
-one fresh Python process (a later block may use what an earlier one defined), in an empty
-temporary directory (files a page writes, e.g. ``output_dir="tiny-credit"``, land there), with the
-repository on ``PYTHONPATH``, one thread and the Hugging Face Hub offline.
+Every fenced ```python block of ``docs/*.md`` and of ``README.md`` is executed **in a fresh
+namespace**, so a block that uses a name it does not define or import fails with ``NameError``,
+as it would for a reader who copies that one block. The blocks of one page run in page order in
+one Python process (importing torch once per page), in one empty temporary directory (files a
+page writes, e.g. ``output_dir="tiny-credit"`` or a tiny model saved by its first block, land
+there and stay for the page's later blocks), with the repository on ``PYTHONPATH``, one thread and
+the Hugging Face Hub offline.
 
-Convention: an HTML comment on the line right before a block (invisible when rendered) changes
-how it is tested:
+Convention: HTML comments on the lines right before a block (invisible when rendered) change how
+it is tested; several may be stacked, one per line:
 
 * ``<!-- skip-test: REASON -->``: the block is not run. Only for blocks that truly cannot run here
   (a GPU, the Hub, a benchmark of minutes, a fragment whose names come from the reader's own
   code); the reason is required and shows in the skip message.
 * ``<!-- requires: verl -->`` (comma-separated module names): the block runs only where every
   module imports (e.g. the verl page in a verl environment), otherwise it is skipped like above.
+* ``<!-- continues -->``: the block continues the python block before it: it runs in that block's
+  namespace (and so in the namespace of the whole chain that block continues), after it. The
+  rendered page must say so too: the prose between the two blocks has to contain a word starting
+  with "continu" ("This block continues the one above", "Continuing the example:"), which
+  ``test_every_continuation_is_announced`` checks. When a block is skipped, the blocks that
+  continue it are skipped with it.
 
 Tracebacks name the page and the line of the block (``docs/trl.md:42``).
 """
@@ -24,25 +33,38 @@ import re
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
-MARKER = re.compile(r"^\s*<!--\s*(?P<kind>skip-test|requires)\s*:?\s*(?P<arg>.*?)\s*-->\s*$")
+MARKER = re.compile(r"^\s*<!--\s*(?P<kind>skip-test|requires|continues)\s*:?\s*(?P<arg>.*?)\s*-->\s*$")
+COMMENT = re.compile(r"<!--.*?-->", re.S)
+ANNOUNCED = re.compile(r"(?i)\bcontinu")
 TIMEOUT_S = 300
 
 
-def parse_blocks(text: str):
-    """``[(line, code, marker_kind, marker_arg)]`` of the ```python blocks of a Markdown text.
+@dataclass
+class Block:
+    """One ```python block: ``line`` is the 1-based line of its first code line; ``markers`` maps each
+    marker kind found right before the fence (``"skip-test"``, ``"requires"``, ``"continues"``) to its
+    argument; ``prose`` is the visible text (HTML comments removed) between the previous fenced block
+    of any language (or the top of the page) and this one."""
 
-    ``line`` is the 1-based line of the first code line; ``marker_kind`` is ``None``,
-    ``"skip-test"`` or ``"requires"`` (from the line right before the opening fence).
-    """
+    line: int
+    code: str
+    markers: dict = field(default_factory=dict)
+    prose: str = ""
+
+
+def parse_blocks(text: str) -> list[Block]:
+    """The ```python blocks of a Markdown text, in page order (see the module docstring)."""
     lines = text.splitlines()
-    blocks, i = [], 0
+    blocks, i, prev_end = [], 0, 0  # prev_end: the line after the previous fence's closing line
     while i < len(lines):
         m = FENCE.match(lines[i])
         if not m or not m.group("lang"):
@@ -56,30 +78,49 @@ def parse_blocks(text: str):
             raise ValueError(f"unclosed code fence opened at line {i + 1}")
         if lang == "python":
             body = [ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[i + 1:j]]
-            kind = arg = None
-            k = i - 1
+            markers, k = {}, i - 1
             while k >= 0 and not lines[k].strip():
                 k -= 1
-            mk = MARKER.match(lines[k]) if k >= 0 else None
-            if mk:
-                kind, arg = mk.group("kind"), mk.group("arg")
-            blocks.append((i + 2, textwrap.dedent("\n".join(body)) + "\n", kind, arg))
+            while k >= prev_end and MARKER.match(lines[k]):
+                mk = MARKER.match(lines[k])
+                if mk.group("kind") in markers:
+                    raise ValueError(f"line {k + 1}: a second <!-- {mk.group('kind')} --> marker for one block")
+                markers[mk.group("kind")] = mk.group("arg")
+                k -= 1
+            prose = COMMENT.sub("", "\n".join(lines[prev_end:i])).strip()
+            blocks.append(Block(i + 2, textwrap.dedent("\n".join(body)) + "\n", markers, prose))
+        prev_end = j + 1
         i = j + 1
     return blocks
 
 
+def chains(blocks: list[Block]) -> list[list[Block]]:
+    """Group blocks into chains that share one namespace: a block without ``continues`` starts a
+    chain, each ``continues`` block joins the chain of the block before it."""
+    out = []
+    for b in blocks:
+        if "continues" in b.markers:
+            if not out:
+                raise ValueError(f"line {b.line}: <!-- continues --> on the first python block of the page")
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
+
+
 _DRIVER = r"""
-import json, sys, traceback
-blocks = json.loads(sys.stdin.read())
-ns = {"__name__": "__main__"}
-for name, code in blocks:
-    print(f"--- running {name}", flush=True)
-    try:
-        exec(compile(code, name, "exec"), ns)
-    except BaseException:
-        traceback.print_exc()
-        print(f"--- FAILED {name}", flush=True)
-        sys.exit(1)
+import json, os, sys, traceback
+chains = json.loads(sys.stdin.read())
+for chain in chains:
+    ns = {"__name__": "__main__"}      # a fresh namespace per chain: a standalone block sees no earlier names
+    for name, code in chain:
+        print(f"--- running {name}", flush=True)
+        try:
+            exec(compile(code, name, "exec"), ns)
+        except BaseException:
+            traceback.print_exc()
+            print(f"--- FAILED {name}", flush=True)
+            sys.exit(1)
 """
 
 
@@ -92,25 +133,51 @@ def _path(page: str) -> Path:
     return ROOT / page if page == "README.md" else DOCS / page
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:  # a page outside the repository (the runner's own test)
+        return path.name
+
+
 def _missing(modules: str):
     names = [m.strip() for m in modules.split(",") if m.strip()]
     return [m for m in names if importlib.util.find_spec(m) is None]
 
 
+def _skip_reason(block: Block):
+    """Why ``block`` is not run here (``None``: it runs)."""
+    if "skip-test" in block.markers:
+        return block.markers["skip-test"]
+    if "requires" in block.markers and _missing(block.markers["requires"]):
+        return "needs " + ", ".join(_missing(block.markers["requires"]))
+    return None
+
+
+def plan_page(page: str):
+    """``(run, skipped)``: the chains to run, as ``[[(where, code), ...], ...]``, and the skipped blocks
+    as ``"where (reason)"``. A chain is cut where a block is skipped: its continuations go with it."""
+    path = _path(page)
+    run, skipped = [], []
+    for chain in chains(parse_blocks(path.read_text(encoding="utf-8"))):
+        todo, cut = [], None
+        for b in chain:
+            where = f"{_rel(path)}:{b.line}"
+            reason = cut or _skip_reason(b)
+            if reason is not None:
+                cut = cut or f"continues a skipped block: {reason}"
+                skipped.append(f"{where} ({reason})")
+            else:
+                todo.append((where, b.code))
+        if todo:
+            run.append(todo)
+    return run, skipped
+
+
+@pytest.mark.slow  # one Python process per page (some pages train a tiny model for a few steps)
 @pytest.mark.parametrize("page", _pages())
 def test_page_code_blocks_run(page, tmp_path):
-    path = _path(page)
-    blocks = parse_blocks(path.read_text(encoding="utf-8"))
-    run, skipped = [], []
-    for line, code, kind, arg in blocks:
-        where = f"{path.relative_to(ROOT)}:{line}"
-        if kind == "skip-test":
-            assert arg, f"{where}: a skip-test marker needs a reason: <!-- skip-test: REASON -->"
-            skipped.append(f"{where} ({arg})")
-        elif kind == "requires" and _missing(arg):
-            skipped.append(f"{where} (needs {', '.join(_missing(arg))})")
-        else:
-            run.append((where, code))
+    run, skipped = plan_page(page)
     if not run:
         pytest.skip("no runnable python block" + (": skipped " + "; ".join(skipped) if skipped else ""))
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -119,9 +186,32 @@ def test_page_code_blocks_run(page, tmp_path):
            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(run), text=True, capture_output=True,
                           cwd=tmp_path, env=env, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, (f"a code block of {path.relative_to(ROOT)} failed:\n{proc.stdout[-3000:]}\n"
+    assert proc.returncode == 0, (f"a code block of {_rel(_path(page))} failed (each block runs in a "
+                                  f"fresh namespace unless marked <!-- continues -->):\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[-6000:]}")
-    assert proc.stdout.count("--- running") == len(run)
+    assert proc.stdout.count("--- running") == sum(len(c) for c in run)
+
+
+# ----------------------------------------------------------------------------- the page conventions
+def test_every_skip_marker_has_a_reason():
+    for page in _pages():
+        for b in parse_blocks(_path(page).read_text(encoding="utf-8")):
+            if "skip-test" in b.markers:
+                assert b.markers["skip-test"], (f"{_rel(_path(page))}:{b.line}: "
+                                                "<!-- skip-test: REASON --> needs a reason")
+
+
+def test_every_continuation_is_announced():
+    """A block that continues the previous one says so in the rendered page, not only in the comment."""
+    for page in _pages():
+        blocks = parse_blocks(_path(page).read_text(encoding="utf-8"))
+        chains(blocks)  # raises on a continuation without a block before it
+        for b in blocks:
+            if "continues" in b.markers:
+                assert ANNOUNCED.search(b.prose), (
+                    f"{_rel(_path(page))}:{b.line}: a <!-- continues --> block needs a visible sentence "
+                    f"above it saying that it continues the previous block (e.g. 'This block continues the one "
+                    f"above.'); the text between the two blocks is: {b.prose!r}")
 
 
 # ----------------------------------------------------------------------------- the parser itself
@@ -149,24 +239,65 @@ def test_parse_blocks_markers_and_indentation():
         ```bash
         echo not python
         ```
+
+        Continuing the example above:
+
+        <!-- requires: verl -->
+        <!-- continues -->
+        ```python
+        d = c
+        ```
         """)
     blocks = parse_blocks(text)
-    assert [(ln, kind, arg) for ln, _, kind, arg in blocks] == [
-        (4, None, None), (9, "skip-test", "needs a GPU"), (16, "requires", "verl, ray")]
-    assert blocks[2][1] == "if True:\n    c = 3\n"
-    exec(blocks[2][1], {})  # dedented: valid Python
+    assert [(b.line, b.markers) for b in blocks] == [
+        (4, {}), (9, {"skip-test": "needs a GPU"}), (16, {"requires": "verl, ray"}),
+        (29, {"requires": "verl", "continues": ""})]
+    assert blocks[2].code == "if True:\n    c = 3\n"
+    exec(blocks[2].code, {})  # dedented: valid Python
+    assert blocks[3].prose == "Continuing the example above:"  # from the bash block's end; comments removed
+    assert blocks[0].prose == "# Title"
+    assert [[b.line for b in c] for c in chains(blocks)] == [[4], [9], [16, 29]]
 
 
-def test_parse_blocks_rejects_unclosed_fence():
+def test_parse_blocks_rejects_unclosed_fence_and_misplaced_markers():
     with pytest.raises(ValueError, match="unclosed code fence opened at line 2"):
         parse_blocks("x\n```python\nprint(1)\n")
+    with pytest.raises(ValueError, match="second <!-- skip-test --> marker"):
+        parse_blocks("<!-- skip-test: a -->\n<!-- skip-test: b -->\n```python\npass\n```\n")
+    with pytest.raises(ValueError, match="continues --> on the first python block"):
+        chains(parse_blocks("Continued:\n<!-- continues -->\n```python\npass\n```\n"))
 
 
-def test_every_skip_marker_has_a_reason():
-    for page in _pages():
-        for line, _, kind, arg in parse_blocks(_path(page).read_text(encoding="utf-8")):
-            if kind == "skip-test":
-                assert arg, f"{_path(page).relative_to(ROOT)}:{line}: <!-- skip-test: REASON --> needs a reason"
+def test_fresh_namespace_per_block_and_shared_one_per_chain(tmp_path, monkeypatch, capsys):
+    """The runner fails a standalone block that uses an earlier block's name, runs a marked continuation
+    in its chain's namespace, and skips the continuations of a skipped block (driver run in-process)."""
+    import io
+
+    page = tmp_path / "page.md"
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def run(text):
+        page.write_text(text, encoding="utf-8")
+        chains_, skipped = plan_page("page.md")
+        monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(chains_)))
+        code = 0
+        try:
+            exec(_DRIVER, {})
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err, skipped
+
+    standalone = "```python\nx = 1\n```\n\nThen:\n\n```python\nprint(x + 1)\n```\n"
+    code, out, err, _ = run(standalone)
+    assert code == 1 and "NameError: name 'x' is not defined" in err and "--- FAILED page.md:8" in out
+    code, out, err, _ = run(standalone.replace("Then:\n\n", "This continues the block above:\n\n<!-- continues -->\n"))
+    assert code == 0 and out.count("--- running") == 2 and "2\n" in out, err
+    code, out, err, skipped = run("<!-- skip-test: demo -->\n"
+                                  + standalone.replace("Then:\n\n", "Continued:\n<!-- continues -->\n"))
+    assert code == 0 and "--- running" not in out
+    assert skipped == ["page.md:3 (demo)", "page.md:9 (continues a skipped block: demo)"]
 
 
 # ----------------------------------------------------------------------------- the figure of docs/credit.md

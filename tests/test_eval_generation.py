@@ -1,7 +1,8 @@
-"""The one sampling core (``creditlib.eval.generation.generate_tokens``) and the rl <-> eval layering.
+"""The one sampling core (``creditlib.generation.generate_tokens``) and the rl <-> eval layering.
 
-* ``eval`` never imports ``rl`` (checked on the source), and only ``generation.py`` calls
-  ``model.generate``;
+* ``eval`` never imports ``rl`` (checked on the source), and only ``creditlib/generation.py`` calls
+  ``model.generate``; the core imports neither ``eval`` nor ``rl``; its old home
+  ``creditlib.eval.generation`` still serves the moved names with a ``DeprecationWarning``;
 * ``HFGenerator`` (evaluation) and ``HFRollout`` (training) both sample through ``generate_tokens``
   and give what a plain ``model.generate(num_return_sequences=n)`` call gives with the same seed;
 * masks: True up to and including the first EOS, padding after it.
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from creditlib.eval.generation import (HFGenerator, completion_mask_from_eos, eos_token_ids, generate_tokens,
-                                       left_pad)
+from creditlib.eval.generation import HFGenerator
+from creditlib.generation import completion_mask_from_eos, eos_token_ids, generate_tokens, left_pad
 from creditlib.rl.model import tiny_qwen2
 from creditlib.rl.rollout import HFRollout
 from creditlib.rl.task import build_char_tokenizer
@@ -45,7 +46,41 @@ def test_eval_never_imports_rl():
 def test_one_generate_call_in_the_library():
     callers = [f.relative_to(PKG).as_posix() for f in PKG.rglob("*.py")
                if ".generate(" in f.read_text() and "model.generate(" in f.read_text()]
-    assert callers == ["eval/generation.py"], callers
+    # Any other caller must be named here with its reason (a sampler that cannot go through generate_tokens).
+    other_samplers = {"rl/tree.py": "the tree sampler: Gumbel-max branching with its own logits processor"}
+    assert "generation.py" in callers and set(callers) - {"generation.py"} <= set(other_samplers), callers
+
+
+def test_sampling_core_is_neutral():
+    for mod, names in _imports(PKG / "generation.py"):
+        assert not mod.startswith(("creditlib.rl", "creditlib.eval", ".rl", ".eval")), mod
+
+
+@pytest.mark.parametrize("name", ["generate_tokens", "left_pad", "completion_mask_from_eos", "eos_token_ids",
+                                  "TokenGeneration", "VLLMEngine"])
+def test_old_import_path_warns_and_gives_the_same_object(name):
+    import creditlib.eval.generation as old
+    import creditlib.generation as new
+
+    with pytest.warns(DeprecationWarning, match=f"creditlib.generation.{name}"):
+        obj = getattr(old, name)
+    assert obj is getattr(new, name)
+    with pytest.warns(DeprecationWarning):
+        exec(f"from creditlib.eval.generation import {name}", {})
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
+
+
+def test_pad_token_falls_back_to_eos():
+    from creditlib.generation import pad_token_id
+
+    class Tok:
+        pad_token_id, eos_token_id = None, 7
+
+    assert pad_token_id(Tok()) == 7
+    Tok.eos_token_id = None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS"):
+        pad_token_id(Tok())
 
 
 @pytest.fixture(scope="module")

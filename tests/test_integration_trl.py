@@ -72,7 +72,8 @@ def env(tmp_path_factory):
 def _args(env, cls=GRPOConfig, **kw):
     base = dict(output_dir=str(env["root"] / "out"), per_device_train_batch_size=B, num_generations=G,
                 max_completion_length=MAX_LEN, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                disable_tqdm=True, logging_steps=1)
+                disable_tqdm=True, logging_steps=1,
+                activation_checkpointing=True)  # TRL's default, by its current name (no deprecation warning)
     base.update(kw)
     return cls(**base)
 
@@ -565,3 +566,64 @@ def test_prefix_gae_with_groups_spanning_two_processes(env, tmp_path):
                           capture_output=True, text=True, timeout=300, env=run_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count(" ok") == 2
+
+
+# ----------------------------------------------------------------------------- mixin order, logging, warnings
+@pytest.mark.parametrize("mixin", ["CreditMixin", "GRPOLambdaMixin"])
+def test_wrong_mixin_order_is_refused_at_class_definition(mixin):
+    """class T(GRPOTrainer, CreditMixin) used to train plain GRPO silently (loss 0, no creditlib metrics)."""
+    import creditlib.integrations.trl as ctrl
+
+    Mixin = getattr(ctrl, mixin)
+    with pytest.raises(TypeError, match=rf"{mixin} .*must come before GRPOTrainer.*class T\(CreditMixin, GRPOTrainer\)"):
+        type("T", (GRPOTrainer, Mixin), {})
+
+    class MyGRPO(GRPOTrainer):  # a user's own GRPOTrainer subclass, mixin last: refused too
+        pass
+
+    with pytest.raises(TypeError, match="must come before GRPOTrainer"):
+        type("T2", (MyGRPO, Mixin), {})
+    ok = type("T3", (Mixin, MyGRPO), {})  # the right order, and subclasses of it, are accepted
+    assert issubclass(type("T4", (ok,), {}), GRPOTrainer)
+
+
+def test_every_run_prints_the_active_credit_method_once(env, capsys):
+    capsys.readouterr()
+    trainer = _trainer(env, CreditTrainer, _args(env, CreditConfig, credit="prefix-gae-clamp", max_steps=1))
+    out = capsys.readouterr().out
+    assert out.count("creditlib: CreditTrainer trains with credit method prefix-gae-clamp: advantage=prefix_td") == 1, out
+    trainer.train()
+    assert "trains with credit method" not in capsys.readouterr().out  # once per run, not per step
+
+
+@pytest.mark.parametrize("cls", ["CreditConfig", "GRPOLambdaConfig"])
+def test_configs_raise_no_gradient_checkpointing_deprecation(env, cls):
+    """TRL's base config defaults the deprecated `gradient_checkpointing` to True, which made
+    transformers warn on every config; creditlib's configs set `activation_checkpointing` instead."""
+    import warnings
+
+    import creditlib.integrations.trl as ctrl
+
+    Cfg = getattr(ctrl, cls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = _args(env, Cfg, activation_checkpointing=None)  # creditlib's default
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        off = _args(env, Cfg, activation_checkpointing=False)
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the old name: transformers' own rule
+        old = _args(env, Cfg, activation_checkpointing=None, gradient_checkpointing=False)
+    assert old.activation_checkpointing is False
+
+
+def test_trl_default_credit_is_the_librarys_default():
+    """CreditConfig's default credit method is RecipeConfig's (grpo-lambda); recipes/grpo.py, the
+    baseline recipe, chooses grpo (docs/trl.md says so)."""
+    from dataclasses import fields
+
+    from creditlib.rl.config import RecipeConfig
+
+    default = {f.name: f.default for f in fields(CreditConfig)}["credit"]
+    assert default == RecipeConfig().credit == "grpo-lambda"

@@ -807,7 +807,7 @@ def test_bf16_policy(actor):
     (dict(aggregation="token_mean", loss_scale_factor=4.0), "loss_scale_factor is only used"),
     (dict(style="recent"), "style must be"),
     (dict(clamp_min="x"), "clamp_min"),
-    (dict(trace_backend="gpu"), "backend must be one of"),
+    (dict(backend="gpu"), "backend must be one of"),
 ])
 def test_grpolambdaloss_validation(actor, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -901,10 +901,10 @@ def _prefix_batch_torchrl(actor):
 
 
 def test_prefix_td_feeds_grpoloss_and_grpolambdaloss(actor):
-    from creditlib.modules import PrefixTD, credit_pipeline
+    from creditlib.modules import PrefixGAE, credit_pipeline
 
     td = _prefix_batch_torchrl(actor)
-    mod = PrefixTD(group_size=3, tokens_key=("tokens", "full"), mask_key="resp_mask", keepdim=True)
+    mod = PrefixGAE(group_size=3, tokens_key=("tokens", "full"), mask_key="resp_mask", keepdim=True)
     td = mod(td)
     adv = td["advantage"]  # [B, T, 1]
     assert adv.shape == (6, P_COLS + R_COLS, 1) and (adv[~td["resp_mask"]] == 0).all()

@@ -146,7 +146,7 @@ def test_grpo_lambda_end_to_end(rollout):
 
 
 def test_credit_method_from_registry_end_to_end(rollout):
-    """--credit prefix-gae-clamp: PrefixTD -> ClampNegative from the name, per-token [B, T, 1]
+    """--credit prefix-gae-clamp: PrefixGAE -> ClampNegative from the name, per-token [B, T, 1]
     advantages into GRPOLambdaLoss.from_credit, an optimizer step, and the surrogate goes down."""
     from creditlib.credit import get_credit
     from creditlib.modules import credit_pipeline

@@ -33,7 +33,7 @@ def test_sequential_pipeline_matches_functional():
     style = DecayStyle("both", lam=0.9, eps=0.02)
     pipe = TensorDictSequential(
         CriticFreeTD(group_size=G),
-        ClampNegative(min=-0.1),
+        ClampNegative(clamp_min=-0.1),
         TraceAdvantage(style, mode="credit"),
     )
     assert set(pipe.in_keys) == {"reward", "mask"}
@@ -87,10 +87,10 @@ def test_clamp_negative_writes_mask_and_validates():
     assert torch.equal(out["adv_c"], torch.tensor([-0.1, -0.05, 0.3]))
     assert torch.equal(out["clamped"], torch.tensor([True, False, False]))
     assert torch.equal(out["advantage"], torch.tensor([-1.0, -0.05, 0.3]))  # input untouched
-    with pytest.raises(ValueError, match="min"):
-        ClampNegative(min=0.5)
-    with pytest.raises(ValueError, match="min"):
-        ClampNegative(min=float("nan"))
+    with pytest.raises(ValueError, match="clamp_min"):
+        ClampNegative(clamp_min=0.5)
+    with pytest.raises(ValueError, match="clamp_min"):
+        ClampNegative(clamp_min=float("nan"))
 
 
 def test_module_errors_name_the_problem():
@@ -145,14 +145,14 @@ def test_prefix_td_module_matches_functional():
     style = DecayStyle("recent", gamma=0.9, lam=0.8)
     want = F.traced_credit(F.prefix_td(tokens, mask, reward, G, scale="none"), mask, style)  # [B, T]
     td = TensorDict(tokens=tokens, mask=mask, reward=reward, batch_size=[8])
-    out = M.PrefixTD(G, scale="none", gamma=0.9, lam=0.8)(td)
+    out = M.PrefixGAE(G, scale="none", gae_gamma=0.9, gae_lam=0.8)(td)
     torch.testing.assert_close(out["advantage"], want)
     assert out["advantage"].shape == (8, 10)
     # TorchRL-style shapes and nested keys: reward [B, 1, 1], mask [B, T, 1], group ids, keepdim
     gid = torch.arange(8) // G
     td2 = TensorDict({("tok", "full"): tokens, "m": mask.unsqueeze(-1), "r": reward.reshape(8, 1, 1), "gid": gid},
                      batch_size=[8])
-    mod = M.PrefixTD(group_id_key="gid", scale="none", gamma=0.9, lam=0.8, tokens_key=("tok", "full"),
+    mod = M.PrefixGAE(group_id_key="gid", scale="none", gae_gamma=0.9, gae_lam=0.8, tokens_key=("tok", "full"),
                      mask_key="m", reward_key="r", advantage_key=("out", "adv"), keepdim=True)
     assert set(mod.in_keys) == {("tok", "full"), "m", "r", "gid"} and mod.out_keys == [("out", "adv")]
     out2 = mod(td2)
@@ -160,29 +160,29 @@ def test_prefix_td_module_matches_functional():
     # step-level variant: boundary key passed through
     boundary = (tokens == 2) & mask
     td3 = TensorDict(tokens=tokens, mask=mask, reward=reward, b=boundary, batch_size=[8])
-    out3 = M.PrefixTD(G, boundary_key="b")(td3)
+    out3 = M.PrefixGAE(G, boundary_key="b")(td3)
     torch.testing.assert_close(out3["advantage"], F.traced_credit(
         F.prefix_td(tokens, mask, reward, G, boundary=boundary), mask, DecayStyle("recent", gamma=1.0, lam=1.0)))
 
 
 def test_prefix_td_module_errors():
     with pytest.raises(ValueError, match="group_size or group_id_key"):
-        M.PrefixTD()
+        M.PrefixGAE()
     with pytest.raises(ValueError, match="group_size"):
-        M.PrefixTD(0)
+        M.PrefixGAE(0)
     with pytest.raises(ValueError, match="scale"):
-        M.PrefixTD(4, scale="mad")
-    with pytest.raises(ValueError, match="lam"):
-        M.PrefixTD(4, lam=1.5)
+        M.PrefixGAE(4, scale="mad")
+    with pytest.raises(ValueError, match="gae_lam"):
+        M.PrefixGAE(4, gae_lam=1.5)
     with pytest.raises(ValueError, match="eps"):
-        M.PrefixTD(4, eps=float("nan"))
+        M.PrefixGAE(4, eps=float("nan"))
     tokens, mask, reward, G = _prefix_td_batch()
     td = TensorDict(tokens=tokens[:, :5], mask=mask, reward=reward, batch_size=[8])
     with pytest.raises(ValueError, match="tokens"):
-        M.PrefixTD(G)(td)
+        M.PrefixGAE(G)(td)
     td = TensorDict(tokens=tokens, mask=mask.float(), reward=reward, batch_size=[8])
-    with pytest.raises(ValueError, match="mask"):
-        M.PrefixTD(G)(td)
+    with pytest.raises(ValueError, match=r"mask.*\.bool\(\)"):
+        M.PrefixGAE(G)(td)
 
 
 def test_entropy_select_module():
@@ -203,10 +203,10 @@ def test_entropy_select_module():
 
 
 def test_clamp_negative_one_rule():
-    assert ClampNegative(min=0).min == 0.0 and ClampNegative(min=-1).min == -1.0
+    assert ClampNegative(clamp_min=0).clamp_min == 0.0 and ClampNegative(-1).clamp_min == -1.0
     for bad in (0.1, float("inf"), None, "x", True):
-        with pytest.raises(ValueError, match="min"):
-            ClampNegative(min=bad)
+        with pytest.raises(ValueError, match="clamp_min"):
+            ClampNegative(clamp_min=bad)
 
 
 @pytest.mark.parametrize("name", list_credits())
@@ -223,7 +223,7 @@ def test_credit_pipeline_writes_the_method_advantages(name):
     else:
         assert "entropy_mask" not in out.keys()
     kinds = [type(x).__name__ for x in M.credit_pipeline(m, group_size=G).module]
-    assert kinds[0] == ("PrefixTD" if m.per_token else "CriticFreeTD")
+    assert kinds[0] == ("PrefixGAE" if m.per_token else "CriticFreeTD")
     assert ("ClampNegative" in kinds) == (m.clamp_min is not None)
 
 

@@ -11,6 +11,9 @@ requires (their files and ``.dist-info`` folders) into the new ``site-packages``
 installed torch, exactly as after ``pip install torch``, without copying ~700 MB. The fresh
 environment is *not* made with ``--system-site-packages`` (the system Python may hold numpy, PyYAML
 and more). ninja, creditlib's other requirement, is installed by pip from the package index.
+
+The fresh-venv test and the import check in a fresh interpreter are ``slow`` (out of the fast lane,
+``pytest -m "not slow"``); the metadata checks run in both lanes.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def test_require_names_the_extra(monkeypatch):
     assert _extras.install_hint("rl") == "pip install 'creditlib[rl]'"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_core_imports_no_heavy_package():
     code = """
         import sys
@@ -246,6 +250,7 @@ print("CAN_BUILD", cpu.can_build())
 """
 
 
+@pytest.mark.slow  # builds the wheel, installs it into a fresh venv, builds the scalar kernel there
 def test_core_install_in_a_fresh_venv(core_venv, tmp_path):
     py = core_venv
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CREDITLIB_", "PYTHON", "VIRTUAL_ENV"))}

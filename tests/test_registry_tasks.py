@@ -67,7 +67,7 @@ def test_builtins_and_local_files(tmp_path):
 
 
 @pytest.mark.parametrize("typo, suggestion", [("gsm8kk", "gsm8k"), ("synthetc", "synthetic"), ("maths", "math"),
-                                              ("Synthetic", "synthetic")])
+                                              ("Synthetik", "synthetic")])
 def test_dataset_typo_did_you_mean(typo, suggestion, capsys):
     with pytest.raises(ValueError, match=f"unknown dataset '{typo}' \\(did you mean '{suggestion}'"):
         R.get_dataset(typo)
@@ -87,7 +87,7 @@ def test_bad_names_and_files(tmp_path):
         R.get_dataset("zzzz")
     with pytest.raises(ValueError, match="already registered"):
         R.register_dataset("gsm8k", lambda c, t: None, reward=_parity_reward, description="x")
-    for bad in ("", " x", "a/b", "rows.jsonl"):
+    for bad in ("", "  ", "a b", "a/b", "rows.jsonl", "Rows.JSONL"):
         with pytest.raises(ValueError, match="name"):
             R.register_dataset(bad, lambda c, t: None, reward=_parity_reward, description="x")
     with pytest.raises(ValueError, match="builder"):
@@ -97,6 +97,42 @@ def test_bad_names_and_files(tmp_path):
     with pytest.raises(ValueError, match="description"):
         R.register_dataset("ok-name", lambda c, t: None, reward=_parity_reward, description=" ")
     assert "ok-name" not in R.list_datasets()
+
+
+def test_names_are_normalised_on_registration_and_duplicates_refused():
+    spec = R.register_dataset(" My_Parity ", lambda c, t: None, reward=_parity_reward, description="x")
+    try:
+        assert spec.name == "my-parity" and "my-parity" in R.list_datasets()
+        for alias in ("my-parity", "My_Parity", " MY-PARITY", "my_parity"):
+            assert R.get_dataset(alias) is spec
+        for dup in ("my-parity", "MY_PARITY", " my_parity"):
+            with pytest.raises(ValueError, match="'my-parity' is already registered"):
+                R.register_dataset(dup, lambda c, t: None, reward=_parity_reward, description="y")
+        assert R.get_dataset("Synthetic") is R.get_dataset("synthetic")  # lookups normalise too
+        with pytest.raises(ValueError, match="'gsm8k' is already registered"):
+            R.register_dataset(" GSM8K", lambda c, t: None, reward=_parity_reward, description="y")
+        again = R.register_dataset("MY_PARITY", lambda c, t: 1, reward=_parity_reward, description="z",
+                                   overwrite=True)
+        assert R.get_dataset("my-parity") is again and R.list_datasets().count("my-parity") == 1
+    finally:
+        R._REGISTRY.pop("my-parity", None)
+
+
+def test_no_import_cycle_between_data_and_registry():
+    """Neither module imports the other at module level (the registry's builders and
+    data.build_source import at call time)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(R.__file__).parent
+    for here, other in (("data.py", "registry"), ("registry.py", "data")):
+        tree = ast.parse((root / here).read_text())
+        for node in tree.body:  # module level only
+            if isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[-1] != other, f"{here} imports {other} at module level"
+    from creditlib.rl import data
+
+    assert data.build_source(load_config(overrides={"eval_size": 4}), build_char_tokenizer()).heldout(2)
 
 
 def test_eval_dataset_typo_did_you_mean(tmp_path):

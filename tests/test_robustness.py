@@ -116,12 +116,19 @@ def test_latest_cannot_point_outside(run3, tmp_path_factory, name):
     said = []
     got = ckpt.resolve_resume(run3, warn=said.append)
     assert got == _ck(run3, 3) and "not a step_N directory" in said[0]
-    # a symlink step dir that leaves the folder is refused too
+    # a symlinked step dir (into another run) is refused outright: as latest's target or as a fallback,
+    # and pruning never follows it
     link = run3 / "checkpoints" / "step_000099"
     link.symlink_to(_ck(outside, 7), target_is_directory=True)
     (run3 / "checkpoints" / "latest").write_text("step_000099")
     assert ckpt.latest_checkpoint(run3) is None
-    assert "outside" in (lambda s: (ckpt.resolve_resume(run3, warn=s.append), s[0])[1])([])
+    for latest in ("step_000099", "step_000042"):  # pointing at the link, or dangling (the fallback took the link)
+        (run3 / "checkpoints" / "latest").write_text(latest)
+        with pytest.raises(ckpt.CheckpointError, match=r"symbolic link.*step_000099|step_000099.*symbolic link"):
+            ckpt.resolve_resume(run3, warn=lambda m: None)
+    with pytest.raises(ckpt.CheckpointError, match="symbolic link"):
+        ckpt.save_checkpoint(run3, 4, model, opt, {"position": 40}, DistInfo())
+    assert (_ck(outside, 7) / "model.safetensors").is_file()
 
 
 def test_load_errors_name_the_file_and_the_newest_intact(run3):

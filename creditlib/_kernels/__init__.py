@@ -13,11 +13,15 @@ window ``L``, ``normalize``) and handed to each backend as is. ``transpose`` app
 positions; half types accumulate in float32, float64 stays float64.
 
 Non-finite inputs. Masked inputs are never read. A NaN or inf at a *valid* token reaches exactly
-the outputs whose weight includes it (``w(t, j) != 0`` as a real number, before any float
-underflow), on every backend: every later valid token for ``d > 0`` or a floor (the transpose:
-every earlier one), only the token itself (and, for ``"both"``, the later tokens through
-``w(t, 0) = 1``) when ``d = 0`` without a floor, the whole row for ``"sequence"``. Whether such an
-output is NaN or +-inf may differ between backends; which outputs are finite does not.
+the outputs whose weight includes it (``w(t, j) > 0`` as a real number, before any float
+underflow): every later valid token for ``d > 0`` or a floor (the transpose: every earlier one),
+only the token itself (and, for ``"both"``, the later tokens through ``w(t, 0) = 1``) when
+``d = 0`` without a floor, the whole row for ``"sequence"``. Every backend gives the same value
+there (weights are positive, so an infinity keeps its sign): an output reached only by ``-inf``
+inputs is exactly ``-inf`` (only by ``+inf``: ``+inf``); one reached by a NaN, or by both signs,
+is NaN; every other valid output is the finite trace of the finite inputs (never NaN from an
+infinity elsewhere in the row). See :func:`nonfinite_scan`: the kernels notice a non-finite input
+at no extra pass (their carries turn non-finite) and only then take that careful path.
 
 Backends: ``"cpp"`` (fused CPU kernel, JIT-built once and cached), ``"triton"`` (CUDA),
 ``"torch"`` (pure PyTorch, no compiler), ``"reference"`` (dense O(T^2), tests only) and
@@ -250,6 +254,81 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
         from . import torch_scan
         return torch_scan.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
     return reference_scan(x, mask_u8, cu_seqlens, sched, transpose)
+
+
+def nonfinite_classes(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32 ``[3, *x.shape]`` indicators of the valid ``+inf``, ``-inf`` and NaN inputs.
+
+    ``valid``: bool of ``x``'s shape, or None (all valid)."""
+    cls = torch.stack([x == float("inf"), x == float("-inf"), torch.isnan(x)])  # [3, *x.shape]
+    if valid is not None:
+        cls &= valid
+    return cls.to(torch.float32)
+
+
+def place_nonfinite(z: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """Put the non-finite values into ``z`` (the trace of the finite inputs, non-finite ones as 0).
+
+    ``reach``: ``[3, *z.shape]``, the support-weighted counts of the ``+inf``, ``-inf`` and NaN inputs
+    reaching each output (:func:`nonfinite_classes` traced with :meth:`Schedule.support`): +inf where
+    only +inf reaches, -inf where only -inf does, NaN where a NaN or both signs do."""
+    pos, neg, nan = reach[0] > 0.5, reach[1] > 0.5, reach[2] > 0.5  # [*z.shape] each
+    z = z.masked_fill(pos, float("inf")).masked_fill_(neg, float("-inf"))
+    return z.masked_fill_(nan | (pos & neg), float("nan"))
+
+
+def nonfinite_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                   sched: Schedule, transpose: bool, scan, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The trace of an input that holds NaN/inf at valid tokens, with every backend's pattern.
+
+    ``scan(x, mask_u8, cu_seqlens, sched, transpose)`` is a backend's scan of finite inputs. Padded
+    rows with all-finite valid inputs are left out; the others are scanned with their non-finite
+    inputs replaced by 0, and the three classes (+inf, -inf, NaN) are traced as 0/1 indicators with
+    the support weights (one stacked call) to place the non-finite outputs (:func:`place_nonfinite`).
+    Costs about four scans of the affected rows; only called once a kernel saw a non-finite carry.
+    ``out``: that kernel's output for all of ``x`` when at hand (kept for the unaffected rows).
+    """
+    if cu_seqlens is None:
+        valid = None if mask_u8 is None else mask_u8 != 0  # [R, T]
+        fin = torch.isfinite(x)  # [R, T]
+        bad_row = ~(fin if valid is None else fin | ~valid).all(-1)  # [R]
+        rows = bad_row.nonzero()[:, 0]  # [R'] rows holding a non-finite valid input
+        if rows.numel() < x.shape[0]:  # rows without one: the plain scan (unless overflow, finite)
+            if out is None:
+                out = scan(x, mask_u8, None, sched, transpose)  # [R, T]
+            if rows.numel() == 0:
+                return out
+            sub = nonfinite_scan(x[rows].contiguous(), None if mask_u8 is None else mask_u8[rows].contiguous(),
+                                 None, sched, transpose, scan)  # [R', T]
+            return out.index_copy_(0, rows, sub)
+        xf = torch.where(fin, x, torch.zeros((), dtype=x.dtype, device=x.device))  # [R, T]
+        z = scan(xf, mask_u8, None, sched, transpose)  # [R, T]
+        ind = nonfinite_classes(x, valid).reshape(3 * x.shape[0], x.shape[1])  # [3R, T]
+        m3 = None if mask_u8 is None else mask_u8.repeat(3, 1)  # [3R, T]
+        reach = _support_scan(ind, m3, None, sched, transpose, scan).view(3, *x.shape)  # [3, R, T]
+        return place_nonfinite(z, reach)
+    fin = torch.isfinite(x)  # [N]
+    xf = torch.where(fin, x, torch.zeros((), dtype=x.dtype, device=x.device))  # [N]
+    z = scan(xf, None, cu_seqlens, sched, transpose)  # [N]
+    ind = nonfinite_classes(x, None).reshape(-1)  # [3N]
+    N = x.numel()
+    cu = cu_seqlens.to(torch.int64)
+    cu3 = torch.cat([cu[:-1], cu[:-1] + N, cu + 2 * N])  # [3S+1] the three copies back to back
+    reach = _support_scan(ind, None, cu3, sched, transpose, scan).view(3, N)  # [3, N]
+    return place_nonfinite(z, reach)
+
+
+def _support_scan(ind, mask_u8, cu_seqlens, sched: Schedule, transpose: bool, scan) -> torch.Tensor:
+    """``ind`` traced with the 0/1 weights of ``sched``'s support: counts of the reaching inputs
+    (exact below 2^24; for ``"sequence"``, whose weights are ``1/n``, 1 where any reaches)."""
+    sup = sched.support()
+    cf = sup.closed_form()
+    if cf is not None:
+        return closed_form_scan(ind, mask_u8, cu_seqlens, cf, False, transpose)
+    reach = scan(ind, mask_u8, cu_seqlens, sup, transpose)
+    if sup.sequence:  # the row mean of the indicators: >= 1/n > 0 exactly where some input reaches
+        return (reach > 0).to(reach.dtype)
+    return reach
 
 
 def closed_form_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],

@@ -407,5 +407,16 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
     cached build exists.
     """
     mod = load()
+    out, nonfinite = _raw_scan(mod, x, mask_u8, cu_seqlens, sched, transpose)
+    if not nonfinite:  # every row's last carry is finite: no NaN/inf valid input (checked in the kernel)
+        return out
+    from . import nonfinite_scan
+
+    return nonfinite_scan(x, mask_u8, cu_seqlens, sched, transpose,
+                          lambda *a: _raw_scan(mod, *a)[0], out)  # NaN/inf inputs: the careful path
+
+
+def _raw_scan(mod, x, mask_u8, cu_seqlens, sched, transpose):
+    """The kernel's ``(out, some carry ended non-finite)``."""
     return mod.trace_scan(x, mask_u8, cu_seqlens, float(sched.d), float(sched.eps), sched.L, sched.kind_code,
                           bool(sched.normalize), bool(transpose))

@@ -28,8 +28,9 @@ Plan (all O(T) time and memory, no T x T matrix, no Python loop over time steps,
    The **sequence** style is a masked row mean broadcast to the valid tokens (self-adjoint).
 
 Non-finite valid inputs: the chunked matmul would spread them to *earlier* tokens (``0 * inf``), so
-rows holding any are scanned with them zeroed, and the outputs their support reaches (the same scan
-with 0/1 weights, :meth:`Schedule.support`) are set to NaN.
+rows holding any are scanned with them zeroed, and the +inf, -inf and NaN inputs are traced as 0/1
+indicators with the support weights (:meth:`Schedule.support`) to put +inf, -inf or NaN exactly
+where they reach (:func:`creditlib._kernels.place_nonfinite`, the rule every backend follows).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from . import Schedule, varlen_to_padded
+from . import Schedule, nonfinite_classes, place_nonfinite, varlen_to_padded
 
 CHUNK = 16  # chunk length of the matmul scan (16 and 32 tie on this AVX-512 CPU; 8 is slower)
 # The chunk carries use the closed form a^k * cumsum(a^-k e) in float64 while the largest factor
@@ -256,13 +257,15 @@ def _rows(x: torch.Tensor, sched: Schedule, transpose: bool) -> torch.Tensor:
 
 
 def _rows_nonfinite(x: torch.Tensor, sched: Schedule, transpose: bool) -> torch.Tensor:
-    """As :func:`_rows` when some inputs may be NaN/inf: they reach exactly their support, as NaN."""
+    """As :func:`_rows` when some inputs may be NaN/inf: they reach exactly their support, with the
+    values of :func:`creditlib._kernels.place_nonfinite` (-inf alone gives -inf, never NaN)."""
     if bool(torch.isfinite(x.sum())):
         return _rows(x, sched, transpose)
     bad = ~torch.isfinite(x)  # [R, T]
     z = _rows(torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x), sched, transpose)  # [R, T]
-    hit = _rows(bad.to(x.dtype), sched.support(), transpose) > 0.5  # [R, T] counts of reaching bad inputs
-    return z.masked_fill_(hit, float("nan"))
+    ind = nonfinite_classes(x, None).to(x.dtype).view(3 * x.shape[0], x.shape[1])  # [3R, T] +inf, -inf, NaN
+    reach = _rows(ind, sched.support(), transpose).view(3, *x.shape)  # [3, R, T] counts of reaching inputs
+    return place_nonfinite(z, reach)
 
 
 def _sequence(x: torch.Tensor, valid: Optional[torch.Tensor], cd: torch.dtype) -> torch.Tensor:

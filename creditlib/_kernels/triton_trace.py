@@ -532,7 +532,27 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
     chunks and partly filled row groups on small inputs. ``split`` (tests only) forces (True) or
     forbids (False) the chunk-parallel path, which by default (None) serves CUDA inputs of fewer than
     ``SPLIT_MAX_ROWS`` padded rows, at least 4 chunks long, ``recent`` without a binding floor.
+
+    NaN/inf valid inputs: the chunk factorisation would turn an infinity into NaN (``inf - inf``)
+    and spread it, so an output sum that is not finite sends the call to
+    :func:`creditlib._kernels.nonfinite_scan` (the same +inf/-inf/NaN pattern as every backend).
+    That check is one reduction over the output (one read pass on the GPU; not timed on a device).
     """
+    def scan(xs, ms, cs, sc, tr):
+        return _trace_scan(xs, ms, cs, sc, tr, block=block, rows=rows, split=split)
+
+    out = scan(x, mask_u8, cu_seqlens, sched, transpose)
+    if out.numel() == 0 or bool(torch.isfinite(out.sum(dtype=torch.float32 if out.dtype != torch.float64 else None))):
+        return out
+    from . import nonfinite_scan
+
+    return nonfinite_scan(x.contiguous(), mask_u8, cu_seqlens, sched, transpose, scan, out)
+
+
+def _trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                sched, transpose: bool, *, block: Optional[int] = None, rows: Optional[int] = None,
+                split: Optional[bool] = None) -> torch.Tensor:
+    """:func:`trace_scan` without the non-finite check."""
     if not available():
         raise RuntimeError("the Triton trace kernel needs triton and a CUDA device "
                            "(or TRITON_INTERPRET=1 set before creditlib is imported)")

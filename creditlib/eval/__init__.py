@@ -8,13 +8,13 @@ execute model text, training rewards, pass@k and an evaluator with a resumable c
 
 Submodules: :mod:`.data` (loaders), :mod:`.extract` (final-answer extraction), :mod:`.verify`
 (math-verify in time-limited worker processes), :mod:`.rewards`, :mod:`.metrics` (pass@k),
-:mod:`.generation` (generators), :mod:`.evaluator` (evaluation loop, cache, table),
+:mod:`.generation` (text generators over the sampling core :mod:`creditlib.generation`), :mod:`.evaluator` (evaluation loop, cache, table),
 :mod:`.selfcheck` (gold answers judged against themselves on real files). See docs/eval.md.
 
 Layering: ``eval`` sits below ``rl``. The training recipes (:mod:`creditlib.rl`) read their
-files and benchmarks, check answers and sample through this package (``generate_tokens`` is
-the one ``model.generate`` call, ``VLLMEngine`` the one vLLM engine, the verifier pool the one
-time limit on math answers); nothing here imports :mod:`creditlib.rl`.
+files and benchmarks, check answers and sample through this package (the verifier pool is the one
+time limit on math answers); both sample through :mod:`creditlib.generation` (``generate_tokens``
+is the one ``model.generate`` call, ``VLLMEngine`` the one vLLM engine); nothing here imports :mod:`creditlib.rl`.
 """
 
 from .._extras import require
@@ -24,8 +24,8 @@ require("eval", "creditlib.eval")  # names the extra before any submodule fails 
 from .data import BENCHMARKS, gold_output, load_benchmark, read_rows, reference_solution
 from .evaluator import EvalResult, GenerationCache, evaluate
 from .extract import extract_answer, last_boxed
-from .generation import (DEFAULT_PROMPT, Generator, HFGenerator, OracleGenerator, TokenGeneration, VLLMEngine,
-                         VLLMGenerator, build_prompt, generate_tokens)
+from ..generation import TokenGeneration, VLLMEngine, generate_tokens  # the shared sampling core
+from .generation import DEFAULT_PROMPT, Generator, HFGenerator, OracleGenerator, VLLMGenerator, build_prompt
 from .metrics import avg_at_k, benchmark_metrics, pass_at_k
 from .rewards import accuracy_reward, format_reward
 from .selfcheck import format_self_check, self_check

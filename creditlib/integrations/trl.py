@@ -105,6 +105,20 @@ def _reconcile(cfg, method: CreditMethod) -> None:
                 "reward ('sum_then_normalize')")
 
 
+def _resolve_checkpointing(cfg) -> None:
+    """TRL's ``_BaseConfig`` defaults the deprecated ``gradient_checkpointing`` to True, so every TRL
+    config triggers transformers' FutureWarning (``gradient_checkpointing`` is deprecated, use
+    ``activation_checkpointing``). creditlib's configs default both to ``None`` and set the new name
+    to TRL's default (True) here, before transformers reads them: same behaviour, no warning. A user
+    who sets either name explicitly gets exactly what transformers does with it."""
+    if getattr(cfg, "activation_checkpointing", None) is None and getattr(cfg, "gradient_checkpointing", None) is None:
+        cfg.activation_checkpointing = True
+
+
+_CHECKPOINTING_HELP = ("Recompute activations in the backward pass to save memory (TRL's default: True). "
+                       "Set this, not the deprecated gradient_checkpointing.")
+
+
 @dataclass
 class CreditConfig(GRPOConfig):
     r"""TRL's :class:`~trl.GRPOConfig` plus ``credit``: the name of a creditlib credit method.
@@ -130,8 +144,12 @@ class CreditConfig(GRPOConfig):
                           "grpo, clamp, grpo-lambda, grpo-lambda-norm, gspo, prefix-gae, prefix-gae-clamp, "
                           "prefix-gae-lambda, entropy-80-20, or a registered name."},
     )
+    activation_checkpointing: Optional[bool] = field(default=None, metadata={"help": _CHECKPOINTING_HELP})
+    gradient_checkpointing: Optional[bool] = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers v5)."})
 
     def __post_init__(self):
+        _resolve_checkpointing(self)
         super().__post_init__()
         _reconcile(self, self.credit_method())
 
@@ -191,8 +209,12 @@ class GRPOLambdaConfig(GRPOConfig):
         default=-0.1,
         metadata={"help": "Negative-advantage clamp A <- max(A, clamp_min), a float <= 0; None disables it."},
     )
+    activation_checkpointing: Optional[bool] = field(default=None, metadata={"help": _CHECKPOINTING_HELP})
+    gradient_checkpointing: Optional[bool] = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers v5)."})
 
     def __post_init__(self):
+        _resolve_checkpointing(self)
         super().__post_init__()
         self.decay_style()  # validate early, with the config's field names
         self.clamp_min = _check_clamp_min(self.clamp_min)
@@ -252,6 +274,17 @@ class CreditMixin:
 
     _default_config = CreditConfig
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if GRPOTrainer in mro and mro.index(GRPOTrainer) < mro.index(CreditMixin):
+            bases = ", ".join(b.__name__ for b in cls.__bases__)
+            raise TypeError(
+                f"class {cls.__name__}({bases}): {CreditMixin.__name__} (or its subclass) must come before "
+                f"GRPOTrainer in the bases, e.g. class {cls.__name__}(CreditMixin, GRPOTrainer). In this order "
+                "GRPOTrainer's own methods would shadow the mixin's and the run would silently train plain GRPO, "
+                "whatever the credit method.")
+
     def __init__(self, *args, **kwargs):
         if not isinstance(self, GRPOTrainer):
             raise ValueError(_ASYNC_REFUSAL.format(name=type(self).__name__))
@@ -285,6 +318,8 @@ class CreditMixin:
         self._creditlib_state: Optional[_TraceState] = None
         self._creditlib_rewards: Optional[torch.Tensor] = None
         super().__init__(*args, **kwargs)
+        if self.accelerator.is_main_process:  # once per run: which credit method this trainer applies
+            print(f"creditlib: {type(self).__name__} trains with credit method {method.summary()}", flush=True)
 
     # ------------------------------------------------------------------ advantages and clamp
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

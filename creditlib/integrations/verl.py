@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import os
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -66,6 +65,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from .. import functional as F
+from .._validation import check_clamp_min, check_style
 from ..credit import CreditMethod, get_credit
 from ..losses.functional import clamp_advantages, grpo_lambda_loss
 from ..style import DecayStyle
@@ -158,9 +158,10 @@ def clamp_min_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[
     if raw is not None and raw.strip().lower() in ("none", "null", "off"):
         return None
     c = _env_float(ENV_VARS["clamp_min"], _DEFAULTS["clamp_min"], env)
-    if not (c <= 0.0) or math.isinf(c):
-        raise ValueError(f"{ENV_VARS['clamp_min']} must be a finite float <= 0 or 'none', got {raw!r}")
-    return c
+    try:
+        return check_clamp_min(c, ENV_VARS["clamp_min"])  # the one clamp rule
+    except ValueError:
+        raise ValueError(f"{ENV_VARS['clamp_min']} must be a finite float <= 0 or 'none', got {raw!r}") from None
 
 
 def credit_from_env(environ: Optional[Mapping[str, str]] = None, *, conflicts=()) -> Optional[CreditMethod]:
@@ -501,9 +502,13 @@ def credit_advantage(
         raise ValueError(f"norm_adv_by_std_in_grpo={bool(norm)} contradicts credit method {method.name!r} "
                          f"(scale={method.scale!r})")
     bs, T = token_level_rewards.shape
+    kind = method.advantage_kind  # what the method's advantage needs, from the registry
+    if kind.needs_entropy:
+        raise ValueError(f"credit method {method.name!r} (advantage={kind.name!r}) needs per-token entropies, which "
+                         "verl does not pass to advantage estimators")
     sessions = None if unused.get("_final_outputs") else _sessions_from_verl(bs)
     if sessions is not None:
-        if method.needs_tokens:
+        if kind.per_token:
             raise ValueError(f"credit method {method.name!r} gives per-token advantages, which cannot be broadcast "
                              "to the other outputs of a verl V1 session (several outputs per session)")
         return _per_session(lambda rows: credit_advantage(
@@ -514,18 +519,17 @@ def credit_advantage(
     ids = _group_ids(index, token_level_rewards.device)  # [bs]
     scores = token_level_rewards.sum(-1)  # [bs]
     with torch.no_grad():
-        if method.needs_tokens:
-            if responses is None:
-                responses = _responses_from_verl(bs, T)
+        if kind.needs_tokens and responses is None:
+            responses = _responses_from_verl(bs, T)
             if responses is None:
                 raise ValueError(
                     f"credit method {method.name!r} needs the response token ids: pass responses=[bs, T], or call it "
                     "through verl's compute_advantage with data.batch['responses'] loaded (verl's legacy trainer, "
                     "trainer.use_v1=False, does; verl's default V1 trainer does not fetch response ids for its "
                     "advantage step)")
-            adv = method.advantages(scores, mask, tokens=responses, group_ids=ids, boundary=boundary)  # [bs, T]
-        else:
-            adv = method.advantages(scores, group_ids=ids)  # [bs]
+        adv = method.advantages(scores, mask, tokens=responses if kind.needs_tokens else None, group_ids=ids,
+                                boundary=boundary)  # [bs, T] (per-token kinds) or [bs]
+        if not kind.per_token:
             adv = adv.unsqueeze(-1) * mask.to(adv.dtype)  # [bs, T]
     return adv, adv
 
@@ -533,8 +537,7 @@ def credit_advantage(
 # ----------------------------------------------------------------------------- factories and registration
 def make_policy_loss(style: DecayStyle) -> Callable[..., Tuple[torch.Tensor, Dict[str, float]]]:
     """A verl policy loss with the trace bound to ``style`` (instead of the environment)."""
-    if not isinstance(style, DecayStyle):
-        raise ValueError(f"style must be a creditlib.DecayStyle, got {type(style).__name__}")
+    check_style(style)
 
     def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                     config=None, rollout_is_weights=None):
@@ -548,8 +551,7 @@ def make_policy_loss(style: DecayStyle) -> Callable[..., Tuple[torch.Tensor, Dic
 
 def make_advantage_estimator(clamp_min: Optional[float]) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
     """A verl advantage estimator with the clamp bound to ``clamp_min`` (``None``: no clamp)."""
-    if clamp_min is not None and (not (float(clamp_min) <= 0.0) or math.isinf(float(clamp_min))):
-        raise ValueError(f"clamp_min must be None or a finite float <= 0, got {clamp_min!r}")
+    clamp_min = check_clamp_min(clamp_min)  # the one clamp rule
 
     def estimator(token_level_rewards, response_mask, index=None, epsilon=1e-6, norm_adv_by_std_in_grpo=None,
                   config=None, **unused):

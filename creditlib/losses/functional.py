@@ -17,7 +17,16 @@ The pieces of the loss are public too, for trainers that assemble their own obje
   ``"seq-mean-token-sum-norm"``), and the per-token weight each of them gives.
 
 Masked positions never leak: their inputs may hold NaN or inf (padding, prompt tokens) and are
-replaced before any arithmetic, in the forward and the backward pass.
+replaced before any arithmetic, in the forward and the backward pass. Masks are bool or integer
+(0/1, nonzero = valid: Hugging Face / TRL's ``int64`` masks); a float mask is refused.
+
+A valid log-ratio of ``-inf`` (``logp = -inf``: the current policy gives a sampled token
+probability 0) is defined: the trace carries ``-inf`` to every later token whose weight on it is
+``> 0`` (never NaN), the ratio there is ``exp(-inf) = 0``, and the clip bounds the loss: for
+``A >= 0`` the token contributes 0, for ``A < 0`` it contributes ``-(1 - eps_low) A``. The loss
+and every gradient stay finite, for every style (tested against the ``"torch"`` and
+``"reference"`` backends). A ``+inf`` or NaN valid log-ratio is not bounded (PPO's clip does not
+bound ``r A`` from above for ``A < 0``): keep ``old_logp`` finite on valid tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import functional as _F
-from .._validation import check_clamp_min, check_float, is_real
+from .._validation import as_bool_mask, check_clamp_min, check_float, check_style, is_real
 from .._validation import check_mask as _check_mask  # the one mask validator of the library
 from ..style import DecayStyle
 
@@ -38,6 +47,7 @@ __all__ = [
     "traced_log_ratio",
     "clamp_advantages",
     "clipped_surrogate",
+    "clipped_surrogate_log_bounds",
     "aggregate",
     "aggregation_weights",
     "normalize_aggregation",
@@ -63,9 +73,7 @@ def _check_float(name: str, x, shape: Optional[torch.Size] = None, like: Optiona
 
 
 def _check_style(style) -> Optional[DecayStyle]:
-    if style is not None and not isinstance(style, DecayStyle):
-        raise ValueError(f"style must be a creditlib.DecayStyle or None (plain GRPO), got {type(style).__name__}")
-    return style
+    return check_style(style, allow_none=True)
 
 
 _is_real = is_real  # kept for the modules that import it from here
@@ -130,8 +138,8 @@ def traced_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Ten
     Args:
         logp: float ``[..., T]``, log-probabilities of the sampled tokens under the current policy.
         old_logp: float ``[..., T]``, the same under the sampling (old) policy.
-        mask: bool ``[..., T]``, True where the token counts. Masked inputs are ignored even
-            when NaN/inf.
+        mask: bool or integer ``[..., T]``, nonzero where the token counts. Masked inputs are
+            ignored even when NaN/inf.
         style: a :class:`~creditlib.DecayStyle`, or ``None`` for plain GRPO (``z = x``).
         backend: trace backend (see :func:`creditlib.functional.eligibility_trace`).
     Returns:
@@ -140,7 +148,7 @@ def traced_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Ten
     style = _check_style(style)
     _check_float("logp", logp)
     _check_float("old_logp", old_logp, shape=logp.shape, like=logp)
-    _check_mask(mask, logp, "logp")
+    mask = _check_mask(mask, logp, "logp")
     zero = torch.zeros((), dtype=torch.promote_types(logp.dtype, old_logp.dtype), device=logp.device)
     x = torch.where(mask, logp - old_logp, zero)  # [..., T], NaN-free (where, not multiply)
     if style is None or style.is_identity() or x.numel() == 0:
@@ -186,7 +194,23 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor,
     dt, dev = log_ratio.dtype, log_ratio.device
     lo = torch.tensor(math.log1p(-low), dtype=dt, device=dev)  # rounded as clamp rounds a float bound
     hi = torch.tensor(math.log1p(high), dtype=dt, device=dev)
-    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
+    return clipped_surrogate_log_bounds(log_ratio, advantages, lo, hi)
+
+
+def clipped_surrogate_log_bounds(log_ratio: torch.Tensor, advantages: torch.Tensor, lo: torch.Tensor,
+                                 hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clipped_surrogate` with the log clip bounds given: the one implementation of the PPO
+    clip in creditlib (``GRPOLambdaLoss`` calls it with TorchRL's own bounds).
+
+    Args:
+        log_ratio: float ``[..., T]``.
+        advantages: broadcastable to ``log_ratio``.
+        lo, hi: 0-dim tensors of ``log_ratio``'s dtype, ``log(1 - eps_low)`` and ``log(1 + eps_high)``.
+    Returns:
+        ``(loss, clipped)`` as :func:`clipped_surrogate`. A ``-inf`` log-ratio gives ratio 0: loss
+        0 for ``A >= 0``, ``-exp(lo) A`` for ``A < 0``, with a zero gradient (never NaN).
+    """
+    inf = torch.full((), float("inf"), dtype=log_ratio.dtype, device=log_ratio.device)
     pos = advantages >= 0  # broadcastable to log_ratio
     lw = log_ratio.clamp(torch.where(pos, -inf, lo), torch.where(pos, hi, inf))  # [..., T] the binding side only
     loss = -(lw.exp() * advantages)  # [..., T]
@@ -213,14 +237,14 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, aggregation: str = "toke
 
     Args:
         values: float ``[..., T]``.
-        mask: bool ``[..., T]``.
+        mask: bool or integer ``[..., T]`` (nonzero = valid).
         aggregation: one of :data:`AGGREGATIONS`.
         loss_scale_factor: ``S`` for ``"seq-mean-token-sum-norm"`` only.
     """
     aggregation = normalize_aggregation(aggregation)
     scale = _check_scale_factor(loss_scale_factor, aggregation)
     _check_float("values", values)
-    _check_mask(mask, values, "values")
+    mask = _check_mask(mask, values, "values")
     if values.dim() == 0:
         raise ValueError("values must have a token dimension [..., T], got a scalar")
     v = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))  # [..., T]
@@ -247,7 +271,7 @@ def aggregation_weights(mask: torch.Tensor, aggregation: str = "token-mean", *,
     advantages with a plain token-sum loss can use ``traced_credit(A * c, ...)`` directly.
 
     Args:
-        mask: bool ``[..., T]``.
+        mask: bool or integer ``[..., T]`` (nonzero = valid).
         aggregation, loss_scale_factor: as in :func:`aggregate`.
         dtype: float dtype of the result.
     Returns:
@@ -255,8 +279,9 @@ def aggregation_weights(mask: torch.Tensor, aggregation: str = "token-mean", *,
     """
     aggregation = normalize_aggregation(aggregation)
     scale = _check_scale_factor(loss_scale_factor, aggregation)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() == 0:
-        raise ValueError(f"mask must be a bool tensor [..., T], got {getattr(mask, 'dtype', type(mask).__name__)}")
+    mask = as_bool_mask(mask)
+    if mask.dim() == 0:
+        raise ValueError("mask must have a token dimension [..., T], got a scalar")
     m = mask.to(dtype)  # [..., T]
     if aggregation == "token-mean":
         return m / mask.sum().clamp_min(1).to(dtype)
@@ -310,8 +335,10 @@ def grpo_lambda_loss(
             (carries the gradient).
         old_logp: float ``[B, T]``, log-probs under the sampling policy (must not require grad).
         advantages: float ``[B]`` / ``[B, 1]`` (one per sequence) or ``[B, T]`` (per token).
-        mask: bool ``[B, T]``, True on the tokens that count (response tokens). Any pattern:
-            left/right padding, several runs per row. Masked entries of every input may be NaN.
+        mask: bool or integer ``[B, T]`` (nonzero = valid: ``int64`` 0/1 masks of Hugging Face
+            and TRL work as they are; a float mask is a ``ValueError`` that says ``.bool()``),
+            True on the tokens that count (response tokens). Any pattern: left/right padding,
+            several runs per row. Masked entries of every input may be NaN.
         style: :class:`~creditlib.DecayStyle` or ``None``.
         clip_eps: float or ``(eps_low, eps_high)`` pair.
         clamp_min: negative-advantage clamp ``c`` (paper: -0.1), a finite float ``<= 0``; ``None``
@@ -322,7 +349,7 @@ def grpo_lambda_loss(
         kl_coef: weight of the KL-to-reference term (needs ``ref_logp`` when > 0).
         entropy: float ``[B, T]`` per-token entropy of the policy (for the entropy bonus/metric).
         entropy_coef: weight of the entropy bonus (needs ``entropy`` when != 0).
-        loss_mask: optional bool ``[B, T]``, the tokens whose policy term enters the loss (e.g.
+        loss_mask: optional bool or integer ``[B, T]``, the tokens whose policy term enters the loss (e.g.
             the top-entropy tokens of :func:`creditlib.functional.entropy_mask`). TRL's
             ``top_entropy_quantile`` convention: the policy term of the other tokens is 0 and the
             aggregation weights stay those of ``mask`` (so the selected loss is a part of the
@@ -345,6 +372,11 @@ def grpo_lambda_loss(
         * ``kl_to_ref`` (with ``ref_logp``), ``entropy`` (with ``entropy``), ``num_tokens``;
         * ``loss_mask_fraction`` (with ``loss_mask``): selected / valid tokens.
 
+    A valid ``logp = -inf`` (log-ratio ``-inf``: ratio 0 at every token whose trace includes it)
+    keeps the loss and its gradients finite for every style: the clip bounds it (module
+    docstring). The metrics that average the log-ratio itself (``trace_abs_mean``,
+    ``log_ratio_abs_mean``, ``approx_kl``) are then ``inf``, as the quantity is; ``kl_to_ref`` too.
+
     Empty batches (``B = 0``) and empty sequences (``T = 0``) give a finite loss 0 that is still
     connected to ``logp`` (``backward`` works, the gradient is empty), so a rank with an empty
     micro-batch can take part in a distributed backward.
@@ -362,7 +394,7 @@ def grpo_lambda_loss(
     _check_float("old_logp", old_logp, shape=logp.shape, like=logp)
     if old_logp.requires_grad:
         raise ValueError("old_logp must not require grad (pass old_logp.detach()): the old policy is a constant")
-    _check_mask(mask, logp, "logp")
+    mask = _check_mask(mask, logp, "logp")
     _check_float("advantages", advantages, like=logp)
     if advantages.shape in ((B,), (B, 1)):
         per_token_adv = False
@@ -375,7 +407,7 @@ def grpo_lambda_loss(
     scale = _check_scale_factor(loss_scale_factor, aggregation)
     clamp_min = check_clamp_min(clamp_min)
     if loss_mask is not None:
-        _check_mask(loss_mask, logp, "logp")
+        loss_mask = _check_mask(loss_mask, logp, "logp", name="loss_mask")
     if not _is_real(kl_coef) or kl_coef < 0:
         raise ValueError(f"kl_coef must be a float >= 0, got {kl_coef!r}")
     if not _is_real(entropy_coef):

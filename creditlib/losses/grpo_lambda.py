@@ -34,7 +34,7 @@ What changes with respect to ``GRPOLoss`` (TorchRL 0.14):
 
 Every :class:`~creditlib.DecayStyle` works (``recent``/``both`` with floors, ``normalize=True``,
 and ``"sequence"``: GSPO's sequence-level ratio ``exp(mean_j x_j)`` on every token). Per-token
-advantages ``[B, T, 1]`` (e.g. from :class:`creditlib.modules.PrefixTD` with ``keepdim=True``)
+advantages ``[B, T, 1]`` (e.g. from :class:`creditlib.modules.PrefixGAE` with ``keepdim=True``)
 work as in the parent. :meth:`GRPOLambdaLoss.from_credit` builds the loss of a registered credit
 method (``creditlib.credit``).
 
@@ -61,9 +61,11 @@ from torchrl.objectives.llm.grpo import GRPOLoss, GRPOLossOutput
 
 from .. import functional as _F
 from .._kernels import check_backend
-from .._validation import check_clamp_min
+from .._validation import as_bool_mask, check_clamp_min, check_style, deprecated_alias
 from ..style import DecayStyle
 from . import functional as LF
+
+_UNSET = object()
 
 __all__ = ["GRPOLambdaLoss", "GRPOLambdaLossOutput"]
 
@@ -106,8 +108,9 @@ class GRPOLambdaLoss(GRPOLoss):
         loss_scale_factor (float | None): the constant ``S`` of ``"seq-mean-token-sum-norm"``
             (required with it: TorchRL sequences hold the prompt too, so the padded length is not
             a meaningful default; pass the generation budget ``max_new_tokens``).
-        trace_backend (str): backend of the trace (``"auto"``, ``"cpp"``, ``"triton"``,
-            ``"torch"``, ``"reference"``).
+        backend (str): backend of the trace (``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``,
+            ``"reference"``), the name every creditlib function uses. ``trace_backend=`` is its
+            deprecated name (one release, with a ``DeprecationWarning``).
         select_key (NestedKey | None): key of a bool ``[B, T]`` (or ``[B, T, 1]``) token selection,
             e.g. :class:`~creditlib.modules.EntropySelect`'s output: unselected tokens get a policy
             term of 0, the aggregation weights stay those of the loss mask (TRL's
@@ -122,10 +125,12 @@ class GRPOLambdaLoss(GRPOLoss):
 
     def __init__(self, actor_network=None, *, style: Optional[DecayStyle] = _DEFAULT_STYLE,
                  clamp_min: Optional[float] = -0.1, aggregation: Optional[str] = "token_mean",
-                 loss_scale_factor: Optional[float] = None, trace_backend: str = "auto",
-                 select_key=None, **kwargs):
-        if style is not None and not isinstance(style, DecayStyle):
-            raise ValueError(f"style must be a creditlib.DecayStyle or None (plain GRPO), got {type(style).__name__}")
+                 loss_scale_factor: Optional[float] = None, backend: str = "auto",
+                 select_key=None, trace_backend=_UNSET, **kwargs):
+        if trace_backend is not _UNSET:
+            deprecated_alias("GRPOLambdaLoss(trace_backend=...)", "GRPOLambdaLoss(backend=...)")
+            backend = trace_backend
+        style = check_style(style, allow_none=True)
         clamp_min = check_clamp_min(clamp_min)
         agg = aggregation or "token_mean"
         if agg in _PARENT_AGGREGATIONS:
@@ -142,13 +147,13 @@ class GRPOLambdaLoss(GRPOLoss):
             if verl_agg == "seq-mean-token-sum-norm" and loss_scale_factor is None:
                 raise ValueError("aggregation='seq-mean-token-sum-norm' needs loss_scale_factor (a constant, "
                                  "e.g. the generation budget max_new_tokens)")
-        check_backend(trace_backend)
+        check_backend(backend)
         super().__init__(actor_network, aggregation=agg, **kwargs)
         self.style = style
         self.clamp_min = clamp_min
         self.select_key = select_key
         self.loss_scale_factor = None if loss_scale_factor is None else float(loss_scale_factor)
-        self.trace_backend = trace_backend
+        self.backend = backend
         self._verl_aggregation = verl_agg
         self._trace_ctx = None
 
@@ -182,6 +187,12 @@ class GRPOLambdaLoss(GRPOLoss):
                    select_key=select_key if m.entropy_quantile is not None else None, **kwargs)
 
     @property
+    def trace_backend(self) -> str:
+        """Deprecated name of :attr:`backend`."""
+        deprecated_alias("GRPOLambdaLoss.trace_backend", "GRPOLambdaLoss.backend")
+        return self.backend
+
+    @property
     def out_keys(self):
         if getattr(self, "_out_keys", None) is None:
             keys = list(super().out_keys)
@@ -206,7 +217,7 @@ class GRPOLambdaLoss(GRPOLoss):
             z = x
         else:
             x_in = x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-            z = _F.eligibility_trace(x_in, mask, self.style, backend=self.trace_backend)  # [B, T]
+            z = _F.eligibility_trace(x_in, mask, self.style, backend=self.backend)  # [B, T]
             if keep is not None:
                 # filtered tokens are out of the loss (the parent masks them); they keep their own
                 # log-weight so the parent's ESS / clip_fraction see the same values as GRPOLoss
@@ -216,9 +227,7 @@ class GRPOLambdaLoss(GRPOLoss):
             select = tensordict.get(self.select_key, None, as_padded_tensor=True)
             if select is None:
                 raise ValueError(f"select_key {self.select_key!r} is not in the input tensordict")
-            if select.dtype != torch.bool:
-                raise ValueError(f"the selection ({self.select_key!r}) must be a bool tensor [B, T], "
-                                 f"got {select.dtype}")
+            select = as_bool_mask(select, f"the selection ({self.select_key!r})")
             if select.dim() == mask.dim() + 1 and select.shape[-1] == 1:
                 select = select.squeeze(-1)
             if select.shape != mask.shape:
@@ -239,13 +248,9 @@ class GRPOLambdaLoss(GRPOLoss):
         adv = advantage if self.clamp_min is None else advantage.clamp_min(self.clamp_min)
         dt = log_weight.dtype
         lo, hi = (b.to(dt) for b in self._clip_bounds)  # 0-dim, rounded as the parent's clamp rounds them
-        inf = torch.full((), float("inf"), dtype=dt, device=log_weight.device)
-        pos = adv >= 0  # [B, 1, 1] or [B, T, 1]
-        lw = log_weight.clamp(torch.where(pos, -inf, lo), torch.where(pos, hi, inf))  # [B, T, 1]
-        gain = lw.exp() * adv  # [B, T, 1]
-        with torch.no_grad():
-            clip_fraction = (log_weight.clamp(lo, hi) != log_weight).to(dt).mean()
-        loss = -gain
+        # the one PPO clip of creditlib (losses.functional), on the parent's bounds
+        loss, clipped = LF.clipped_surrogate_log_bounds(log_weight, adv, lo, hi)  # [B, T, 1] each
+        clip_fraction = clipped.to(dt).mean()
         ctx = self._trace_ctx
         if ctx is not None and ctx.get("select") is not None:
             loss = torch.where(ctx["select"].unsqueeze(-1), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))

@@ -12,7 +12,8 @@ file naming it) is replaced atomically: a run killed while saving leaves the pre
 intact. Under FSDP2 every rank takes part in gathering the full state dicts and rank 0 writes.
 Parameters are checked to be finite first: a checkpoint never holds NaN/inf weights.
 
-Damage (a missing or truncated file, a dangling ``latest``, a ``latest`` naming something outside
+A ``step_N`` that is a symbolic link is refused outright (:class:`CheckpointError`). Damage (a
+missing or truncated file, a dangling ``latest``, a ``latest`` naming something outside
 ``checkpoints/``) is detected without loading the tensors (:func:`check_checkpoint` reads the
 safetensors headers and compares them with the file sizes). :func:`resolve_resume` is what a
 ``--resume`` calls: the checkpoint named by ``latest`` when it is intact; else the newest intact
@@ -235,9 +236,18 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _step_dirs(root: Path) -> List[Tuple[int, Path]]:
-    """``(step, dir)`` of the completed ``step_N`` directories under ``root``, oldest first."""
+    """``(step, dir)`` of the completed ``step_N`` directories under ``root``, oldest first.
+
+    Raises :class:`CheckpointError` when a ``step_N`` entry is a symbolic link: it would let
+    ``--resume`` load another run's checkpoint, and pruning cannot delete what it points to.
+    """
     if not root.is_dir():
         return []
+    links = sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_symlink())
+    if links:
+        raise CheckpointError(f"{root} holds symbolic links named like checkpoints ({', '.join(links)}): a checkpoint "
+                              f"folder must be a real directory of this run. Remove the links (or copy the checkpoints "
+                              f"in), or start from another run's weights with --init-from")
     out = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(out)
 
@@ -333,11 +343,13 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
                     info: DistInfo, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically (see the module docstring); return its directory.
 
-    Raises :class:`NonFiniteWeightsError` (writing nothing) when a parameter is NaN/inf.
+    Raises :class:`NonFiniteWeightsError` (writing nothing) when a parameter is NaN/inf, and
+    :class:`CheckpointError` (writing nothing) when ``checkpoints/`` holds a symlinked ``step_N``.
     """
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
+    _step_dirs(root)  # CheckpointError on a symlinked step folder, before anything is written
     msd = model_state_dict(model, info)
     osd = _optim_state(model, optimizer, info)
     if info.main:
@@ -380,7 +392,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, optimizer, 
 def _newest_intact_note(path: Path) -> str:
     """`` the newest intact checkpoint in <root> is <p>`` (or that there is none), for error messages."""
     root = path.parent
-    good = [p for p in intact_checkpoints(root.parent) if p != path] if root.name == "checkpoints" else []
+    try:
+        good = [p for p in intact_checkpoints(root.parent) if p != path] if root.name == "checkpoints" else []
+    except CheckpointError as e:  # symlinked step folders: say that instead
+        return f"; {e}"
     if good:
         return f"; the newest intact checkpoint in {root} is {good[0]} (--resume picks it automatically)"
     return f"; there is no intact checkpoint in {root}"

@@ -45,10 +45,15 @@ class RecipeConfig:
     """All options of the GRPO / GRPO-lambda recipes (see ``docs/recipes.md``)."""
 
     # ------------------------------------------------------------------ run
-    output_dir: str = _f("runs/grpo_lambda_qwen", "Directory for metrics.jsonl, metrics.png, checkpoints/ and final/.", "run")
+    output_dir: str = _f("", "The run folder (metrics.jsonl, samples.jsonl, metrics.png, checkpoints/, final/, run.json). "
+                             "Empty: a new folder runs/<credit>-<task>-<YYYYmmdd-HHMMSS> for every run. A folder that "
+                             "holds another run is refused unless --resume or --overwrite is given.", "run")
     seed: int = _f(0, "Seed of model init, sampling and data order (deterministic on CPU for a fixed seed).", "run")
     max_steps: int = _f(150, "Number of RL steps (each: rollout -> reward -> advantage -> update).", "run")
     resume: bool = _f(False, "Continue from the latest checkpoint in --output-dir (model, optimizer, RNG, step, data position).", "run")
+    overwrite: bool = _f(False, "Start a new run in an --output-dir that holds another run: first delete that run's "
+                                "files there (checkpoints/, final/, metrics.jsonl, samples.jsonl, metrics.png, "
+                                "reference.safetensors, tensorboard/, wandb/, run.json; nothing else).", "run")
     init_from: str = _f("", "Start RL from the weights of a saved checkpoint (a checkpoints/step_N directory, or a run's "
                             "output directory: its latest intact checkpoint), e.g. a shared warm-up: no warm-up, a "
                             "fresh optimizer, RL step 0, the checkpoint's data position.", "run")
@@ -59,7 +64,9 @@ class RecipeConfig:
     keep_checkpoints: int = _f(2, "How many step checkpoints to keep (older ones are deleted).", "run")
     eval_every: int = _f(25, "Evaluate held-out accuracy every N RL steps (and before the first and after the last).", "run")
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.", "run")
-    num_threads: int = _f(0, "torch CPU threads (0 = leave torch's default).", "run")
+    num_threads: int = _f(0, "torch CPU threads. 0 or 'auto': 1 for a model under 20M parameters (more threads only wait "
+                             "for each other, and for cores on a busy machine), else the cores this process may use "
+                             "(os.sched_getaffinity; OMP_NUM_THREADS when set). Said at start-up.", "run")
     progress: bool = _f(True, "Show a tqdm progress bar with live reward / accuracy.", "run")
     plot: bool = _f(True, "Write metrics.png (reward and held-out accuracy against step) at the end.", "run")
 
@@ -182,6 +189,12 @@ class RecipeConfig:
             raise ValueError(f"entropy_quantile must be in (0, 1] or none, got {self.entropy_quantile}")
         if self.init_from and not Path(self.init_from).exists():
             raise ValueError(f"--init-from {self.init_from}: no such checkpoint or run directory")
+        if self.resume and not self.output_dir:
+            raise ValueError("--resume needs --output-dir: the folder of the run to continue (without one, every run "
+                             "gets a new folder)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --output-dir, "
+                             "--overwrite deletes it and starts a new one")
         if self.resume and self.init_from:
             raise ValueError("--resume and --init-from exclude each other: --resume continues this run's own "
                              "checkpoints, --init-from starts a new run from another run's weights")
@@ -217,6 +230,8 @@ def _base_type(name: str):
 def _convert(name: str, value: Any) -> Any:
     """Convert a YAML / command-line value to the field's type; ValueError names the field."""
     tp, optional = _base_type(name)
+    if name == "num_threads" and isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
     if name in CREDIT_OPTIONS and isinstance(value, str) and value.strip().lower() == INHERIT:
         return INHERIT
     if name in CREDIT_OPTIONS and name in ("trace_style", "advantage_scale", "advantage_baseline") and value is None:

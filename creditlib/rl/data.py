@@ -6,7 +6,9 @@
   chat template, rewarded by ``creditlib.eval.rewards.accuracy_reward``.
 
 Which source a ``--dataset`` value builds is decided in one place, the registry
-(:mod:`creditlib.rl.registry`); :func:`build_source` looks it up. Files and the Hub benchmarks are
+(:mod:`creditlib.rl.registry`, whose built-in builders make the sources defined here);
+:func:`creditlib.rl.registry.build_source` looks it up. This module does not import the registry
+at import time (no cycle); :func:`build_source` here is a call-time alias of the registry's. Files and the Hub benchmarks are
 read through the evaluation package (:func:`creditlib.eval.data.read_rows`,
 :func:`creditlib.eval.load_benchmark`): ``rl`` builds on ``eval``, never the other way round.
 
@@ -27,8 +29,7 @@ import torch
 
 from ..eval.data import read_rows
 from ..eval.extract import last_boxed
-from .registry import get_dataset
-from .rollout import left_pad
+from ..generation import left_pad, pad_token_id
 
 __all__ = ["Example", "SyntheticSource", "MathSource", "build_source", "normalize_math_row"]
 
@@ -47,7 +48,7 @@ class _Source:
     def encode(self, examples: List[Example], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ``ids, mask``: ``[K, P]`` long."""
         enc = [self.tokenizer(e.prompt, add_special_tokens=self.add_special_tokens)["input_ids"] for e in examples]
-        return left_pad(enc, self.tokenizer.pad_token_id, device)
+        return left_pad(enc, pad_token_id(self.tokenizer), device)
 
     def encode_sft(self, examples: List[Example], device=None):
         """``ids [K, L]`` (prompt + solution + EOS, right padded), ``attn [K, L]``, ``labels [K, L]``
@@ -61,7 +62,7 @@ class _Source:
             rows.append(p + s)
             labs.append([-100] * len(p) + s)
         L = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
+        pad = pad_token_id(self.tokenizer)
         ids = torch.full((len(rows), L), pad, dtype=torch.long)  # [K, L]
         attn = torch.zeros((len(rows), L), dtype=torch.long)  # [K, L]
         labels = torch.full((len(rows), L), -100, dtype=torch.long)  # [K, L]
@@ -274,6 +275,9 @@ class MathSource(_Source):
 
 
 def build_source(cfg, tokenizer):
-    """The prompt source a :class:`~creditlib.rl.config.RecipeConfig` asks for (``cfg.dataset``
-    looked up in :mod:`creditlib.rl.registry`; an unknown name is a ``ValueError`` with a suggestion)."""
-    return get_dataset(cfg.dataset).build(cfg, tokenizer)
+    """The prompt source a :class:`~creditlib.rl.config.RecipeConfig` asks for: the registry's
+    :func:`creditlib.rl.registry.build_source` (imported at call time: the registry's builders
+    import this module, so a module-level import either way would be a cycle)."""
+    from .registry import build_source as _build
+
+    return _build(cfg, tokenizer)

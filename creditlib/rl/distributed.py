@@ -40,6 +40,7 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    _thread_lock_for_tqdm()
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -47,6 +48,24 @@ def init_distributed(device: torch.device) -> DistInfo:
         else:
             dist.init_process_group("gloo")
     return DistInfo(rank, world, local)
+
+
+def _thread_lock_for_tqdm() -> None:
+    """Give tqdm (the recipe's bars, and transformers' / huggingface_hub's) a threading lock.
+
+    tqdm's default write lock also creates a ``multiprocessing.RLock``, a named POSIX semaphore
+    registered with multiprocessing's resource tracker, to serialise bars across *forked*
+    children. torchrun's ranks are not forked from each other, so that lock serves nothing here;
+    and :func:`finish` ends each rank with ``os._exit`` (which skips the semaphore's finalizer), so
+    the tracker printed "There appear to be 1 leaked semaphore objects" at every exit. With a plain
+    threading lock no semaphore is ever created.
+    """
+    import threading
+
+    from tqdm import tqdm
+
+    if not hasattr(tqdm, "_lock"):  # a lock a caller set up on purpose is kept
+        tqdm.set_lock(threading.RLock())
 
 
 def _layer_classes(model) -> set:

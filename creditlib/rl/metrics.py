@@ -73,7 +73,12 @@ def _scalars(record: Dict):
 
 
 class TensorBoardReporter:
-    """Scalars to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``; needs ``tensorboard``)."""
+    """Scalars to TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard``; needs ``tensorboard``).
+
+    The warm-up (``phase == "sft"``) has its own step axis, so it is written to its own TensorBoard
+    run, ``log_dir/sft``: ``purge_step`` (a resumed run dropping the RL / eval events after its
+    checkpoint) then cannot remove warm-up points, which a resumed run does not log again.
+    """
 
     def __init__(self, log_dir: str | os.PathLike, config: Optional[Dict] = None, purge_step: Optional[int] = None):
         try:
@@ -81,26 +86,37 @@ class TensorBoardReporter:
         except ImportError as e:
             raise ImportError("--report-to tensorboard needs the tensorboard package: pip install 'creditlib[tensorboard]' "
                               "(or use --report-to none)") from e
+        self._writer_cls, self.log_dir = SummaryWriter, Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.sft_writer = None  # opened on the first warm-up record (never purged)
         if config:
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
 
     def log(self, record: Dict) -> None:
         phase, step, vals = _scalars(record)
+        if phase == "sft" and self.sft_writer is None:
+            self.sft_writer = self._writer_cls(log_dir=str(self.log_dir / "sft"))
+        writer = self.sft_writer if phase == "sft" else self.writer
         for k, v in vals.items():
             if math.isfinite(v):
-                self.writer.add_scalar(f"{phase}/{k}", v, step)
-        self.writer.flush()
+                writer.add_scalar(f"{phase}/{k}", v, step)
+        writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+        if self.sft_writer is not None:
+            self.sft_writer.close()
 
 
 class WandbReporter:
-    """Scalars to Weights & Biases (``wandb.init(dir=output_dir)``; set ``WANDB_MODE=offline`` to stay local)."""
+    """Scalars to Weights & Biases (``wandb.init(dir=output_dir)``; set ``WANDB_MODE=offline`` to stay local).
+
+    ``run_id``: continue that W&B run (a resumed recipe run passes the id its first run stored in
+    ``run.json``), so one run keeps one history; ``None`` starts a new run. :attr:`run_id` is the id used.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, config: Optional[Dict] = None, name: Optional[str] = None,
-                 resume: bool = False):
+                 run_id: Optional[str] = None):
         try:
             import wandb
         except ImportError as e:
@@ -109,7 +125,8 @@ class WandbReporter:
         self.wandb = wandb
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "creditlib"), name=name, dir=str(out_dir),
-                              config=config or {}, resume="allow" if resume else None)
+                              config=config or {}, id=run_id, resume="allow" if run_id else None)
+        self.run_id = self.run.id
         self._phases: set = set()
 
     def log(self, record: Dict) -> None:
@@ -125,8 +142,12 @@ class WandbReporter:
 
 
 def make_reporter(kind: str, out_dir: str | os.PathLike, config: Optional[Dict] = None, name: Optional[str] = None,
-                  resume_step: Optional[int] = None):
-    """The ``--report-to`` sink: ``None`` for ``"none"``, else a reporter with ``log(record)`` / ``close()``."""
+                  resume_step: Optional[int] = None, run_id: Optional[str] = None):
+    """The ``--report-to`` sink: ``None`` for ``"none"``, else a reporter with ``log(record)`` / ``close()``.
+
+    ``resume_step``: the RL step a resumed run continues from (TensorBoard drops its later RL / eval
+    events); ``run_id``: the W&B run to continue.
+    """
     if kind not in REPORTERS:
         raise ValueError(f"report_to must be one of {REPORTERS}, got {kind!r}")
     if kind == "none":
@@ -135,7 +156,7 @@ def make_reporter(kind: str, out_dir: str | os.PathLike, config: Optional[Dict] 
         # purge_step: a resumed run drops the events logged after its checkpoint, like metrics.jsonl
         return TensorBoardReporter(Path(out_dir) / "tensorboard", config,
                                    purge_step=None if resume_step is None else resume_step + 1)
-    return WandbReporter(out_dir, config, name, resume=resume_step is not None)
+    return WandbReporter(out_dir, config, name, run_id=run_id)
 
 
 def read_metrics(path: str | os.PathLike) -> List[Dict]:
@@ -183,10 +204,23 @@ def plot_metrics(path: str | os.PathLike, png: str | os.PathLike, title: str = "
     return Path(png)
 
 
-def summary_table(rows: Sequence[Sequence], headers: Sequence[str] = ("", "value")) -> str:
-    """A plain-text table (no extra dependency)."""
+def summary_table(rows: Sequence[Sequence], headers: Sequence[str] = ("", "value"), width: int = 100) -> str:
+    """A plain-text table (no extra dependency) at most ``width`` columns wide: long cells wrap
+    (paths break anywhere), the last column takes what the others leave."""
+    import textwrap
+
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    n = len(headers)
+    widths = [max(len(r[i]) for r in cells) for i in range(n)]
+    room = width - (3 * n + 1)  # borders and padding
+    if sum(widths) > room:
+        widths[:-1] = [min(w, max(12, (room * 11) // (20 * (n - 1) or 1))) for w in widths[:-1]]
+        widths[-1] = max(12, room - sum(widths[:-1]))
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+
+    def fmt(r):
+        parts = [textwrap.wrap(c, w, break_long_words=True, break_on_hyphens=False) or [""] for c, w in zip(r, widths)]
+        return "\n".join("| " + " | ".join((p[i] if i < len(p) else "").ljust(w) for p, w in zip(parts, widths)) + " |"
+                         for i in range(max(len(p) for p in parts)))
+
     return "\n".join([line, fmt(cells[0]), line] + [fmt(r) for r in cells[1:]] + [line])

@@ -8,7 +8,7 @@ A dataset is a name, a builder that makes its prompt source, and its verifiable 
                      reward=my_reward, description="what it is", embedded=True)
 
 after which ``--dataset my-task`` works in every recipe run in that process: the prompt source
-(:func:`creditlib.rl.data.build_source`), the reward (:func:`creditlib.rl.rewards.reward_for_dataset`),
+(:func:`build_source`), the reward (:func:`creditlib.rl.rewards.reward_for_dataset`),
 the config's validation and its ``--help`` all read this one table. Built in:
 
 * ``synthetic``: the embedded dial-walk task (:mod:`creditlib.rl.task`) for the embedded model;
@@ -26,6 +26,8 @@ a reward that bounds its own time takes a ``timeout=`` keyword and says so with 
 attribute ``bounded_time = True`` (see :class:`~creditlib.rl.rewards.SafeReward`).
 
 This module imports nothing heavy (no torch, no transformers): the config validates against it.
+Nor does it import :mod:`creditlib.rl.data` at import time (the built-in builders import it when
+called), and :mod:`creditlib.rl.data` does not import this module: no import cycle.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence
 
 __all__ = ["DatasetSpec", "register_dataset", "get_dataset", "list_datasets", "describe_datasets",
-           "FILE_SUFFIXES"]
+           "normalize_name", "build_source", "FILE_SUFFIXES"]
 
 #: Suffixes of the local files ``--dataset PATH`` accepts.
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -73,12 +75,19 @@ def register_dataset(name: str, builder: Callable[[Any, Any], Any], *, reward: C
                      embedded: bool = False, overwrite: bool = False) -> DatasetSpec:
     """Register a task or dataset under ``name`` (one call; see the module docstring).
 
-    Raises ``ValueError`` for an empty or path-like name, a name that is already registered
-    (unless ``overwrite=True``), or a builder / reward that is not callable.
+    The name is normalised (:func:`normalize_name`: surrounding spaces dropped, lower case, ``_`` ->
+    ``-``), the rule the credit registry uses: ``"My_Task"`` registers ``my-task``, and
+    ``--dataset My_Task`` / ``--dataset my-task`` both find it.
+
+    Raises ``ValueError`` for an empty or path-like name, a name whose normalised form is already
+    registered (unless ``overwrite=True``), or a builder / reward that is not callable.
     """
-    if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ValueError(f"name must be a non-empty string without surrounding spaces, got {name!r}")
-    if os.sep in name or name.lower().endswith(FILE_SUFFIXES):
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    name = normalize_name(name)
+    if any(c.isspace() for c in name):
+        raise ValueError(f"name must not contain spaces, got {name!r}")
+    if os.sep in name or (os.altsep and os.altsep in name) or name.endswith(FILE_SUFFIXES):
         raise ValueError(f"name must not look like a file path (those are local datasets), got {name!r}")
     if not callable(builder):
         raise ValueError(f"builder must be callable as builder(cfg, tokenizer), got {type(builder).__name__}")
@@ -87,10 +96,16 @@ def register_dataset(name: str, builder: Callable[[Any, Any], Any], *, reward: C
     if not isinstance(description, str) or not description.strip():
         raise ValueError("description must be a non-empty string (it is shown by --help)")
     if name in _REGISTRY and not overwrite:
-        raise ValueError(f"dataset {name!r} is already registered (pass overwrite=True to replace it)")
+        raise ValueError(f"dataset {name!r} is already registered (names are compared after normalisation; "
+                         "pass overwrite=True to replace it)")
     spec = DatasetSpec(name, builder, reward, description.strip(), bool(embedded))
     _REGISTRY[name] = spec
     return spec
+
+
+def normalize_name(name: str) -> str:
+    """The registry key of ``name``: surrounding spaces dropped, lower case, ``_`` -> ``-``."""
+    return name.strip().lower().replace("_", "-")
 
 
 def list_datasets() -> List[str]:
@@ -118,6 +133,8 @@ def get_dataset(name: str) -> DatasetSpec:
         raise ValueError(f"dataset must be a registered name or a local file, got {name!r}")
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if not _looks_like_path(name) and normalize_name(name) in _REGISTRY:
+        return _REGISTRY[normalize_name(name)]
     if _looks_like_path(name) or os.path.isfile(name):
         if not name.lower().endswith(FILE_SUFFIXES):
             raise ValueError(f"dataset file {name!r} must end in {', '.join(FILE_SUFFIXES)}")
@@ -131,6 +148,12 @@ def get_dataset(name: str) -> DatasetSpec:
                      f"or a local {'/'.join(FILE_SUFFIXES)} file")
 
 
+def build_source(cfg, tokenizer):
+    """The prompt source a :class:`~creditlib.rl.config.RecipeConfig` asks for (``cfg.dataset``
+    looked up here; an unknown name is a ``ValueError`` with a suggestion)."""
+    return get_dataset(cfg.dataset).build(cfg, tokenizer)
+
+
 # ----------------------------------------------------------------------------- built-ins
 def _build_synthetic(cfg, tokenizer):
     from .data import SyntheticSource
@@ -142,7 +165,10 @@ def _build_synthetic(cfg, tokenizer):
 def _build_math(cfg, tokenizer):
     from .data import MathSource
 
-    return MathSource(cfg.dataset, tokenizer, eval_dataset=cfg.eval_dataset, chat=cfg.chat_template,
+    dataset = cfg.dataset
+    if not _looks_like_path(dataset) and normalize_name(dataset) in _REGISTRY:
+        dataset = normalize_name(dataset)  # "GSM8K" -> "gsm8k": MathSource knows the registered spellings
+    return MathSource(dataset, tokenizer, eval_dataset=cfg.eval_dataset, chat=cfg.chat_template,
                       instruction=cfg.instruction, max_prompt_length=cfg.max_prompt_length, seed=cfg.seed,
                       eval_size=cfg.eval_size)
 

@@ -7,10 +7,9 @@ Both return a :class:`RolloutBatch` of token ids and masks. Old log-probs are re
 trainer's own forward pass (:func:`creditlib.rl.model.completion_logprobs`), so the importance
 ratio compares like with like whatever engine sampled the tokens.
 
-Both are thin adapters over the sampling layer of the evaluation package
-(:func:`creditlib.eval.generation.generate_tokens`, :class:`creditlib.eval.generation.VLLMEngine`):
-one ``model.generate`` call and one vLLM engine serve evaluation and training. ``rl`` imports
-``eval``; ``eval`` never imports ``rl``.
+Both are thin adapters over the shared sampling core (:func:`creditlib.generation.generate_tokens`,
+:class:`creditlib.generation.VLLMEngine`): one ``model.generate`` call and one vLLM engine serve
+evaluation and training.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from ..eval.generation import VLLMEngine, completion_mask_from_eos, eos_token_ids, generate_tokens, left_pad
+from ..generation import VLLMEngine, completion_mask_from_eos, eos_token_ids, generate_tokens, left_pad, pad_token_id
 from .model import NonFiniteError
 
 __all__ = ["RolloutBatch", "HFRollout", "VLLMRollout", "completion_mask_from_eos", "left_pad"]
@@ -93,13 +92,13 @@ class HFRollout:
         """Text in, ``n`` completions per prompt out (prompts are tokenized as given)."""
         enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         dev = next(self.model.parameters()).device
-        ids, mask = left_pad(enc, self.tokenizer.pad_token_id, dev)  # [K, P]
+        ids, mask = left_pad(enc, pad_token_id(self.tokenizer), dev)  # [K, P]
         b = self.rollout(ids, mask, n, greedy=greedy, max_new_tokens=max_new_tokens)
         return [b.texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 class VLLMRollout(VLLMEngine):
-    """A colocated vLLM engine (:class:`creditlib.eval.generation.VLLMEngine`: ``generate``,
+    """A colocated vLLM engine (:class:`creditlib.generation.VLLMEngine`: ``generate``,
     ``sync_weights``) with token-mode rollouts as :class:`RolloutBatch`."""
 
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, greedy: bool = False,

@@ -1,8 +1,8 @@
 """The training pieces of the recipes: supervised warm-up, evaluation, and a plain-tensor GRPO(-lambda) update.
 
 The recipes' own update (``grpo_step`` in ``recipes/grpo.py``) is built from the TensorDict credit
-modules and :class:`creditlib.losses.GRPOLambdaLoss`; it uses :func:`all_finite` and
-:func:`clip_grad_norm` from here. :func:`rl_update` is the same update on plain tensors
+modules and :class:`creditlib.losses.GRPOLambdaLoss`; it uses :func:`optimizer_step` from here.
+:func:`rl_update` is the same update on plain tensors
 (:func:`creditlib.losses.grpo_lambda_loss`), for loops that do not use TensorDict::
 
     for each of ppo_epochs, for each minibatch of the B = K x G completions:
@@ -13,7 +13,8 @@ modules and :class:`creditlib.losses.GRPOLambdaLoss`; it uses :func:`all_finite`
         check finite -> backward -> clip grad norm -> check finite -> optimizer step
 
 Neither takes an optimizer step on a NaN/inf loss or gradient (they raise :class:`NonFiniteError`
-first), so the weights and the optimizer state stay those of the last good step.
+first, in :func:`optimizer_step`, the one backward / clip / step sequence of the recipe, the
+warm-up and :func:`rl_update`), so the weights and the optimizer state stay those of the last good step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .distributed import DistInfo, all_reduce_sum, reshard
 from .model import NonFiniteError, completion_logprobs
 from .rollout import RolloutBatch
 
-__all__ = ["make_optimizer", "rl_update", "sft_warmup", "evaluate", "evaluate_accuracy", "make_style", "all_finite",
+__all__ = ["make_optimizer", "optimizer_step", "rl_update", "sft_warmup", "evaluate", "evaluate_accuracy", "make_style", "all_finite",
            "clip_grad_norm", "NonFiniteError"]
 
 
@@ -61,6 +62,27 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
     return norm.detach().float().cpu()
+
+
+def optimizer_step(model, optimizer: torch.optim.Optimizer, loss: torch.Tensor, info: DistInfo,
+                   max_grad_norm: float = 1.0, what: str = "the RL loss") -> torch.Tensor:
+    """The one update sequence of every loop here: check the loss finite -> backward -> clip the
+    gradient norm -> check it finite -> optimizer step. Returns the pre-clip gradient norm (float32, CPU).
+
+    Raises :class:`NonFiniteError` (``what`` names the loss) before stepping on a NaN/inf loss or
+    gradient norm, with the gradients cleared: the weights and the optimizer state stay those of
+    the last good step. The finite checks agree across ranks, so all ranks stop together.
+    """
+    if not all_finite(loss.detach().cpu(), info):
+        raise NonFiniteError(f"{what} is {float(loss.detach()):.4g} (NaN/inf); no update was applied")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = clip_grad_norm(model, max_grad_norm)
+    if not all_finite(gnorm, info):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"the gradient norm is {float(gnorm):.4g} (NaN/inf); no update was applied")
+    optimizer.step()
+    return gnorm
 
 
 def rl_update(model, optimizer, batch: RolloutBatch, advantages: torch.Tensor, cfg, info: DistInfo,
@@ -111,15 +133,7 @@ def rl_update(model, optimizer, batch: RolloutBatch, advantages: torch.Tensor, c
                 logp, old, advantages[idx].to(logp.device), sub.completion_mask, style,
                 clip_eps=cfg.clip_eps, clamp_min=clamp_min, aggregation=cfg.aggregation,
                 ref_logp=None if ref_logp is None else ref_logp[idx], kl_coef=cfg.kl_coef)
-            if not all_finite(loss.detach().cpu(), info):
-                raise NonFiniteError(f"the RL loss is {float(loss.detach()):.4g} (NaN/inf); no update was applied")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = clip_grad_norm(model, cfg.max_grad_norm)
-            if not all_finite(gnorm, info):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"the gradient norm is {float(gnorm):.4g} (NaN/inf); no update was applied")
-            optimizer.step()
+            gnorm = optimizer_step(model, optimizer, loss, info, cfg.max_grad_norm)
             m = {k: float(v) for k, v in m.items()}
             m["loss"] = float(loss.detach())
             m["grad_norm"] = float(gnorm)
@@ -151,12 +165,7 @@ def sft_warmup(model, source, cfg, info: DistInfo, device: torch.device,
         exs, pos = source.next_batch(pos, cfg.sft_batch_size)  # global batch
         ids, attn, labels = source.encode_sft(exs[info.rank::info.world_size], device)  # [b, L] each
         loss = model(input_ids=ids, attention_mask=attn, labels=labels, use_cache=False).loss
-        if not all_finite(loss.detach().cpu(), info):
-            raise NonFiniteError(f"the warm-up loss is {float(loss.detach()):.4g} (NaN/inf)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm(model, 1.0)
-        opt.step()
+        optimizer_step(model, opt, loss, info, 1.0, what="the warm-up loss")
         rec = {"phase": "sft", "step": step, "loss": float(loss.detach())}
         bar.update(1)
         if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:

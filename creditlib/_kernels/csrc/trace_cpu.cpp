@@ -42,6 +42,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -63,6 +64,19 @@
 namespace {
 
 constexpr int64_t kInf = std::numeric_limits<int64_t>::max() / 4;
+
+// Set when a carry ends non-finite: some valid input was NaN/inf (or the sum overflowed). Every
+// valid input enters the carry R at its own step, and a non-finite carry stays non-finite (d > 0:
+// d * inf = inf; d = 0: 0 * inf = NaN), so checking the last carry of each row costs nothing per
+// token. The caller (cpu.py) then redoes the affected rows on the careful path.
+struct Bad {
+  std::atomic<bool> hit{false};
+  inline void mark() { hit.store(true, std::memory_order_relaxed); }
+  template <typename acc_t>
+  inline void check(acc_t v) {
+    if (!std::isfinite(v)) mark();
+  }
+};
 
 // ------------------------------------------------------------------------------------ schedule
 struct Sched {
@@ -178,7 +192,7 @@ std::vector<acc_t> power_table(double d, int64_t n) {
 // One row (or segment) of length T; m == nullptr means all valid.
 template <typename acc_t>
 void row_forward(const acc_t* x, const uint8_t* m, int64_t T, acc_t* out, const acc_t* pw,
-                 const DMul<acc_t>& dm, acc_t eps, const Sched& s, const acc_t* inv) {
+                 const DMul<acc_t>& dm, acc_t eps, const Sched& s, const acc_t* inv, Bad& bad) {
   acc_t R = 0, S = 0, E = 0;
   int64_t t = 0, a = 0, b = -1;
   int64_t pa = 0;
@@ -219,11 +233,12 @@ void row_forward(const acc_t* x, const uint8_t* m, int64_t T, acc_t* out, const 
     out[i] = inv ? z * inv[t] : z;
     ++t;
   }
+  bad.check(R);
 }
 
 template <typename acc_t>
 void row_transpose(const acc_t* y, const uint8_t* m, int64_t T, acc_t* out, const acc_t* pw,
-                   const DMul<acc_t>& dm, acc_t eps, const Sched& s, const acc_t* inv) {
+                   const DMul<acc_t>& dm, acc_t eps, const Sched& s, const acc_t* inv, Bad& bad) {
   int64_t n = T, plast = T - 1;
   if (m) {
     n = 0;
@@ -272,6 +287,7 @@ void row_transpose(const acc_t* y, const uint8_t* m, int64_t T, acc_t* out, cons
     out[i] = g;
     --j;
   }
+  bad.check(R);
 }
 
 #if CREDITLIB_AVX512
@@ -298,6 +314,11 @@ __attribute__((always_inline)) static inline void transpose16(__m512 r[16]) {
     r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
+}
+
+// Any lane inf/NaN (v - v is NaN exactly there).
+static inline bool any_nonfinite(__m512 v) {
+  return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0;
 }
 
 static inline __mmask16 count_mask(int64_t c) {
@@ -387,7 +408,7 @@ static void expand_row(const float* src, const uint8_t* m, int64_t T, float* out
 // GATHER, which counts each lane's valid tokens (in reverse: from its row's total) and gathers 1/N_k
 // per lane (one masked gather per step). Returns true when the block is done.
 template <int NB, bool MASKED, bool REV, bool NORM = false, bool GATHER = false>
-bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int64_t T, int64_t row0,
+bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int64_t T, int64_t row0, Bad& bad,
                    const DMul<float>& dm, const float* inv = nullptr) {
   static_assert(!GATHER || (NORM && MASKED), "GATHER is the normalised, masked variant");
   // R_t = c_t R_{t-1} + u_t with c_t = d (valid) or 1 (masked, u_t = 0) and d = hi + lo. The
@@ -504,6 +525,8 @@ bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int6
         if (orow[b][l]) _mm512_mask_storeu_ps(orow[b][l] + c0, wm, v[l]);
     }
   }
+  for (int b = 0; b < NB; ++b)
+    if (any_nonfinite(R1[b])) bad.mark();
   return true;
 }
 
@@ -591,7 +614,7 @@ inline int64_t B_sched(int64_t j, int64_t L) {
 // is the one entering the early region, so one lagged reader serves both.
 template <bool BOTH, bool FLOOR, int G>
 void lanes_forward(const Lanes* ln, float* obase, int64_t n, const float* pw, const DMul<float>& dm, float eps,
-                   int64_t L, const float* inv) {
+                   int64_t L, const float* inv, Bad& bad) {
   const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), veps = _mm512_set1_ps(eps);
   const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
   __m512 R1[G], R2[G], U1[G], S[G], E[G];  // R1, R2, U1: see recent_blocks
@@ -655,12 +678,14 @@ void lanes_forward(const Lanes* ln, float* obase, int64_t n, const float* pw, co
     }
     for (int g = 0; g < G; ++g) wr[g].flush(t0);
   }
+  for (int g = 0; g < G; ++g)
+    if (any_nonfinite(R1[g])) bad.mark();
 }
 
 
 template <bool BOTH, bool FLOOR, int G>
 void lanes_transpose(const Lanes* ln, float* obase, int64_t n, const float* pw, const DMul<float>& dm, float eps,
-                     int64_t L, const float* inv) {
+                     int64_t L, const float* inv, Bad& bad) {
   const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), veps = _mm512_set1_ps(eps);
   const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
   __m512 R1[G], R2[G], U1[G], Us[G], E[G];
@@ -724,18 +749,20 @@ void lanes_transpose(const Lanes* ln, float* obase, int64_t n, const float* pw, 
     }
     for (int g = 0; g < G; ++g) wr[g].flush(j0);
   }
+  for (int g = 0; g < G; ++g)
+    if (any_nonfinite(R1[g])) bad.mark();
 }
 
 
 template <int G>
 void lanes_dispatch(const Lanes* ln, float* out, int64_t n, const float* pw, const DMul<float>& dm, float eps,
-                    const Sched& s, bool transpose, const float* inv) {
+                    const Sched& s, bool transpose, const float* inv, Bad& bad) {
   const int64_t L = s.L;
 #define CL_LANES(B, F)                                                   \
   if (transpose)                                                         \
-    lanes_transpose<B, F, G>(ln, out, n, pw, dm, eps, L, inv);           \
+    lanes_transpose<B, F, G>(ln, out, n, pw, dm, eps, L, inv, bad);      \
   else                                                                   \
-    lanes_forward<B, F, G>(ln, out, n, pw, dm, eps, L, inv);
+    lanes_forward<B, F, G>(ln, out, n, pw, dm, eps, L, inv, bad);
   if (s.both) {
     if (s.floor) { CL_LANES(true, true) } else { CL_LANES(true, false) }
   } else {
@@ -759,7 +786,7 @@ Sched make_sched(bool both, int64_t L, int64_t maxlen, bool normalize) {
 
 template <typename acc_t>
 void scalar_rows(const acc_t* x, const uint8_t* m, acc_t* out, int64_t R, int64_t T, double d, double eps,
-                 const Sched& s, bool transpose) {
+                 const Sched& s, bool transpose, Bad& bad) {
   const std::vector<acc_t> pw = power_table<acc_t>(d, T);
   const auto invt = s.normalize ? cached_inv_row_sums<acc_t>(d, eps, s.Lraw, s.both, T, 0) : nullptr;
   const acc_t* inv = invt ? invt->data() : nullptr;
@@ -769,16 +796,16 @@ void scalar_rows(const acc_t* x, const uint8_t* m, acc_t* out, int64_t R, int64_
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* mr = m ? m + r * T : nullptr;
       if (transpose)
-        row_transpose<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s, inv);
+        row_transpose<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s, inv, bad);
       else
-        row_forward<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s, inv);
+        row_forward<acc_t>(x + r * T, mr, T, out + r * T, pw.data(), dm, e, s, inv, bad);
     }
   });
 }
 
 template <typename acc_t>
 void scalar_segments(const acc_t* x, const int64_t* cu, int64_t S, acc_t* out, double d, double eps,
-                     const Sched& s, bool transpose, int64_t maxlen) {
+                     const Sched& s, bool transpose, int64_t maxlen, Bad& bad) {
   const std::vector<acc_t> pw = power_table<acc_t>(d, maxlen);
   const auto invt = s.normalize ? cached_inv_row_sums<acc_t>(d, eps, s.Lraw, s.both, maxlen, 0) : nullptr;
   const acc_t* inv = invt ? invt->data() : nullptr;
@@ -789,9 +816,9 @@ void scalar_segments(const acc_t* x, const int64_t* cu, int64_t S, acc_t* out, d
       const int64_t o = cu[i], n = cu[i + 1] - cu[i];
       if (n <= 0) continue;
       if (transpose)
-        row_transpose<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s, inv);
+        row_transpose<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s, inv, bad);
       else
-        row_forward<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s, inv);
+        row_forward<acc_t>(x + o, nullptr, n, out + o, pw.data(), dm, e, s, inv, bad);
     }
   });
 }
@@ -799,7 +826,7 @@ void scalar_segments(const acc_t* x, const int64_t* cu, int64_t S, acc_t* out, d
 #if CREDITLIB_AVX512
 // Runs path (2) over groups of 16 (offset, length) lanes.
 void lanes_groups(const float* x, float* out, const std::vector<int64_t>& off, const std::vector<int64_t>& len,
-                  double d, double eps, const Sched& s, bool transpose, int64_t maxlen) {
+                  double d, double eps, const Sched& s, bool transpose, int64_t maxlen, Bad& bad) {
   constexpr int G = 1;  // groups of 16 lanes sharing one schedule (2 was slower here)
   const std::vector<float> pw = power_table<float>(d, maxlen);
   // normalised: 1/N_k, padded so that a 16-column tile past the longest lane reads zeros
@@ -826,7 +853,7 @@ void lanes_groups(const float* x, float* out, const std::vector<int64_t>& off, c
         ln[g].minlen = ln[g].len[0];
         for (int l = 1; l < 16; ++l) ln[g].minlen = std::min(ln[g].minlen, ln[g].len[l]);
       }
-      lanes_dispatch<G>(ln, out, n, pw.data(), dm, static_cast<float>(eps), s, transpose, inv);
+      lanes_dispatch<G>(ln, out, n, pw.data(), dm, static_cast<float>(eps), s, transpose, inv, bad);
     }
   });
 }
@@ -837,7 +864,7 @@ void lanes_groups(const float* x, float* out, const std::vector<int64_t>& off, c
 // one contiguous run (no mask, left/right padding) are scanned in place; the others are compacted into
 // a scratch buffer, scanned there, and expanded back.
 void lanes_rows(const float* xp, const uint8_t* m, float* op, int64_t T, const std::vector<int64_t>& rows,
-                double d, double eps, const Sched& s, bool transpose) {
+                double d, double eps, const Sched& s, bool transpose, Bad& bad) {
   const int64_t nr = static_cast<int64_t>(rows.size());
   std::vector<int64_t> off, len;
   std::vector<RowInfo> info(m ? nr : 0);
@@ -870,7 +897,7 @@ void lanes_rows(const float* xp, const uint8_t* m, float* op, int64_t T, const s
       len.push_back(ri.count);
     }
   }
-  if (!off.empty()) lanes_groups(xp, op, off, len, d, eps, s, transpose, T);
+  if (!off.empty()) lanes_groups(xp, op, off, len, d, eps, s, transpose, T, bad);
   if (!other_i.empty()) {
     const int64_t no = static_cast<int64_t>(other_i.size());
     std::vector<int64_t> soff(no), slen(no);
@@ -889,7 +916,7 @@ void lanes_rows(const float* xp, const uint8_t* m, float* op, int64_t T, const s
         compact_row(xp + r * T, m + r * T, T, sin + soff[k]);
       }
     });
-    lanes_groups(sin, sout, soff, slen, d, eps, s, transpose, T);
+    lanes_groups(sin, sout, soff, slen, d, eps, s, transpose, T, bad);
     at::parallel_for(0, no, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r = rows[other_i[k]];
@@ -903,7 +930,7 @@ void lanes_rows(const float* xp, const uint8_t* m, float* op, int64_t T, const s
 // Sequence style: out = mean of the valid inputs at the valid positions, 0 elsewhere (sum in float64;
 // masked inputs are selected away, never multiplied, so NaN/inf there cannot leak).
 template <typename acc_t>
-void sequence_run(const acc_t* x, const uint8_t* m, int64_t n, acc_t* out) {
+void sequence_run(const acc_t* x, const uint8_t* m, int64_t n, acc_t* out, Bad& bad) {
   double sum = 0.0;
   int64_t cnt = 0;
   if (m) {
@@ -916,6 +943,7 @@ void sequence_run(const acc_t* x, const uint8_t* m, int64_t n, acc_t* out) {
     for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]);
     cnt = n;
   }
+  bad.check(sum);
   const acc_t mean = cnt ? static_cast<acc_t>(sum / static_cast<double>(cnt)) : acc_t(0);
   if (m) {
     for (int64_t i = 0; i < n; ++i) out[i] = m[i] ? mean : acc_t(0);
@@ -927,7 +955,7 @@ void sequence_run(const acc_t* x, const uint8_t* m, int64_t n, acc_t* out) {
 #if CREDITLIB_AVX512
 // float32, AVX-512: masked loads (masked lanes never read), float64 accumulators, masked stores.
 template <>
-void sequence_run<float>(const float* x, const uint8_t* m, int64_t n, float* out) {
+void sequence_run<float>(const float* x, const uint8_t* m, int64_t n, float* out, Bad& bad) {
   __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
   int64_t cnt = 0;
   for (int64_t c = 0; c < n; c += 16) {
@@ -942,6 +970,7 @@ void sequence_run<float>(const float* x, const uint8_t* m, int64_t n, float* out
     cnt += __builtin_popcount(static_cast<unsigned>(k));
   }
   const double sum = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  bad.check(sum);
   const __m512 mean = _mm512_set1_ps(cnt ? static_cast<float>(sum / static_cast<double>(cnt)) : 0.0f);
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 w = count_mask(n - c);
@@ -956,20 +985,20 @@ void sequence_run<float>(const float* x, const uint8_t* m, int64_t n, float* out
 #endif
 
 template <typename acc_t>
-void sequence_scan(const acc_t* x, const uint8_t* m, const int64_t* cu, int64_t R, int64_t T, acc_t* out) {
+void sequence_scan(const acc_t* x, const uint8_t* m, const int64_t* cu, int64_t R, int64_t T, acc_t* out, Bad& bad) {
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (cu)
-        sequence_run<acc_t>(x + cu[r], nullptr, cu[r + 1] - cu[r], out + cu[r]);
+        sequence_run<acc_t>(x + cu[r], nullptr, cu[r + 1] - cu[r], out + cu[r], bad);
       else
-        sequence_run<acc_t>(x + r * T, m ? m + r * T : nullptr, T, out + r * T);
+        sequence_run<acc_t>(x + r * T, m ? m + r * T : nullptr, T, out + r * T, bad);
     }
   });
 }
 
 torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<torch::Tensor>& mask,
                                     const c10::optional<torch::Tensor>& cu, double d, double eps, int64_t L,
-                                    int64_t kind, bool normalize, bool transpose) {
+                                    int64_t kind, bool normalize, bool transpose, Bad& bad) {
   const bool is_f64 = x.scalar_type() == at::kDouble;
   const bool both = kind == 1;
   auto out = torch::empty_like(x);
@@ -978,9 +1007,9 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
     const int64_t R = cp ? cu->numel() - 1 : x.size(0), T = cp ? 0 : x.size(1);
     const uint8_t* m = (!cp && mask.has_value()) ? mask->data_ptr<uint8_t>() : nullptr;
     if (is_f64)
-      sequence_scan<double>(x.data_ptr<double>(), m, cp, R, T, out.data_ptr<double>());
+      sequence_scan<double>(x.data_ptr<double>(), m, cp, R, T, out.data_ptr<double>(), bad);
     else
-      sequence_scan<float>(x.data_ptr<float>(), m, cp, R, T, out.data_ptr<float>());
+      sequence_scan<float>(x.data_ptr<float>(), m, cp, R, T, out.data_ptr<float>(), bad);
     return out;
   }
   if (cu.has_value()) {
@@ -991,7 +1020,7 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
     for (int64_t i = 0; i < S; ++i) maxlen = std::max(maxlen, cp[i + 1] - cp[i]);
     const Sched s = make_sched(both, L, maxlen, normalize);
     if (is_f64) {
-      scalar_segments<double>(x.data_ptr<double>(), cp, S, out.data_ptr<double>(), d, eps, s, transpose, maxlen);
+      scalar_segments<double>(x.data_ptr<double>(), cp, S, out.data_ptr<double>(), d, eps, s, transpose, maxlen, bad);
       return out;
     }
 #if CREDITLIB_AVX512
@@ -1000,9 +1029,9 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
       off[i] = cp[i];
       len[i] = cp[i + 1] - cp[i];
     }
-    lanes_groups(x.data_ptr<float>(), out.data_ptr<float>(), off, len, d, eps, s, transpose, maxlen);
+    lanes_groups(x.data_ptr<float>(), out.data_ptr<float>(), off, len, d, eps, s, transpose, maxlen, bad);
 #else
-    scalar_segments<float>(x.data_ptr<float>(), cp, S, out.data_ptr<float>(), d, eps, s, transpose, maxlen);
+    scalar_segments<float>(x.data_ptr<float>(), cp, S, out.data_ptr<float>(), d, eps, s, transpose, maxlen, bad);
 #endif
     return out;
   }
@@ -1011,7 +1040,7 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
   const uint8_t* m = mask.has_value() ? mask->data_ptr<uint8_t>() : nullptr;
   const Sched s = make_sched(both, L, T, normalize);
   if (is_f64) {
-    scalar_rows<double>(x.data_ptr<double>(), m, out.data_ptr<double>(), R, T, d, eps, s, transpose);
+    scalar_rows<double>(x.data_ptr<double>(), m, out.data_ptr<double>(), R, T, d, eps, s, transpose, bad);
     return out;
   }
   const float* xp = x.data_ptr<float>();
@@ -1030,13 +1059,13 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
         const int64_t row0 = b * 16 * NB;
         bool done;
 #define CL_BLOCKS(MK, RV)                                                             \
-  done = inv ? recent_blocks<NB, MK, RV, true>(xp, m, op, R, T, row0, dm, inv)        \
-             : recent_blocks<NB, MK, RV, false>(xp, m, op, R, T, row0, dm);
+  done = inv ? recent_blocks<NB, MK, RV, true>(xp, m, op, R, T, row0, bad, dm, inv)        \
+             : recent_blocks<NB, MK, RV, false>(xp, m, op, R, T, row0, bad, dm);
         if (m) {
           if (transpose) { CL_BLOCKS(true, true) } else { CL_BLOCKS(true, false) }
           if (!done)
-            done = transpose ? recent_blocks<NB, true, true, true, true>(xp, m, op, R, T, row0, dm, inv)
-                             : recent_blocks<NB, true, false, true, true>(xp, m, op, R, T, row0, dm, inv);
+            done = transpose ? recent_blocks<NB, true, true, true, true>(xp, m, op, R, T, row0, bad, dm, inv)
+                             : recent_blocks<NB, true, false, true, true>(xp, m, op, R, T, row0, bad, dm, inv);
         } else {
           if (transpose) { CL_BLOCKS(false, true) } else { CL_BLOCKS(false, false) }
         }
@@ -1048,17 +1077,20 @@ torch::Tensor trace_scan_float_like(const torch::Tensor& x, const c10::optional<
   }
   std::vector<int64_t> rows(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) rows[r] = r;
-  lanes_rows(xp, m, op, T, rows, d, eps, s, transpose);
+  lanes_rows(xp, m, op, T, rows, d, eps, s, transpose, bad);
 #else
-  scalar_rows<float>(xp, m, op, R, T, d, eps, s, transpose);
+  scalar_rows<float>(xp, m, op, R, T, d, eps, s, transpose, bad);
 #endif
   return out;
 }
 
 }  // namespace
 
-torch::Tensor trace_scan(torch::Tensor x, c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> cu_seqlens,
-                         double d, double eps, int64_t L, int64_t kind, bool normalize, bool transpose) {
+// Returns (out, nonfinite): nonfinite is true when some row's carry ended NaN/inf (a NaN/inf valid
+// input, or an overflow); the caller then redoes those rows on the careful path.
+std::tuple<torch::Tensor, bool> trace_scan(torch::Tensor x, c10::optional<torch::Tensor> mask,
+                                           c10::optional<torch::Tensor> cu_seqlens, double d, double eps, int64_t L,
+                                           int64_t kind, bool normalize, bool transpose) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   TORCH_CHECK(d >= 0.0 && d <= 1.0, "d must be in [0, 1], got ", d);
@@ -1085,20 +1117,24 @@ torch::Tensor trace_scan(torch::Tensor x, c10::optional<torch::Tensor> mask, c10
                   "mask must be a contiguous CPU uint8 tensor of the shape of x");
     }
   }
-  if (x.numel() == 0) return torch::zeros_like(x);
+  if (x.numel() == 0) return {torch::zeros_like(x), false};
   c10::optional<torch::Tensor> m8;
   if (mask.has_value()) m8 = mask->scalar_type() == at::kBool ? mask->view(at::kByte) : *mask;
+  Bad bad;
   if (st == at::kHalf || st == at::kBFloat16) {
     auto xf = x.to(at::kFloat);
-    return trace_scan_float_like(xf, m8, cu_seqlens, d, eps, L, kind, normalize, transpose).to(st);
+    auto out = trace_scan_float_like(xf, m8, cu_seqlens, d, eps, L, kind, normalize, transpose, bad).to(st);
+    return {out, bad.hit.load()};
   }
-  return trace_scan_float_like(x, m8, cu_seqlens, d, eps, L, kind, normalize, transpose);
+  auto out = trace_scan_float_like(x, m8, cu_seqlens, d, eps, L, kind, normalize, transpose, bad);
+  return {out, bad.hit.load()};
 }
 
 bool has_avx512() { return CREDITLIB_AVX512 != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("trace_scan", &trace_scan, "eligibility trace scan (z = W x, or W^T x when transpose)",
+  mod.def("trace_scan", &trace_scan,
+          "eligibility trace scan (z = W x, or W^T x when transpose); returns (z, some carry ended non-finite)",
           py::arg("x"), py::arg("mask"), py::arg("cu_seqlens"), py::arg("d"), py::arg("eps"), py::arg("L"),
           py::arg("kind"), py::arg("normalize"), py::arg("transpose"));
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
