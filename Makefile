@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.creditlib-installed
 
-.PHONY: install run demo test bench clean
+.PHONY: install run demo test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/report.py $(ARGS)

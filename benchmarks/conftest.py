@@ -120,8 +120,8 @@ def backend_status(backend: str):
     reason = None
     style = DecayStyle("recent", gamma=1.0, lam=DECAY)
     if backend == "cpp":
-        from creditlib._kernels import cpu
-        if not (cpu.ready() or cpu.can_build()):
+        from creditlib.ops.trace import build
+        if not (build.ready() or build.can_build()):
             reason = "the C++ kernel cannot be built here (no compiler / toolchain)"
         else:
             try:  # builds once (cached on disk), then checks it runs

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 import torch  # noqa: E402
 
 from creditlib import functional as F  # noqa: E402
-from creditlib._kernels import Schedule, reference_scan, trace_scan  # noqa: E402
+from creditlib.ops.trace import Schedule, reference_scan, trace_scan  # noqa: E402
 from creditlib.style import DecayStyle  # noqa: E402
 
 # (name, kind, d, eps, normalize): every style the kernels take
@@ -65,15 +65,15 @@ TARGET_BW = 0.60
 
 def backends_for(device: torch.device) -> list:
     """The backends to check on ``device``, with the reason for each one left out."""
-    from creditlib._kernels import cpu, triton_trace
+    from creditlib.ops.trace import build, triton_kernel
 
     out, skipped = [], {}
-    if triton_trace.available() and (device.type == "cuda" or triton_trace._INTERPRET):
+    if triton_kernel.available() and (device.type == "cuda" or triton_kernel._INTERPRET):
         out.append("triton")
     else:
         skipped["triton"] = "needs CUDA (or TRITON_INTERPRET=1)"
     if device.type == "cpu":
-        if cpu.ready():
+        if build.ready():
             out.append("cpp")
         else:
             skipped["cpp"] = "no cached C++ build (python -m creditlib.build_kernels)"
@@ -201,7 +201,7 @@ def validate_split(device: torch.device, B: int = 3, T: int = 600, seed: int = 0
     """The Triton kernel's chunk-parallel path (``recent``, few rows; chosen by default on CUDA for
     fewer than ``SPLIT_MAX_ROWS`` rows of at least 4 chunks), forced at a small chunk, against the
     dense reference."""
-    from creditlib._kernels import triton_trace
+    from creditlib.ops.trace import triton_kernel
 
     rows = []
     gen = torch.Generator().manual_seed(seed)
@@ -217,7 +217,7 @@ def validate_split(device: torch.device, B: int = 3, T: int = 600, seed: int = 0
                 for dt in dtypes:
                     ref = reference_scan(x64.to(dt).double(), mu, None, sched, tr)
                     try:
-                        z = triton_trace.trace_scan(x64.to(device=device, dtype=dt), None if mu is None else mu.to(device),
+                        z = triton_kernel.trace_scan(x64.to(device=device, dtype=dt), None if mu is None else mu.to(device),
                                                     None, sched, tr, block=64, split=True)
                         err = _rel_err(z, ref)
                         tol = 2e-5 if dt == torch.float32 else 1e-10

@@ -61,15 +61,14 @@ for _p in (_BENCH.parent, _BENCH):  # creditlib (from a checkout) and the study 
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-# The plan, the sweep and the report live in benchmarks/study/; their names stay importable from here.
-from study.plan import *  # noqa: E402,F401,F403
-from study.plan import (BASELINE, LR_GRID, MAIN_METHODS, METHODS, RESERVED_FLAGS, ROOT,  # noqa: E402
-                        SELECT_SEED_BASE, STUDY_DEFAULTS, TASKS, check_recipe_args, default_plan_text, make_plan,
-                        parse_floats, parse_names, to_flags)
-from study.report import *  # noqa: E402,F401,F403
-from study.report import analyze, write_report  # noqa: E402
-from study.sweep import *  # noqa: E402,F401,F403
-from study.sweep import log_sweep, make_snapshot, recipe_child, sweep, sweep_history  # noqa: E402
+# The plan, the sweep and the report live in benchmarks/study/; the names below stay importable from here.
+from study.plan import (BASELINE, LONG_METHODS, LR_GRID, MAIN_METHODS, METHODS, RESERVED_FLAGS,  # noqa: E402,F401
+                        ROOT, SELECT_SEED_BASE, STUDY_DEFAULTS, TASKS, Job, Plan, check_recipe_args,
+                        default_plan_text, final_dir, is_done, make_plan, parse_floats, parse_names, parse_seeds,
+                        read_done, select_dir, selection_state, to_flags)
+from study.report import analyze, censored, headline, with_shared_start, write_report  # noqa: E402,F401
+from study.sweep import (Runner, code_root, log_sweep, make_snapshot, recipe_child, run_job,  # noqa: E402,F401
+                         sft_checkpoint, start_flags, sweep, sweep_history)
 
 
 def build_parser() -> argparse.ArgumentParser:

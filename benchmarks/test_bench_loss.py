@@ -29,7 +29,7 @@ pytest.importorskip("torchrl.objectives.llm.grpo")
 from torchrl.objectives.llm import GRPOLoss  # noqa: E402
 
 from creditlib import DecayStyle  # noqa: E402
-from creditlib._kernels import choose_backend  # noqa: E402
+from creditlib.ops.trace import choose_backend  # noqa: E402
 from creditlib.losses import GRPOLambdaLoss, grpo_lambda_loss  # noqa: E402
 
 B, SEQ, PROMPT = 64, 4096, 256

@@ -9,12 +9,6 @@ backward + optimizer step, on the recipe's default shape: the embedded 495k-para
   ``lam = 0.99``, clamp ``-0.1``): the recipe's own ``setup`` and ``grpo_step`` (credit stage of
   TensorDict modules + ``GRPOLambdaLoss``), loaded from the recipe file;
 * ``recipe-grpo``: the same with ``--credit grpo`` (plain GRPO);
-* ``functional-grpo_lambda``: the same step through the plain-tensor path
-  (``creditlib.functional.group_advantage`` + ``creditlib.rl.train.rl_update``, i.e.
-  ``grpo_lambda_loss``), the step of creditlib 0.1's recipe, for the before/after comparison;
-* ``interleaved-<credit>``: the recipe's step and the plain-tensor step alternated (ABBA) in one
-  process on identical prompts and seeds; ``extra_info`` holds their medians and ratios (the
-  before/after comparison of the recipe rewrite, robust to a busy machine);
 * ``trl-GRPOTrainer``: stock TRL (``loss_type="dapo"``, token-mean like the recipe; ``beta = 0``), the
   same model weights, tokenizer, prompts, reward and shape; skipped when TRL is not installed.
 
@@ -39,33 +33,36 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from creditlib import functional as F  # noqa: E402
-from creditlib.rl.config import load_config, resolve_credit  # noqa: E402
+from creditlib.rl.config import load_config  # noqa: E402
 from creditlib.rl.task import chain_reward  # noqa: E402
-from creditlib.rl.train import make_style, rl_update  # noqa: E402
 
 K, G = 8, 8  # prompts per step, completions per prompt (the recipe defaults)
 ROUNDS = 5  # timed steps per case (each a different batch of prompts)
 
 
 def _recipe():
-    """``recipes/grpo.py`` as a module (loaded from its file, as the presets do)."""
-    from creditlib.rl.loop import load_recipe
+    """``recipes/grpo.py`` as a module, loaded from its file once (``recipes/`` is a folder of scripts,
+    not a package)."""
+    name = "bench_recipe_grpo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "recipes" / "grpo.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # (dataclasses look their module up there)
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
-    return load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "grpo.py")
 
-
-def _recipe_step_fn(credit: str, out_dir, functional: bool = False):
+def _recipe_step_fn(credit: str, out_dir):
     """The recipe's RL step as a closure: its ``setup`` and the body of its RL loop (rollout, reward,
-    ``grpo_step``), on a fresh untrained model. ``functional``: the plain-tensor update instead."""
+    ``grpo_step``), on a fresh untrained model."""
     recipe = _recipe()
     cfg = load_config(overrides=dict(credit=credit, prompts_per_step=K, group_size=G, device="cpu", progress=False,
                                      output_dir=str(out_dir)))
     r = recipe.setup(cfg)
-    method = resolve_credit(cfg)
     state = {"position": 0, "tokens": [], "step": 0}
 
     def step():
@@ -73,11 +70,7 @@ def _recipe_step_fn(credit: str, out_dir, functional: bool = False):
         ids, mask = r.source.encode(prompts, r.device)  # [K, P]
         batch = r.rollout.rollout(ids, mask, G)  # [B, T] with B = K * G
         rewards, _ = r.reward(batch.texts, [e.answer for e in prompts for _ in range(G)])  # [B]
-        if functional:
-            adv = F.group_advantage(rewards, G, scale=method.scale, baseline=method.baseline)  # [B]
-            m = rl_update(r.model, r.optimizer, batch, adv, cfg, r.info, make_style(cfg))
-        else:
-            m = recipe.grpo_step(r, batch, rewards)
+        m = recipe.grpo_step(r, batch, rewards)
         state["tokens"].append(int(batch.completion_mask.sum()))
         return m
 
@@ -97,11 +90,11 @@ def _finish(benchmark, state):
     assert tokens > K * G  # every completion holds at least one token (EOS)
 
 
-@pytest.mark.parametrize("variant", ["recipe-grpo_lambda", "recipe-grpo", "functional-grpo_lambda"])
+@pytest.mark.parametrize("variant", ["recipe-grpo_lambda", "recipe-grpo"])
 def test_recipe_train_step(benchmark, variant, tmp_path):
     torch.set_num_threads(1)
-    kind, credit = variant.split("-", 1)
-    step, state, _ = _recipe_step_fn(credit.replace("_", "-"), tmp_path, functional=kind == "functional")
+    credit = variant.split("-", 1)[1]
+    step, state, _ = _recipe_step_fn(credit.replace("_", "-"), tmp_path)
     benchmark.group = "RL train step (K=8 x G=8, 13 tokens, 495k Qwen2, CPU, 1 thread)"
     benchmark.name = variant
     m = benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
@@ -153,63 +146,3 @@ def test_trl_grpo_trainer_step(benchmark, tmp_path):
     loss = benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert torch.isfinite(torch.as_tensor(loss)).all()
     _finish(benchmark, state)
-
-
-@pytest.mark.parametrize("credit", ["grpo-lambda", "grpo"])
-def test_recipe_step_against_plain_tensor_step(benchmark, credit, tmp_path):
-    """Before/after in one process: the recipe's step (TensorDict credit stage + ``GRPOLambdaLoss``)
-    and creditlib 0.1's plain-tensor step (``group_advantage`` + ``rl_update``), interleaved ABBA on
-    identical prompts and seeds (so both sample the same tokens), two models with the same initial
-    weights. ``extra_info``: median full-step and update times and their ratios (recipe / plain)."""
-    import statistics
-    import time
-
-    torch.set_num_threads(1)
-    recipe = _recipe()
-    rounds = 2 if benchmark.disabled else 20
-    runs = {}
-    for kind in ("recipe", "plain"):
-        cfg = load_config(overrides=dict(credit=credit, prompts_per_step=K, group_size=G, device="cpu",
-                                         progress=False, output_dir=str(tmp_path / kind)))
-        runs[kind] = (recipe.setup(cfg), cfg)
-    method = resolve_credit(runs["plain"][1])
-
-    def one(kind, i):
-        r, cfg = runs[kind]
-        torch.manual_seed(1000 + i)
-        prompts, _ = r.source.next_batch(i * K, K)
-        ids, mask = r.source.encode(prompts, r.device)  # [K, P]
-        batch = r.rollout.rollout(ids, mask, G)  # [B, T]
-        rewards, _ = r.reward(batch.texts, [e.answer for e in prompts for _ in range(G)])  # [B]
-        t0 = time.perf_counter()
-        if kind == "recipe":
-            recipe.grpo_step(r, batch, rewards)
-        else:
-            adv = F.group_advantage(rewards, G, scale=method.scale, baseline=method.baseline)  # [B]
-            rl_update(r.model, r.optimizer, batch, adv, cfg, r.info, make_style(cfg))
-        return int(batch.completion_mask.sum()), time.perf_counter() - t0
-
-    def run():
-        full = {"recipe": [], "plain": []}
-        upd = {"recipe": [], "plain": []}
-        tokens = {"recipe": 0, "plain": 0}
-        for i in range(rounds):
-            for kind in (("recipe", "plain") if i % 2 == 0 else ("plain", "recipe")):
-                t0 = time.perf_counter()
-                n, u = one(kind, i)
-                full[kind].append(time.perf_counter() - t0)
-                upd[kind].append(u)
-                tokens[kind] += n
-        return full, upd, tokens
-
-    full, upd, tokens = benchmark.pedantic(run, rounds=1, iterations=1)
-    assert tokens["recipe"] == tokens["plain"] > K * G  # the same samples: a like-for-like comparison
-    med = {f"{k}_{part}_ms": statistics.median(v[1:] if len(v) > 2 else v) * 1e3
-           for part, d in (("step", full), ("update", upd)) for k, v in d.items()}
-    med["step_ratio"] = med["recipe_step_ms"] / med["plain_step_ms"]
-    med["update_ratio"] = med["recipe_update_ms"] / med["plain_update_ms"]
-    benchmark.group = "recipe step vs the plain-tensor step, interleaved"
-    benchmark.name = f"interleaved-{credit}"
-    benchmark.extra_info.update(med)
-    if not benchmark.disabled:
-        print(f"\n{credit}: " + ", ".join(f"{k} {v:.3f}" if "ratio" in k else f"{k} {v:.0f}" for k, v in med.items()))

@@ -6,7 +6,7 @@ that measures, in one run and interleaved,
 * ``time_ratio``: rollout wall time of that tree over the flat group, both through
   :class:`creditlib.rl.tree.TransformersBackend` (one ``generate`` call per round), on CPU (target
   <= 1.0); ``time_ratio_vs_generate``: the tree over the recipe's own flat sampler
-  (:func:`creditlib.eval.generation.generate_tokens`, ``do_sample``);
+  (:func:`creditlib.generation.generate_tokens`, ``do_sample``);
 * ``prefill_share``: the time of one forward over the fork requests of the tree's second round
   over that round's ``generate`` call: the most that reusing the prefix KV cache could save there.
 

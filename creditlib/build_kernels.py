@@ -78,29 +78,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.isa is not None:
         os.environ["CREDITLIB_CPU_ISA"] = args.isa
 
-    from ._kernels import cpu
+    from .ops.trace import build
 
     try:
-        flags = " ".join(cpu.cflags())
+        flags = " ".join(build.cflags())
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"creditlib C++ trace kernel: isa {cpu.isa()} ({flags}); cache {cpu.build_dir()}")
+    print(f"creditlib C++ trace kernel: isa {build.isa()} ({flags}); cache {build.build_dir()}")
     if args.check:
-        if not cpu.ready():
+        if not build.ready():
             print("not built (run `python -m creditlib.build_kernels` to build it)")
             return 1
-    elif not cpu.ready() and not cpu.can_build():
+    elif not build.ready() and not build.can_build():
         print("error: not built, and it cannot be built here: a C++ compiler (CXX, default c++), ninja and "
               "the torch headers are needed, and CREDITLIB_NO_BUILD must be unset", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     try:
-        cpu.load(verbose=args.verbose)
+        build.load(verbose=args.verbose)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"ready: {cpu.describe()} ({time.perf_counter() - t0:.1f} s)")
+    print(f"ready: {build.describe()} ({time.perf_counter() - t0:.1f} s)")
     try:
         err = self_test()
     except AssertionError as e:

@@ -193,8 +193,20 @@ PREFIX_TD = register_advantage(Advantage(
     options=("scale", "gae_gamma", "gae_lam"),
     description="per-token GAE(gae_gamma, gae_lam) over the group prefix-tree TD error"))
 
+
+
+def _treerl_fn(method: "CreditMethod", b: CreditBatch) -> torch.Tensor:
+    from .tree_credit import treerl_advantage  # imported on use: the tree module reads creditlib.ops.prefix
+    return treerl_advantage(b.tokens, b.mask, b.rewards, b.group_size, group_ids=b.group_ids,
+                            scale=method.scale)  # [B, T]
+
+
+TREERL = register_advantage(Advantage(
+    "treerl", _treerl_fn, per_token=True, needs_tokens=True, options=("scale",),
+    description="TreeRL's global + local prefix-tree advantage over sqrt(leaves below), for tree rollouts"))
+
 #: the built-in advantage kinds (more can be registered: :func:`register_advantage`)
-ADVANTAGES = ("group", "prefix_td")
+ADVANTAGES = ("group", "prefix_td", "treerl")
 
 _UNSET = object()
 _RENAMED = {"gamma": "gae_gamma", "lam": "gae_lam"}  # CreditMethod(gamma=, lam=): GAE's, renamed
@@ -514,6 +526,9 @@ for _m in (
                  description="GAE(gamma=1, lam=0.95) over the prefix-tree TD error"),
     CreditMethod("entropy-80-20", entropy_quantile=0.2,
                  description="GRPO on the top-20% entropy (forking) tokens only"),
+    CreditMethod("treerl", advantage="treerl", scale="none",
+                 description="TreeRL (arXiv 2506.11902): global + local prefix-tree advantage / sqrt(leaves below); "
+                             "meant for tree rollouts"),
 ):
     register_credit(_m)
 del _m

@@ -18,14 +18,14 @@ Every trace op is O(T) in time and memory in the forward and the backward pass, 
 :class:`DecayStyle`: ``"recent"``, ``"both"``, eps floors, row-normalised weights
 (``normalize=True``: ``z_t`` is a weighted mean of the earlier log-ratios) and the GSPO
 ``"sequence"`` style (every valid token carries the row's mean log-ratio). The work is done by one of
-several backends (see ``creditlib._kernels``): a fused C++ CPU kernel compiled at first use, a
+several backends (see ``creditlib.ops.trace``): a fused C++ CPU kernel compiled at first use, a
 Triton kernel on CUDA, and a pure-PyTorch blocked scan that needs no compiler. All give the same
 numbers; ``backend=`` picks one explicitly.
 
 Edge cases, the same on every backend: ``T = 0``, an empty batch and ``N = 0`` packed tokens return
 an empty result that keeps the autograd graph; masked inputs are ignored even when NaN/inf; a
 NaN/inf at a *valid* token reaches exactly the outputs whose weight includes it (see
-``creditlib._kernels``); a bool mask whose bytes are not 0/1 (``uint8.view(torch.bool)``) counts
+``creditlib.ops.trace``); a bool mask whose bytes are not 0/1 (``uint8.view(torch.bool)``) counts
 any nonzero byte as a valid token. Validation goes through :mod:`creditlib._validation`.
 
 ``torch.compile(fullgraph=True)`` compiles every public function here: the trace, ``prefix_td``
@@ -41,10 +41,11 @@ from typing import Optional
 
 import torch
 
-from . import _kernels
-from ._kernels import Schedule
-from ._reference import eligibility_trace_naive, trace_weights
-from ._prefix import entropy_mask, prefix_td
+from .ops import trace as _trace
+from .ops.trace import Schedule
+from .ops.trace.naive import eligibility_trace_naive, trace_weights
+from .ops.entropy import entropy_mask
+from .ops.prefix.vectorised import prefix_td
 from ._validation import as_bool_mask
 from ._validation import check_baseline, check_eps, check_groups, check_scale, check_style, compiling
 from ._validation import check_float as _check_float
@@ -78,7 +79,7 @@ _check_style = check_style
 def _trace_op(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
               kind: str, d: float, eps: float, normalize: bool, transpose: bool, backend: str) -> torch.Tensor:
     sched = Schedule.make(kind, d, eps, normalize)
-    return _kernels.trace_scan(x, mask_u8, cu_seqlens, sched, transpose, backend)
+    return _trace.trace_scan(x, mask_u8, cu_seqlens, sched, transpose, backend)
 
 
 @_trace_op.register_fake
@@ -106,7 +107,7 @@ _trace_op.register_autograd(_trace_backward, setup_context=_trace_setup)
 
 def _apply(x2: torch.Tensor, mask_u8: Optional[torch.Tensor], cu: Optional[torch.Tensor],
            style: DecayStyle, transpose: bool, backend: str) -> torch.Tensor:
-    _kernels.check_backend(backend)
+    _trace.check_backend(backend)
     # the op carries the style's primitives (validated by DecayStyle); it builds the Schedule inside
     return _trace_op(x2, mask_u8, cu, style.style, style.decay, style.eps, style.normalize, transpose, backend)
 
@@ -116,7 +117,7 @@ def _padded(x: torch.Tensor, mask: Optional[torch.Tensor], style: DecayStyle, tr
     shape = x.shape
     T = shape[-1] if x.dim() > 0 else 1
     if x.numel() == 0:  # T = 0 or an empty batch: nothing to scan, but keep the autograd graph
-        _kernels.check_backend(backend)
+        _trace.check_backend(backend)
         return x.clone()
     x2 = x.reshape(-1, T).contiguous()  # [R, T]
     if mask is None:
@@ -173,7 +174,7 @@ def eligibility_trace_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, style: D
         raise ValueError(f"x must be 1-D packed [N] for the varlen form, got shape {tuple(x.shape)}")
     cu = _check_cu_seqlens(cu_seqlens, x)
     if x.numel() == 0:  # N = 0: keep the autograd graph
-        _kernels.check_backend(backend)
+        _trace.check_backend(backend)
         return x.clone()
     return _apply(x.contiguous(), None, cu, style, False, backend)
 

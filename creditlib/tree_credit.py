@@ -1,7 +1,7 @@
 """The TreeRL global-plus-local credit rule (arXiv 2506.11902) on a group's prefix tree.
 
 With ``o_i`` the valid tokens of row ``i``, ``LCP(i, j)`` the length of the common prefix of ``o_i``
-and ``o_j`` (``LCP(i, i) = n_i``), inside one group (DESIGN.md, "Tree rollouts", item 3):
+and ``o_j`` (``LCP(i, i) = n_i``), inside one group (docs/design.md, "Tree rollouts"):
 
 * ``U_i(k) = mean{R_j : LCP(i, j) >= k + 1}``: the value of the node after token ``k`` (the leaves,
   ``i`` included, that agree with ``o_i`` through token ``k``);
@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from ._prefix import _Layout, _canonical, _check_groups, _check_rewards, _check_tokens, _group_scale, _pair_lcp
+from .ops.prefix.vectorised import (_canonical, _check_groups, _check_rewards, _check_tokens, _group_scale,
+                                    _Layout, _pair_lcp)
 from ._validation import check_mask, is_real
 
 __all__ = ["treerl_advantage"]
@@ -55,7 +56,7 @@ def treerl_advantage(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Te
     """
     tokens = _check_tokens(tokens)
     B, T = tokens.shape
-    check_mask(mask, tokens, "tokens")
+    mask = check_mask(mask, tokens, "tokens")  # bool [B, T] (integer 0/1 masks accepted)
     rewards = _check_rewards(rewards, B, tokens.device)
     if scale not in ("std", "none"):
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")

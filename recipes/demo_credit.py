@@ -7,7 +7,7 @@ No model and no data: one prompt, a group of 6 completions of 12 tokens over a 3
 that share prefixes and part ways at different depths (a prefix tree), verifiable 0/1 rewards.
 The picture shows, for each method of the registry, the per-token credit ``C_j``: the factor of
 ``grad log pi(o_j)`` in the policy gradient at ratio 1 (the forward view), with a token sum as the
-aggregation. For the log-ratio styles that is ``C_j = sum_{t >= j} w(t, j) A`` (DESIGN.md 5); for
+aggregation. For the log-ratio styles that is ``C_j = sum_{t >= j} w(t, j) A`` (docs/design.md, section 3); for
 the prefix-tree methods it is their per-token advantage. Entropy-80/20 needs the policy's
 entropies: the demo uses made-up ones (high where the completions part ways), so that panel shows
 the rule, not a model.

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generation")
     gen.add_argument("--rollout", choices=["hf", "vllm"], default="hf",
                      help="generation backend: transformers generate, or the vLLM engine the recipes share "
-                          "(creditlib.eval.generation.VLLMEngine; needs vLLM)")
+                          "(creditlib.generation.VLLMEngine; needs vLLM)")
     gen.add_argument("--n-samples", type=int, default=1, help="completions per problem (n)")
     gen.add_argument("--k", default=None,
                      help="comma-separated k for pass@k (default: powers of two up to n, and n)")

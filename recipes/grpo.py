@@ -6,6 +6,7 @@
     python recipes/grpo.py --credit prefix-gae --max-steps 200 --output-dir runs/prefix-gae
     python recipes/grpo.py --output-dir runs/prefix-gae --resume   # continue that run
     python recipes/grpo.py --config recipes/configs/qwen2.5_1.5b_gsm8k.yaml    # a real model (GPU)
+    python recipes/grpo.py --credit prefix-gae --tree-roots 2 --tree-branches 3   # tree rollouts, 8 leaves per prompt
     torchrun --nproc-per-node 2 recipes/grpo.py          # data parallel, FSDP2
 
 With no arguments it trains a small Qwen2-architecture model from scratch on a bundled verifiable
@@ -18,6 +19,7 @@ LM (Qwen, LLaMA, ...). ``--credit NAME`` picks the credit-assignment method from
 One RL step (``grpo_step`` below; B = K prompts x G completions, T = completion length):
 
     1. rollout: K prompts, G completions each from the current policy        # tokens, mask [B, T]
+       (--tree-roots M: the G leaves of a tree per prompt, creditlib.rl.tree.sample_tree)
     2. verifiable rewards R_i (1 if the final answer is right)                # [B]
     3. credit stage, creditlib.modules.credit_pipeline(method):
          CriticFreeTD   A_i = (R_i - mean_G R) / (std_G R + 1e-4)             # [B, 1, 1]
@@ -35,6 +37,7 @@ Every option: ``--help``; the pipeline: docs/recipes.md.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -42,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 if __package__ in (None, ""):  # run as a script from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,7 +62,8 @@ from creditlib.losses import GRPOLambdaLoss
 from creditlib.modules import credit_pipeline
 from creditlib.rl import checkpoint as ckpt
 from creditlib.rl.build import build_policy, build_reference, build_rollout, max_new_tokens
-from creditlib.rl.config import CREDIT_OPTIONS, INHERIT, RecipeConfig, config_to_dict, parse_args, resolve_credit
+from creditlib.rl.config import (CREDIT_OPTIONS, INHERIT, RecipeConfig, config_to_dict, parse_args, resolve_credit,
+                                 tree_spec)
 from creditlib.rl.data import build_source
 from creditlib.rl.distributed import (DistInfo, all_reduce_dict_mean, barrier, finish, init_distributed,
                                       shard_model)
@@ -70,10 +74,12 @@ from creditlib.rl.metrics import MetricsLogger, make_reporter
 from creditlib.rl.model import NonFiniteError, completion_logprobs, count_parameters, resolve_device
 from creditlib.rl.policy import CompletionPolicy
 from creditlib.rl.rewards import SafeReward, reward_for_dataset
+from creditlib.rl.rollout import RolloutBatch
+from creditlib.rl.tree import TransformersBackend, TreeRollout, TreeSpec, sample_tree
 from creditlib.rl.train import evaluate, make_optimizer, optimizer_step, sft_warmup
 
 NAME = "GRPO"
-DEFAULTS: Dict[str, Any] = {"credit": "grpo"}  # everything else: RecipeConfig's defaults (output_dir: a new folder per run)
+DEFAULTS: Dict[str, Any] = {"credit": "grpo"}  # everything else: RecipeConfig's defaults; presets: recipes/configs/*.yaml
 
 RESPONSE, MASK, LOSS_MASK = ("tokens", "response"), ("masks", "response"), ("masks", "loss")  # tensordict keys
 
@@ -106,6 +112,8 @@ class Recipe:
     samples: MetricsLogger
     n_updates: int
     ref_model: Optional[torch.nn.Module] = None  # frozen reference of the KL term (--kl-coef > 0)
+    tree: Optional[TreeSpec] = None  # --tree-roots M > 0: the tree sampled for every prompt (else flat groups)
+    tree_backend: Optional[TransformersBackend] = None  # the tree sampler's transformers backend
     say: Callable[..., None] = print
 
 
@@ -170,6 +178,9 @@ def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, o
                      ref_log_probs=("ref_log_probs", "response"))
     scorer = CompletionPolicy(model, cfg.temperature, entropy=method.needs_entropy)
     optimizer = make_optimizer(model, cfg)
+    tree = tree_spec(cfg)  # None: flat groups (cfg.validate checked the shape against group_size)
+    tree_backend = None if tree is None else TransformersBackend(model, tokenizer, temperature=cfg.temperature,
+                                                                 synced=info.enabled)
 
     state: Dict[str, Any] = {}
     ref_model = None
@@ -200,13 +211,53 @@ def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, o
     over = {k: getattr(cfg, k) for k in CREDIT_OPTIONS if getattr(cfg, k) != INHERIT}  # the overridden values
     say(f"{name}: {count_parameters(model):,}-parameter {type(model).__name__} on {device} (x{info.world_size}), "
         f"dataset {cfg.dataset!r}, {len(heldout)} held-out prompts -> {out}\n"
-        f"credit {cfg.credit}{f' with {over}' if over else ''}: {method.summary()}")
+        f"credit {cfg.credit}{f' with {over}' if over else ''}: {method.summary()}\n"
+        f"rollout: {_rollout_summary(cfg, tree)}")
     if start.kind == "resume":
         say(f"resumed from {start.path} (RL step {state['step']}, data position {state['position']})")
     return Recipe(cfg=cfg, name=name, info=info, device=device, out=out, model=model, tokenizer=tokenizer,
                   source=source, reward=reward, method=method, credit=credit, scorer=scorer, loss_fn=loss_fn,
                   optimizer=optimizer, hf_rollout=hf_rollout, rollout=rollout, heldout=heldout, start=start,
-                  state=state, logger=logger, samples=samples, n_updates=n_updates, ref_model=ref_model, say=say)
+                  state=state, logger=logger, samples=samples, n_updates=n_updates, ref_model=ref_model,
+                  tree=tree, tree_backend=tree_backend, say=say)
+
+
+def _rollout_summary(cfg: RecipeConfig, tree: Optional[TreeSpec]) -> str:
+    if tree is None:
+        return f"{cfg.group_size} independent completions per prompt ({cfg.rollout})"
+    return (f"a tree of {tree.leaves} leaves per prompt: {tree.roots} root(s), {tree.depth} round(s) of {tree.forks} "
+            f"fork(s) x {tree.branches} branch(es) at {tree.select} positions (min gap {tree.min_gap}"
+            + (f", segment {tree.segment_len}" if tree.select == "segment" else "") + ")")
+
+
+# ==================================================================== one rollout
+#: per-step rollout counts summed over ranks (the rest of the rollout metrics are averaged)
+SUMMED = ("rows", "generated_tokens", "row_tokens", "fallback_relaxed_gap", "fallback_at_own_fork")
+
+
+def tree_seed(seed: int, step: int, rank: int) -> int:
+    """The tree sampler's seed of one RL step on one rank (a resumed run draws the same trees)."""
+    h = hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
+def sample_rollout(r: Recipe, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   step: int) -> Tuple[Union[RolloutBatch, TreeRollout], Dict[str, float]]:
+    """``K`` prompts ``[K, P]`` -> ``B = K x G`` rows (rows ``[k G, (k + 1) G)`` share prompt ``k``) and
+    the rollout's counts: ``rows``, ``generated_tokens`` (sampled by the engine; a token shared by
+    the leaves of a tree counts once), ``row_tokens`` (what the update trains on) and, for a tree,
+    its shape (``token_ratio``, ``fork_pos_mean``, ``fallback_*``: :meth:`TreeRollout.summary`)."""
+    G = r.cfg.group_size
+    if r.tree is None:
+        batch = r.rollout.rollout(prompt_ids, prompt_mask, G)  # completion ids / mask [B, T]
+        n = float(batch.completion_mask.sum())
+        return batch, {"rows": float(batch.batch_size), "generated_tokens": n, "row_tokens": n}
+    tree = sample_tree(r.tree_backend, prompt_ids, prompt_mask, r.tree, max_new_tokens=max_new_tokens(r.cfg, r.source),
+                       seed=tree_seed(r.cfg.seed, step, r.info.rank), group_size=G, tokenizer=r.tokenizer)
+    dev = r.device
+    tree = replace(tree, prompt_ids=tree.prompt_ids.to(dev), prompt_mask=tree.prompt_mask.to(dev),  # [B, P]
+                   completion_ids=tree.completion_ids.to(dev), completion_mask=tree.completion_mask.to(dev))  # [B, T]
+    return tree, {k: float(v) for k, v in tree.summary().items()}
 
 
 # ==================================================================== one RL step
@@ -261,12 +312,13 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
 
 
 # ==================================================================== train: warm-up -> RL -> evaluation
-def evaluate_and_log(r: Recipe, engine, step: int) -> Dict:
-    """Held-out greedy (and sampled) accuracy; a few completions to samples.jsonl."""
+def evaluate_and_log(r: Recipe, engine, step: int, generated_tokens: float = 0.0) -> Dict:
+    """Held-out greedy (and sampled) accuracy; a few completions to samples.jsonl. ``generated_tokens``:
+    the RL rollouts' tokens so far (accuracy against tokens as well as steps)."""
     cfg = r.cfg
     res = evaluate(engine, r.source, r.heldout, r.reward, r.info, r.device, samples=cfg.eval_samples,
                    log_samples=cfg.log_samples)
-    rec = {"phase": "eval", "step": step, "accuracy": res["accuracy"]}
+    rec = {"phase": "eval", "step": step, "accuracy": res["accuracy"], "generated_tokens": generated_tokens}
     rec.update({k: v for k, v in res.items() if k not in ("accuracy", "samples")})
     r.logger.log(rec)
     for s in res["samples"]:
@@ -295,7 +347,7 @@ def warm_up(r: Recipe) -> Dict:
                 r.rollout.sync_weights(ckpt.model_state_dict(r.model, info, every_rank=True))
     before = evaluate_and_log(r, r.hf_rollout, 0)
     state = {"step": 0, "position": sft["position"], "acc_init": acc_init, "acc_before": before["accuracy"],
-             "sampled_before": before.get("sampled_accuracy"), "sft_steps": sft["sft_steps"],
+             "sampled_before": before.get("sampled_accuracy"), "sft_steps": sft["sft_steps"], "generated_tokens": 0.0,
              "sft_seconds": time.time() - t0, "rl_seconds": 0.0,
              "init_from": str(r.start.path) if r.start.kind == "init" else None}
     if cfg.kl_coef > 0:  # the reference policy = the RL starting point, kept for --resume
@@ -315,6 +367,7 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
 
     cfg, info, out, G = r.cfg, r.info, r.out, r.cfg.group_size
     step, position, last_saved = state["step"], state["position"], state["step"]
+    tokens = float(state.get("generated_tokens", 0.0))  # RL rollout tokens so far, all ranks
     acc = {"accuracy": state.get("acc_last", state["acc_before"]),
            "sampled_accuracy": state.get("sampled_last", state.get("sampled_before"))}
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{r.name} ({cfg.credit})",
@@ -323,7 +376,7 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
 
     def save(step):
         state.update(step=step, position=position, acc_last=acc["accuracy"], sampled_last=acc.get("sampled_accuracy"),
-                     rl_seconds=time.time() - t_rl)
+                     rl_seconds=time.time() - t_rl, generated_tokens=tokens)
         ckpt.save_checkpoint(out, step, r.model, r.optimizer, state, info, keep=cfg.keep_checkpoints)
 
     exit_code = 0
@@ -332,11 +385,11 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
             while step < cfg.max_steps and not stop.any_rank(info):
                 step += 1
                 t0 = time.time()
-                # 1. sample K prompts, G completions each from the current policy
+                # 1. sample K prompts, G completions each (flat, or the leaves of a tree) from the current policy
                 prompts, position = r.source.next_batch(position, cfg.prompts_per_step)  # global batch
                 mine = prompts[info.rank::info.world_size]  # this rank's K prompts
                 prompt_ids, prompt_mask = r.source.encode(mine, r.device)  # [K, P]
-                batch = r.rollout.rollout(prompt_ids, prompt_mask, G)  # B = K*G: completion ids/mask [B, T]
+                batch, shape = sample_rollout(r, prompt_ids, prompt_mask, step)  # B = K*G: completion ids/mask [B, T]
                 # 2. verifiable rewards
                 rewards, rstats = r.reward(batch.texts, [e.answer for e in mine for _ in range(G)])  # [B]
                 # 3-4. credit stage + PPO update
@@ -348,12 +401,15 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
                     r.rollout.sync_weights(ckpt.model_state_dict(r.model, info, every_rank=True))
                 # 5. log, evaluate, checkpoint
                 m.update(reward=float(rewards.mean()), completion_len=float(batch.completion_mask.sum(-1).float().mean()),
-                         **rstats)
+                         **rstats, **shape)
                 m = all_reduce_dict_mean(m, info)
+                m.update({k: m[k] * info.world_size for k in SUMMED if k in m})  # counts: all ranks together
+                tokens += m["generated_tokens"]
+                m["generated_tokens_total"] = tokens
                 m.update(phase="rl", step=step, position=position, lr=lr, step_seconds=time.time() - t0)
                 r.logger.log(m)
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    acc = evaluate_and_log(r, r.rollout, step)
+                    acc = evaluate_and_log(r, r.rollout, step, tokens)
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward']:.2f}", heldout_acc=f"{acc['accuracy']:.2f}", loss=f"{m['loss']:.3f}")
                 stopping = stop.any_rank(info)  # every rank agrees (torchrun delivers signals at different times)
@@ -371,7 +427,7 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
         sig = int(stop.signal or signal.SIGTERM)  # a rank that got none stops with its peers
         r.say(f"{r.name}: stopped by signal {sig} after RL step {step}; checkpoint saved, resume with --resume")
         exit_code = 128 + sig
-    return {"step": step, "acc": acc, "t_rl": t_rl, "exit_code": exit_code}
+    return {"step": step, "acc": acc, "t_rl": t_rl, "exit_code": exit_code, "generated_tokens": tokens}
 
 
 def finish_run(r: Recipe, state: Dict, end: Dict, t_start: float) -> Dict:
@@ -385,10 +441,13 @@ def finish_run(r: Recipe, state: Dict, end: Dict, t_start: float) -> Dict:
     full_sd = ckpt.model_state_dict(r.model, info)
     summary = {"accuracy_initial": state.get("acc_init"), "accuracy_before": state["acc_before"],
                "accuracy_after": acc["accuracy"], "sampled_accuracy_after": acc.get("sampled_accuracy"),
-               "steps": step, "credit": cfg.credit, "output_dir": str(out), "wall_seconds": time.time() - t_start}
+               "steps": step, "credit": cfg.credit, "output_dir": str(out), "wall_seconds": time.time() - t_start,
+               "generated_tokens": end["generated_tokens"], "tree": None if r.tree is None else r.tree.leaves}
     if info.main:
+        rows = [("credit method", r.method.summary()), ("rollout", _rollout_summary(cfg, r.tree)),
+                ("generated tokens (RL rollouts)", f"{end['generated_tokens']:,.0f}")]
         table, png = write_summary(r.name, cfg, out, r.model, r.tokenizer, full_sd, state, acc, step, r.reward,
-                                   t_start, end["t_rl"], len(r.heldout), [("credit method", r.method.summary())])
+                                   t_start, end["t_rl"], len(r.heldout), rows)
         print("\n" + table)
         summary["plot"] = str(png) if png else None
     r.logger.close()
@@ -404,14 +463,14 @@ def train(r: Recipe) -> Dict:
     return finish_run(r, state, end, t_start)
 
 
-def main(argv=None, defaults: Optional[dict] = None, name: str = NAME, prog: Optional[str] = None,
-         description: Optional[str] = None) -> dict:
-    """Run the recipe; returns a summary dict (accuracies, paths). Exits non-zero on a NaN stop or a signal."""
-    cfg = parse_args(argv, defaults=dict(DEFAULTS, **(defaults or {})), prog=prog, description=description or __doc__)
+def main(argv=None) -> dict:
+    """Run the recipe on a command line (``sys.argv[1:]`` when ``None``; ``--config FILE.yaml`` for a
+    preset); returns a summary dict (accuracies, paths). Exits non-zero on a NaN stop or a signal."""
+    cfg = parse_args(argv, defaults=DEFAULTS, description=__doc__)
     try:
-        r = setup(cfg, name)
+        r = setup(cfg)
     except (ckpt.CheckpointError, ValueError) as e:  # a damaged run to resume, a bad --init-from: say it, write nothing
-        print(f"{prog or Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     return train(r)
 

@@ -1,27 +1,21 @@
 #!/usr/bin/env python
-"""Old name of ``recipes/grpo_lambda.py`` (GRPO-lambda; the recipe runs any causal LM, Qwen or LLaMA).
+"""Deprecated old name (removed in creditlib 0.4): use ``recipes/grpo_lambda.py``.
 
-    python recipes/grpo_lambda_qwen.py ...   ==   python recipes/grpo.py --credit grpo-lambda ...
+    python recipes/grpo_lambda_qwen.py ARGS   ==   python recipes/grpo.py --config recipes/configs/grpo_lambda.yaml ARGS
 
-Kept so that existing commands keep working; new commands use ``recipes/grpo_lambda.py`` or
-``recipes/grpo.py --credit NAME``.
+GRPO-lambda (credit ``grpo-lambda``); the recipe runs any causal LM, the ``_qwen`` name only
+described the embedded model.
 """
 
-from __future__ import annotations
-
+import runpy
+import sys
 from pathlib import Path
 
-from creditlib.rl.loop import load_recipe  # needs creditlib installed (make install / pip install -e .)
-
-recipe = load_recipe(Path(__file__).resolve().with_name("grpo.py"))  # the pipeline, loaded from its file
-NAME = "GRPO-lambda"
-DEFAULTS = {"credit": "grpo-lambda"}
-
-
-def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_lambda_qwen.py", description=None) -> dict:
-    return recipe.main(argv, defaults=dict(DEFAULTS, **(defaults or {})), name=name, prog=prog,
-                       description=description or (__doc__ + "\n" + recipe.__doc__))
-
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "configs" / "grpo_lambda.yaml"
 
 if __name__ == "__main__":
-    main()
+    print(f"FutureWarning: recipes/grpo_lambda_qwen.py is deprecated and will be removed in creditlib 0.4: run recipes/grpo_lambda.py (= recipes/grpo.py --config recipes/configs/grpo_lambda.yaml)",
+          file=sys.stderr)
+    sys.argv[1:1] = ["--config", str(CONFIG)]
+    runpy.run_path(str(HERE / "grpo.py"), run_name="__main__")

@@ -1,28 +1,21 @@
 #!/usr/bin/env python
-"""GRPO baseline under its old name: ``recipes/grpo.py`` (credit ``grpo``; runs any causal LM, Qwen or LLaMA).
+"""Deprecated old name (removed in creditlib 0.4): use ``recipes/grpo.py --config recipes/configs/grpo.yaml``.
 
-    python recipes/grpo_qwen.py ...   ==   python recipes/grpo.py ...
+    python recipes/grpo_qwen.py ARGS   ==   python recipes/grpo.py --config recipes/configs/grpo.yaml ARGS
 
-The GRPO baseline is the same pipeline as GRPO-lambda with the credit method ``grpo``: no trace
-(the per-token PPO ratio) and no clamp, through the same ``GRPOLambdaLoss`` code path. Kept so that
-existing commands keep working; new commands use ``recipes/grpo.py``.
+The GRPO baseline (credit ``grpo``); the recipe runs any causal LM, the ``_qwen`` name only
+described the embedded model.
 """
 
-from __future__ import annotations
-
+import runpy
+import sys
 from pathlib import Path
 
-from creditlib.rl.loop import load_recipe  # needs creditlib installed (make install / pip install -e .)
-
-recipe = load_recipe(Path(__file__).resolve().with_name("grpo.py"))  # the pipeline, loaded from its file
-NAME = "GRPO"
-DEFAULTS = {"credit": "grpo"}
-
-
-def main(argv=None, defaults=None, name: str = NAME, prog: str = "grpo_qwen.py", description=None) -> dict:
-    return recipe.main(argv, defaults=dict(DEFAULTS, **(defaults or {})), name=name, prog=prog,
-                       description=description or (__doc__ + "\n" + recipe.__doc__))
-
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "configs" / "grpo.yaml"
 
 if __name__ == "__main__":
-    main()
+    print(f"FutureWarning: recipes/grpo_qwen.py is deprecated and will be removed in creditlib 0.4: run recipes/grpo.py --config recipes/configs/grpo.yaml (the same run)",
+          file=sys.stderr)
+    sys.argv[1:1] = ["--config", str(CONFIG)]
+    runpy.run_path(str(HERE / "grpo.py"), run_name="__main__")

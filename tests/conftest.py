@@ -55,9 +55,9 @@ def available_backends():
     """Trace backends that run on this machine's CPU: always "torch"; "cpp" when it can build."""
     out = ["torch"]
     try:
-        from creditlib._kernels import cpu
+        from creditlib.ops.trace import build
 
-        if cpu.can_build():
+        if build.can_build():
             out.append("cpp")
     except Exception:  # pragma: no cover - a broken toolchain is reported by test_kernel_cpu
         pass

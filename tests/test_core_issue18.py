@@ -12,7 +12,7 @@ import torch
 
 import creditlib.functional as F
 from creditlib import DecayStyle
-from creditlib._prefix_reference import prefix_td_naive
+from creditlib.ops.prefix.naive import prefix_td_naive
 from creditlib.credit import (Advantage, CreditMethod, _REGISTRY, get_credit, list_credits, normalize_name,
                               register_credit)
 from creditlib.losses import clipped_surrogate, grpo_lambda_loss

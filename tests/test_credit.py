@@ -14,7 +14,7 @@ from creditlib import functional as F
 from creditlib.credit import CreditMethod, get_credit, list_credits, register_credit
 
 BUILTINS = ["grpo", "clamp", "grpo-lambda", "grpo-lambda-norm", "gspo", "prefix-gae", "prefix-gae-clamp",
-            "prefix-gae-lambda", "entropy-80-20"]
+            "prefix-gae-lambda", "entropy-80-20", "treerl"]
 
 
 # ============================================================================ plain definitions
@@ -60,7 +60,7 @@ def _lcp(a, b):
 
 
 def ref_prefix_td(tokens, mask, r, group_size=None, group_ids=None, scale="std", eps=1e-4):
-    """DESIGN.md "Credit primitives" 3, written out: V_i(k) from the other members that share the prefix."""
+    """docs/design.md section 4 (leave-one-out prefix-tree TD), written out: V_i(k) from the other members that share the prefix."""
     B, T = tokens.shape
     out = torch.zeros(B, T, dtype=torch.float64)  # [B, T]
     r = [float(v) for v in r]
@@ -341,3 +341,16 @@ def test_loss_mask():
         get_credit("entropy-80-20").loss_mask(mask)
     with pytest.raises(ValueError, match="mask must be a bool"):
         get_credit("grpo").loss_mask(mask.float())
+
+
+def test_treerl_registered_method_equals_its_function():
+    """The registered `treerl` method is the plain TreeRL rule (creditlib.tree_credit), clamp-free."""
+    from creditlib.tree_credit import treerl_advantage
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 3, (8, 7), generator=g)            # [B, T]
+    mask = torch.arange(7) < torch.randint(2, 8, (8, 1), generator=g)  # [B, T]
+    rewards = torch.randint(0, 2, (8,), generator=g).double()      # [B]
+    m = get_credit("treerl")
+    adv = m.advantages(rewards, mask, tokens=tokens, group_size=4)  # [B, T]
+    ref = treerl_advantage(tokens, mask, rewards, 4)
+    assert torch.equal(adv, ref) and adv.abs().sum() > 0

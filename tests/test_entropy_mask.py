@@ -7,8 +7,7 @@ import torch
 
 from creditlib import DecayStyle
 from creditlib import functional as F
-from creditlib._prefix import _quantile_kth
-from creditlib._prefix_reference import entropy_mask_naive
+from creditlib.ops.entropy import _quantile_kth, entropy_mask_naive
 
 
 def _inputs(seed, shape, kind="multi", dtype=torch.float32, ties=False):

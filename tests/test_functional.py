@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from creditlib import DecayStyle
 from creditlib import functional as F
-from creditlib._reference import eligibility_trace_naive
+from creditlib.ops.trace.naive import eligibility_trace_naive
 
 from .conftest import available_backends
 
@@ -24,7 +24,7 @@ STYLES = [("recent", 0.0), ("recent", 0.05), ("recent", 0.3), ("both", 0.0), ("b
 
 
 def literal_weight(t: int, j: int, style: DecayStyle) -> float:
-    """w(t, j) exactly as DESIGN.md writes it, in plain Python."""
+    """w(t, j) exactly as docs/design.md section 2 writes it, in plain Python."""
     if j > t:
         return 0.0
     d = style.decay

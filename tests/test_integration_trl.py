@@ -283,7 +283,7 @@ def test_trainer_refuses_liger_grpo_loss(env):
 
 # ============================================================================= every credit method (CreditConfig)
 from creditlib import functional as CF  # noqa: E402
-from creditlib._prefix_reference import prefix_td_naive  # noqa: E402
+from creditlib.ops.prefix.naive import prefix_td_naive  # noqa: E402
 from creditlib.credit import CreditMethod, get_credit, register_credit  # noqa: E402
 from creditlib.integrations.trl import CreditConfig, CreditMixin, CreditTrainer  # noqa: E402
 
@@ -523,7 +523,7 @@ from datasets import Dataset
 from test_integration_trl import answer_reward
 from transformers import AutoTokenizer
 from creditlib import DecayStyle, functional as F
-from creditlib._prefix_reference import prefix_td_naive
+from creditlib.ops.prefix.naive import prefix_td_naive
 from creditlib.integrations.trl import CreditConfig, CreditTrainer
 
 model_dir, out_dir = sys.argv[1], sys.argv[2]
@@ -575,7 +575,7 @@ def test_wrong_mixin_order_is_refused_at_class_definition(mixin):
     import creditlib.integrations.trl as ctrl
 
     Mixin = getattr(ctrl, mixin)
-    with pytest.raises(TypeError, match=rf"{mixin} .*must come before GRPOTrainer.*class T\(CreditMixin, GRPOTrainer\)"):
+    with pytest.raises(TypeError, match=rf"{mixin} must come before GRPOTrainer.*class T\({mixin}, GRPOTrainer\)"):
         type("T", (GRPOTrainer, Mixin), {})
 
     class MyGRPO(GRPOTrainer):  # a user's own GRPOTrainer subclass, mixin last: refused too

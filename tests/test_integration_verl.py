@@ -313,7 +313,7 @@ def test_verl_actor_ppo_loss_call_site(monkeypatch):
 
 # ============================================================================= every credit method
 from creditlib import functional as CF  # noqa: E402
-from creditlib._prefix_reference import prefix_td_naive  # noqa: E402
+from creditlib.ops.prefix.naive import prefix_td_naive  # noqa: E402
 from creditlib.credit import get_credit  # noqa: E402
 
 _CREDIT_VARS = ("CREDITLIB_CREDIT", "CREDITLIB_TRACE_STYLE", "CREDITLIB_TRACE_GAMMA", "CREDITLIB_TRACE_LAM",
@@ -392,7 +392,7 @@ def test_credit_estimator_prefix_gae_equals_the_trie_walk(clean_env, name):
     m = get_credit(name)
     gid = torch.tensor([0 if u == "a" else 1 for u in index])
     delta = prefix_td_naive(responses, mask.bool(), scores.double(), group_ids=gid)  # [bs, T]
-    expected = CF.traced_credit(delta, mask.bool(), DecayStyle("recent", m.gamma, m.lam))
+    expected = CF.traced_credit(delta, mask.bool(), DecayStyle("recent", m.gae_gamma, m.gae_lam))
     if m.clamp_min is not None:
         expected = expected.clamp(min=m.clamp_min)
     torch.testing.assert_close(adv, expected.float(), rtol=1e-5, atol=1e-6)

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from creditlib._kernels import cpu
+from creditlib.ops.trace import build
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "creditlib" / "_kernels" / "csrc" / "trace_cpu.cpp"
+SRC = ROOT / "creditlib" / "ops" / "trace" / "csrc" / "trace_cpu.cpp"
 
-needs_build = pytest.mark.skipif(not cpu.can_build(), reason="no C++ compiler / ninja / torch headers here")
+needs_build = pytest.mark.skipif(not build.can_build(), reason="no C++ compiler / ninja / torch headers here")
 
 
 def _env(**extra) -> dict:
@@ -86,7 +86,7 @@ def _guard_value(march_flags) -> str:
     return lines[0].split()[-1]
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or not cpu._is_x86(),
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or not build._is_x86(),
                     reason="needs an x86 C++ compiler")
 def test_avx512_guard_needs_f_bw_vl_not_vbmi():
     # Skylake-SP and Cascade Lake have AVX-512 F/BW/VL but no VBMI: they must get the AVX-512 paths.
@@ -101,14 +101,14 @@ def test_avx512_guard_needs_f_bw_vl_not_vbmi():
 
 def test_isa_flags(monkeypatch):
     monkeypatch.setenv("CREDITLIB_CPU_ISA", "scalar")
-    assert "-DCREDITLIB_NO_AVX512" in cpu.cflags()
+    assert "-DCREDITLIB_NO_AVX512" in build.cflags()
     monkeypatch.setenv("CREDITLIB_CPU_ISA", "skylake-avx512")
-    assert "-march=skylake-avx512" in cpu.cflags() and "-march=native" not in cpu.cflags()
+    assert "-march=skylake-avx512" in build.cflags() and "-march=native" not in build.cflags()
     monkeypatch.delenv("CREDITLIB_CPU_ISA")
-    assert "-march=native" in cpu.cflags()
+    assert "-march=native" in build.cflags()
     monkeypatch.setenv("CREDITLIB_CPU_ISA", "native; rm -rf /")
     with pytest.raises(ValueError, match="CREDITLIB_CPU_ISA"):
-        cpu.cflags()
+        build.cflags()
 
 
 # ---------------------------------------------------------------------------- broken compiler
@@ -162,10 +162,10 @@ def test_small_inputs_never_build_and_log_the_choice_once(tmp_path):
         import torch
         import creditlib.functional as F
         from creditlib import DecayStyle
-        from creditlib._kernels import cpu
+        from creditlib.ops.trace import build
         for _ in range(3):
             F.eligibility_trace(torch.randn(2, 16), None, DecayStyle("recent", lam=0.9))
-        assert not cpu.ready()
+        assert not build.ready()
         print("ok")
     """
     r = _python(code, 120, CREDITLIB_CACHE_DIR=str(tmp_path))
@@ -179,12 +179,12 @@ def test_small_inputs_never_build_and_log_the_choice_once(tmp_path):
 @needs_build
 def test_killed_build_leaves_no_hang(tmp_path):
     # Reuse the native build's objects (shared with test_kernel_cpu): the recovery then only links.
-    cpu.load()
-    src = cpu.build_dir()
+    build.load()
+    src = build.build_dir()
     cache = tmp_path / "cache"
     bdir = cache / "trace_cpu" / src.name
     shutil.copytree(src, bdir)  # keeps mtimes: ninja sees the object up to date
-    for p in (bdir / cpu.MARKER_NAME, bdir / cpu._library_path().name, bdir / cpu.LOCK_NAME, bdir / "lock"):
+    for p in (bdir / build.MARKER_NAME, bdir / build._library_path().name, bdir / build.LOCK_NAME, bdir / "lock"):
         p.unlink(missing_ok=True)
 
     # A build that is killed while its compiler runs: a compiler wrapper that says when it started,
@@ -195,7 +195,7 @@ def test_killed_build_leaves_no_hang(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "--version" ] && exec {real} "$@"; done\n'
                        f'touch {started}\nsleep 120\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
-    proc = subprocess.Popen([sys.executable, "-c", "from creditlib._kernels import cpu; cpu.load()"],
+    proc = subprocess.Popen([sys.executable, "-c", "from creditlib.ops.trace import build; build.load()"],
                             env=_env(CXX=str(wrapper), CREDITLIB_CACHE_DIR=str(cache)), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -208,7 +208,7 @@ def test_killed_build_leaves_no_hang(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group, compiler included (what Ctrl-C reaches)
         proc.communicate()
     assert (bdir / "lock").exists(), "the killed build should have left torch's lock file behind"
-    assert not (bdir / cpu.MARKER_NAME).exists()
+    assert not (bdir / build.MARKER_NAME).exists()
 
     # Two processes start at once after the crash: both must finish (no hang on the stale lock), only
     # one builds, and both run the kernel correctly.
@@ -230,7 +230,7 @@ def test_killed_build_leaves_no_hang(tmp_path):
     errs = "".join(err for _, err in outs)
     assert errs.count("building the C++ trace kernel (once") == 1, errs[-3000:]
     assert "left by an interrupted build" in errs, errs[-3000:]
-    assert not (bdir / "lock").exists() and (bdir / cpu.MARKER_NAME).exists()
+    assert not (bdir / "lock").exists() and (bdir / build.MARKER_NAME).exists()
 
     # The ahead-of-time command finds it (and never compiles with --check).
     r = subprocess.run([sys.executable, "-m", "creditlib.build_kernels", "--check"], env=env, cwd=ROOT,

@@ -15,12 +15,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import creditlib.functional as F
-from creditlib import _kernels
-from creditlib._kernels import Schedule, cpu
-from creditlib._reference import eligibility_trace_naive
+from creditlib.ops import trace as trace_ops
+from creditlib.ops.trace import Schedule, build, cpu
+from creditlib.ops.trace.naive import eligibility_trace_naive
 from creditlib.style import DecayStyle
 
-pytestmark = pytest.mark.skipif(not (cpu.ready() or cpu.can_build()),
+pytestmark = pytest.mark.skipif(not (build.ready() or build.can_build()),
                                 reason="no C++ compiler / ninja / torch headers (or CREDITLIB_NO_BUILD set)")
 
 DS = (0.0, 0.5, 0.9, 0.99, 1.0)
@@ -34,8 +34,8 @@ def _sched(d: float, eps: float, both: bool, normalize: bool = False) -> Schedul
 
 @pytest.fixture(scope="module", autouse=True)
 def _built():
-    cpu.load()
-    assert cpu.ready()
+    build.load()
+    assert build.ready()
 
 
 def _masks(R: int, T: int, g: torch.Generator) -> dict:
@@ -57,7 +57,7 @@ def _masks(R: int, T: int, g: torch.Generator) -> dict:
 def _check(x: torch.Tensor, mask, both: bool, eps: float, d: float, transpose: bool) -> None:
     """Kernel in float64 (tolerance 1e-12) and float32 (1e-5), relative to the output's scale."""
     mu = None if mask is None else mask.view(torch.uint8)
-    ref = _kernels.reference_scan(x, mu, None, _sched(d, eps, both), transpose)  # [R, T] float64
+    ref = trace_ops.reference_scan(x, mu, None, _sched(d, eps, both), transpose)  # [R, T] float64
     scale = max(1.0, ref.abs().max().item())
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         z = cpu.trace_scan(x.to(dtype), mu, None, _sched(d, eps, both), transpose)
@@ -139,7 +139,7 @@ def test_varlen_with_empty_segments(both, eps, dtype, tol):
     for d in (0.0, 0.9, 1.0):
         for transpose in (False, True):
             z = cpu.trace_scan(x, None, cu, _sched(d, eps, both), transpose)
-            ref = _kernels.reference_scan(x.double(), None, cu, _sched(d, eps, both), transpose)  # [N]
+            ref = trace_ops.reference_scan(x.double(), None, cu, _sched(d, eps, both), transpose)  # [N]
             assert z.shape == x.shape and z.dtype == dtype
             assert (z.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
     # all segments empty
@@ -152,7 +152,7 @@ def test_varlen_equals_padded():
     lens = torch.randint(0, 50, (19,), generator=g)  # [S]
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])  # [S+1]
     x = torch.randn(int(cu[-1]), generator=g)  # [N]
-    xp, mask, _ = _kernels.varlen_to_padded(x, cu)  # [S, Tmax]
+    xp, mask, _ = trace_ops.varlen_to_padded(x, cu)  # [S, Tmax]
     for both, eps in STYLES:
         for transpose in (False, True):
             zv = cpu.trace_scan(x, None, cu, _sched(0.95, eps, both), transpose)  # [N]
@@ -176,7 +176,7 @@ def test_half_types_accumulate_in_float32(dtype):
                 assert z.dtype == dtype
                 z32 = cpu.trace_scan(x.float(), mu, None, _sched(0.99, eps, both), transpose)
                 assert torch.equal(z, z32.to(dtype))
-                ref = _kernels.reference_scan(x.double(), mu, None, _sched(0.99, eps, both), transpose)
+                ref = trace_ops.reference_scan(x.double(), mu, None, _sched(0.99, eps, both), transpose)
                 assert (z32.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
             zv = cpu.trace_scan(xv, None, cu, _sched(0.99, eps, both), transpose)
             assert torch.equal(zv, cpu.trace_scan(xv.float(), None, cu, _sched(0.99, eps, both), transpose).to(dtype))
@@ -243,7 +243,7 @@ def test_public_api_gradcheck(style):
 
 def test_dispatcher_auto_uses_the_cached_build():
     x = torch.randn(4, 8)  # [4, 8]
-    assert _kernels.choose_backend(x) == "cpp"  # ready(): the cached build loads without compiling
+    assert trace_ops.choose_backend(x) == "cpp"  # ready(): the cached build loads without compiling
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
@@ -256,9 +256,9 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
 def test_cache_loads_in_a_new_process_without_building(tmp_path):
     # CREDITLIB_NO_BUILD forbids compiling: ready() must still find and load the cached build.
     code = """
-        from creditlib._kernels import Schedule, cpu
-        assert not cpu.can_build()
-        assert cpu.ready(), cpu.build_dir()
+        from creditlib.ops.trace import Schedule, build, cpu
+        assert not build.can_build()
+        assert build.ready(), build.build_dir()
         import torch
         z = cpu.trace_scan(torch.ones(1, 3), None, None, Schedule.make("recent", 0.5, 0.0, False), False)
         assert z.tolist() == [[1.0, 1.5, 1.75]], z
@@ -271,9 +271,9 @@ def test_cache_loads_in_a_new_process_without_building(tmp_path):
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     # an empty cache and no build allowed: a clear error that names the way out
     code = """
-        from creditlib._kernels import Schedule, cpu
+        from creditlib.ops.trace import Schedule, build, cpu
         import torch
-        assert not cpu.ready()
+        assert not build.ready()
         try:
             cpu.trace_scan(torch.ones(1, 3), None, None, Schedule.make("recent", 0.5, 0.0, False), False)
         except RuntimeError as e:

@@ -1,6 +1,6 @@
 """-inf / +inf / NaN at valid tokens: one defined pattern on every backend.
 
-The rule (``creditlib._kernels``): a non-finite valid input reaches exactly the outputs whose weight
+The rule (``creditlib.ops.trace``): a non-finite valid input reaches exactly the outputs whose weight
 includes it (``trace_support``: ``w(t, j) > 0`` as a real number, also where it underflows). An
 output reached only by ``-inf`` inputs is ``-inf``, only by ``+inf`` inputs ``+inf``, by a NaN or
 by both signs NaN; every other valid output is the finite trace of the finite inputs; masked
@@ -22,8 +22,8 @@ import torch
 
 from creditlib import DecayStyle
 from creditlib import functional as F
-from creditlib._kernels import Schedule, trace_scan
-from creditlib._reference import trace_support
+from creditlib.ops.trace import Schedule, trace_scan
+from creditlib.ops.trace.naive import trace_support
 
 from .conftest import available_backends
 
@@ -203,7 +203,7 @@ def test_public_api_value_and_finite_gradient(backend):
 def test_cpp_flags_only_rows_with_nonfinite_inputs(backend):
     """The C++ kernel reports a non-finite carry only when one happened (the fast path's check),
     including NaN/inf that sits only in the padding (never read: no flag)."""
-    from creditlib._kernels import cpu
+    from creditlib.ops.trace import cpu
 
     mod = cpu.load()
     sched = Schedule.of(DecayStyle("recent", lam=0.999))
@@ -227,7 +227,7 @@ import itertools, json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import tests.test_kernel_nonfinite as t
 from creditlib import DecayStyle
-from creditlib._kernels import Schedule, triton_trace
+from creditlib.ops.trace import Schedule, triton_kernel
 gen = torch.Generator().manual_seed(4)
 R, T = 6, 33
 x = torch.randn(R, T, generator=gen, dtype=torch.float64)
@@ -238,7 +238,7 @@ for style, (mk, mask), tr in itertools.product(styles, t._masks(R, T, gen).items
     xp = t._poison(x, mask, gen).float()
     m = None if mask is None else mask.view(torch.uint8)
     try:
-        z = triton_trace.trace_scan(xp, m, None, Schedule.of(style), tr, block=8, rows=2)
+        z = triton_kernel.trace_scan(xp, m, None, Schedule.of(style), tr, block=8, rows=2)
         t._check(z, xp, mask, style, tr, 2e-5)
     except AssertionError as e:
         fails.append(f"{style} {mk} transpose={tr}: {e}")
@@ -246,7 +246,7 @@ cu = torch.tensor([0, 5, 20, 21, 40])
 xv = torch.randn(40, dtype=torch.float64)
 xv[7], xv[20], xv[25], xv[30] = -INF, INF, -INF, INF
 for tr in (False, True):
-    z = triton_trace.trace_scan(xv.float(), None, cu, Schedule.of(styles[0]), tr, block=8)
+    z = triton_kernel.trace_scan(xv.float(), None, cu, Schedule.of(styles[0]), tr, block=8)
     for s in range(4):
         try:
             t._check(z[cu[s]:cu[s + 1]][None], xv[cu[s]:cu[s + 1]][None], None, styles[0], tr, 2e-5)

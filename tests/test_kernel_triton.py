@@ -163,10 +163,10 @@ def _run_case(c):
     """Returns a dict with ``ok`` and the measured error."""
     import torch
     from creditlib import functional as F
-    from creditlib._kernels import Schedule, reference_scan, triton_trace
+    from creditlib.ops.trace import Schedule, reference_scan, triton_kernel
     from creditlib.style import DecayStyle
 
-    assert triton_trace.available(), "the interpreter should make the triton backend available"
+    assert triton_kernel.available(), "the interpreter should make the triton backend available"
     gen = torch.Generator().manual_seed(zlib.crc32(c["name"].encode()))
     d, eps, tr, block, rows, split = c["d"], c["eps"], c["transpose"], c["block"], c["rows"], c["split"]
     style = DecayStyle(c["style"], gamma=1.0, lam=d, eps=eps, normalize=c["norm"])
@@ -198,21 +198,21 @@ def _run_case(c):
         else:
             x = _poison(x, mask)
             mu = mask.view(torch.uint8)
-        z = triton_trace.trace_scan(x, mu, None, sched, tr, block=block, rows=rows, split=split)
+        z = triton_kernel.trace_scan(x, mu, None, sched, tr, block=block, rows=rows, split=split)
         ref = reference_scan(x.double(), mu, None, sched, tr)
         tol = {"float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-3}.get(kind, 1e-11)
         ok = close(z, ref.to(dtype) if dtype != torch.float64 else ref, tol) and res["dtype_ok"]
         ok = ok and z.dtype == x.dtype and bool((z[~mask] == 0).all())
         if kind == "t1":  # T = 1 without a mask too
             xv = x[mask].reshape(-1, 1)  # [2, 1]
-            ok = ok and close(triton_trace.trace_scan(xv, None, None, sched, tr), xv, 1e-15)
+            ok = ok and close(triton_kernel.trace_scan(xv, None, None, sched, tr), xv, 1e-15)
         return dict(res, ok=ok)
 
     if kind == "varlen":
         lens = [5, 0, 1, 37, 20, 0]
         cu = torch.tensor([0] + lens).cumsum(0)  # [S+1] int64
         x = torch.randn(int(cu[-1]), generator=gen, dtype=torch.float64)  # [N]
-        z = triton_trace.trace_scan(x, None, cu, sched, tr, block=block, rows=rows)
+        z = triton_kernel.trace_scan(x, None, cu, sched, tr, block=block, rows=rows)
         ref = reference_scan(x, None, cu, sched, tr)
         return dict(res, ok=close(z, ref, 1e-11) and z.shape == x.shape)
 
@@ -222,7 +222,7 @@ def _run_case(c):
         # this kernel's float64 path (held to the dense reference by the small cases). The C++
         # kernel's float32 path measured 8e-7 - 1.8e-5 on such inputs (``err_cpp``, when its build
         # is cached).
-        from creditlib._kernels import cpu, trace_scan
+        from creditlib.ops.trace import build, trace_scan
         T = 1 << 18
         mask = torch.rand(2, T, generator=gen) < 0.9  # [2, T]
         mask[0] = True
@@ -231,9 +231,9 @@ def _run_case(c):
         if c["style"] == "recent":
             ref = _recent_recurrence(x, mask, d, tr, c["norm"])  # [2, T] float64
         else:
-            ref = triton_trace.trace_scan(x, mu, None, sched, tr)  # [2, T] float64
-        z = triton_trace.trace_scan(x.float(), mu, None, sched, tr, block=block, split=split)  # [2, T] float32
-        if cpu.ready():
+            ref = triton_kernel.trace_scan(x, mu, None, sched, tr)  # [2, T] float64
+        z = triton_kernel.trace_scan(x.float(), mu, None, sched, tr, block=block, split=split)  # [2, T] float32
+        if build.ready():
             zc = trace_scan(x.float(), mu, None, sched, tr, backend="cpp")
             res["err_cpp"] = float((zc.double() - ref).abs().max() / ref.abs().max())
         err = float((z.double() - ref).abs().max() / ref.abs().max())  # relative to the largest output
@@ -244,7 +244,7 @@ def _run_case(c):
         mask = torch.rand(3, 2048, generator=gen) < 0.8  # [3, 2048]
         x = torch.randn(mask.shape, generator=gen, dtype=torch.float64) * 2.0 ** 90  # [3, 2048]
         mu = mask.view(torch.uint8)
-        z = triton_trace.trace_scan(x.float(), mu, None, sched, tr)  # float32, chunk C at its cap
+        z = triton_kernel.trace_scan(x.float(), mu, None, sched, tr)  # float32, chunk C at its cap
         ref = reference_scan(x.float().double(), mu, None, sched, tr)
         err = float((z.double() - ref).abs().max() / ref.abs().max())
         return dict(res, err=err, ok=bool(torch.isfinite(z).all()) and err <= 1e-6)
@@ -268,13 +268,13 @@ def _run_case(c):
         cu = torch.tensor([0] + lens).cumsum(0)  # [S+1]
         x = torch.randn(int(cu[-1]), generator=gen, dtype=torch.float64)  # [N]
         zv = F.eligibility_trace_varlen(x, cu, style, backend="triton")
-        from creditlib._kernels import varlen_to_padded
+        from creditlib.ops.trace import varlen_to_padded
         xp, mp, _ = varlen_to_padded(x, cu)  # [S, Tmax]
         zp = F.eligibility_trace(xp, mp, style, backend="triton")  # [S, Tmax]
         return dict(res, ok=close(zv, zp[mp], 1e-12))
 
     if kind == "nanvalid":  # through the dispatcher (it owns the d = 0 closed forms), like the public API
-        from creditlib._kernels import trace_scan
+        from creditlib.ops.trace import trace_scan
         mask = _mask_patterns(37, gen)  # [7, 37]
         x = torch.randn(mask.shape, generator=gen, dtype=torch.float64)  # [7, 37]
         bad = (torch.rand(mask.shape, generator=gen) < 0.05) & mask
@@ -358,12 +358,12 @@ def test_triton_unavailable_without_gpu_or_interpreter():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("this process runs under the Triton interpreter")
     import torch
-    from creditlib._kernels import triton_trace
+    from creditlib.ops.trace import triton_kernel
 
-    assert triton_trace.available() == torch.cuda.is_available()
+    assert triton_kernel.available() == torch.cuda.is_available()
     with pytest.raises((RuntimeError, ValueError)):
-        from creditlib._kernels import Schedule
-        triton_trace.trace_scan(torch.zeros(2, 3), None, None, Schedule.make("recent", 0.5, 0.0, False), False)
+        from creditlib.ops.trace import Schedule
+        triton_kernel.trace_scan(torch.zeros(2, 3), None, None, Schedule.make("recent", 0.5, 0.0, False), False)
 
 
 @pytest.mark.parametrize("variant", [
@@ -389,7 +389,7 @@ def test_triton_kernel_compiles_for_cuda(variant):
         pytest.skip(f"triton's AOT compile API is not available: {e}")
     import triton.language as tl
 
-    from creditlib._kernels import triton_trace as tt
+    from creditlib.ops.trace import triton_kernel as tt
 
     transpose, has_mask, varlen, both, floor, xt = variant
     acc = "fp64" if xt == "fp64" else "fp32"  # float32 and half inputs accumulate in float32
@@ -429,7 +429,7 @@ def test_triton_sequence_kernel_compiles_for_cuda():
         pytest.skip(f"triton's AOT compile API is not available: {e}")
     import triton.language as tl
 
-    from creditlib._kernels import triton_trace as tt
+    from creditlib.ops.trace import triton_kernel as tt
 
     kernel = tt._sequence_kernel
     consts = dict(HAS_MASK=True, VARLEN=False, ACC=tl.float32, BR=4, C=1024)
@@ -460,7 +460,7 @@ def test_triton_split_kernels_compile_for_cuda(xt):
         pytest.skip(f"triton's AOT compile API is not available: {e}")
     import triton.language as tl
 
-    from creditlib._kernels import triton_trace as tt
+    from creditlib.ops.trace import triton_kernel as tt
 
     common = {"x_ptr": f"*{xt}", "m_ptr": "*u8", "kin_ptr": "*i32", "inv_ptr": "*fp32", "ntot_ptr": "*i32"}
     kernels = [

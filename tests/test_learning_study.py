@@ -584,6 +584,7 @@ def _eval_prompts(run: Path) -> set:
             if r.get("phase") == "eval" and r.get("kind") == "greedy"}
 
 
+@pytest.mark.slow  # recipe runs in subprocesses (the runner's child mode)
 def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     """The late task through the runner's child mode (the study tasks registered, the unmodified
     recipe): GRPO at 2 rates (selection on the validation split) -> 1 reported seed at the chosen rate

@@ -359,7 +359,7 @@ def test_plain_loss_validation(match, bad):
 
 # ============================================================================ new styles, loss mask, empty inputs
 def _explicit_weights(n: int, style) -> torch.Tensor:
-    """w(t, j) written out from DESIGN.md (loops, float64), independent of F.trace_weights."""
+    """w(t, j) written out from docs/design.md section 2 (loops, float64), independent of F.trace_weights."""
     W = torch.zeros(n, n, dtype=torch.float64)
     if style.style == "sequence":
         return torch.full((n, n), 1.0 / n, dtype=torch.float64) if n else W

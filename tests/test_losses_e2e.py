@@ -98,7 +98,7 @@ def test_grpo_lambda_end_to_end(rollout):
     batch = TensorDict({"tokens": {"full": roll["tokens", "full"], "prompt": roll["tokens", "prompt"]},
                         "masks": {"all_attention_mask": roll["masks", "all_attention_mask"]},
                         "reward": rewards.reshape(B, 1, 1)}, batch_size=[B])
-    credit = TensorDictSequential(CriticFreeTD(group_size=G), ClampNegative(min=-0.1))
+    credit = TensorDictSequential(CriticFreeTD(group_size=G), ClampNegative(clamp_min=-0.1))
     batch = credit(batch)  # advantage [B, 1, 1]
     adv = batch["advantage"]
     assert adv.shape == (B, 1, 1) and adv.min() >= -0.1 and (adv != 0).any()

@@ -7,8 +7,8 @@ import torch
 
 from creditlib import DecayStyle
 from creditlib import functional as F
-from creditlib._kernels import Schedule, varlen_to_padded
-from creditlib._reference import eligibility_trace_naive
+from creditlib.ops.trace import Schedule, varlen_to_padded
+from creditlib.ops.trace.naive import eligibility_trace_naive
 
 from .conftest import available_backends
 
@@ -18,7 +18,7 @@ DECAYS = [0.0, 0.5, 0.9, 0.99, 1.0]
 
 
 def literal_normalized(T: int, style: DecayStyle) -> torch.Tensor:
-    """w(t, j) / sum_{i<=t} w(t, i), written out in plain Python from DESIGN.md."""
+    """w(t, j) / sum_{i<=t} w(t, i), written out in plain Python from docs/design.md section 2."""
     d = style.decay
     W = torch.zeros(T, T, dtype=torch.float64)
     for t in range(T):

@@ -245,8 +245,8 @@ heavy = [m for m in ("tensordict", "torchrl", "transformers", "datasets", "math_
 assert not heavy, heavy
 
 # the C++ kernel: can it build with what `pip install creditlib` brought (ninja), venv not activated?
-from creditlib._kernels import cpu
-print("CAN_BUILD", cpu.can_build())
+from creditlib.ops.trace import build
+print("CAN_BUILD", build.can_build())
 """
 
 
@@ -289,18 +289,18 @@ def test_core_install_in_a_fresh_venv(core_venv, tmp_path):
 import torch
 import creditlib.functional as F
 from creditlib import DecayStyle
-from creditlib._kernels import cpu
+from creditlib.ops.trace import build
 x = torch.randn(3, 50, dtype=torch.float64)  # [3, 50]
 mask = torch.rand(3, 50) < 0.5  # [3, 50]
 style = DecayStyle("recent", lam=0.9, eps=0.05)
 z = F.eligibility_trace(x, mask, style, backend="cpp")  # [3, 50]
 assert torch.allclose(z, F.eligibility_trace(x, mask, style, backend="reference"), atol=1e-12)
-assert not cpu.has_avx512() and "-DCREDITLIB_NO_AVX512" in cpu.cflags()
-print("KEY", cpu.build_dir().name)
+assert not build.has_avx512() and "-DCREDITLIB_NO_AVX512" in build.cflags()
+print("KEY", build.build_dir().name)
 """
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={**env, "CREDITLIB_CPU_ISA": "scalar", "CREDITLIB_NO_BUILD": "1"})
     assert r.returncode == 0 and "KEY " in r.stdout, r.stdout + r.stderr[-3000:]
-    native = subprocess.run([str(py), "-c", "from creditlib._kernels import cpu; print(cpu.build_dir().name)"],
+    native = subprocess.run([str(py), "-c", "from creditlib.ops.trace import build; print(build.build_dir().name)"],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert native.returncode == 0 and native.stdout.strip() != r.stdout.split("KEY ", 1)[1].strip()

@@ -1,9 +1,9 @@
 """F.prefix_td (group prefix-tree TD error, leave-one-out) held against the trie-walk definition.
 
-The fast form (creditlib/_prefix.py) is compared with creditlib/_prefix_reference.py on random
+The fast form (creditlib/ops/prefix/vectorised.py) is compared with creditlib/ops/prefix/naive.py on random
 groups built to share prefixes (small vocabularies, copied prefixes, identical completions, one a
 prefix of another), every mask pattern, group_ids in any order, and both scales; plus the
-properties DESIGN.md states: row sums are the RLOO advantage, GAE(1, 1) over it is
+properties docs/design.md (section 4) states: row sums are the RLOO advantage, GAE(1, 1) over it is
 (R_i - V_i(k)) / s, pushes of a shared state sum to zero, and the step-level variant.
 """
 
@@ -14,8 +14,8 @@ import torch
 
 from creditlib import DecayStyle
 from creditlib import functional as F
-from creditlib._prefix import _first_mismatch
-from creditlib._prefix_reference import prefix_td_naive, prefix_values_naive
+from creditlib.ops.prefix.vectorised import _first_mismatch
+from creditlib.ops.prefix.naive import prefix_td_naive, prefix_values_naive
 
 MASKS = ("full", "right", "left", "multi", "empty-rows")
 
@@ -328,7 +328,7 @@ def test_not_differentiable_and_empty():
 
 def test_pair_buffer_in_pieces(monkeypatch):
     """Large groups compare their pairs in several buffers (bounded memory): same result."""
-    import creditlib._prefix as P
+    import creditlib.ops.prefix.vectorised as P
 
     tok, mask, r = _case(13, 8, 2, 23, 2, "multi")
     ids = torch.tensor([0, 1] * 8)

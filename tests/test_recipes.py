@@ -1,6 +1,6 @@
 """End-to-end tests of the recipes (recipes/grpo.py and its presets), CPU, tiny sizes.
 
-* smoke runs of the recipe and its presets (new names and the old ``*_qwen.py`` names), ``--help``
+* smoke runs of the recipe and its presets (YAML configs; the preset scripts run ``grpo.py`` with one), ``--help``
 * ``--credit NAME``: every registered method runs a few real steps; overrides
 * resume: a run killed with SIGKILL mid-run, resumed with --resume, matches an uninterrupted run;
   a damaged newest checkpoint is skipped and named, never a silent restart
@@ -41,9 +41,13 @@ def _load(name: str):
 
 
 grpo = _load("grpo")
-grpo_lambda = _load("grpo_lambda")
-grpo_qwen = _load("grpo_qwen")
-grpo_lambda_qwen = _load("grpo_lambda_qwen")
+CONFIGS = ROOT / "recipes" / "configs"
+LAMBDA = ["--config", str(CONFIGS / "grpo_lambda.yaml")]  # the grpo_lambda.py preset (make run)
+
+
+def grpo_lambda(argv):
+    """``recipes/grpo_lambda.py ARGV`` in this process: ``recipes/grpo.py --config configs/grpo_lambda.yaml ARGV``."""
+    return grpo.main(LAMBDA + list(argv))
 
 from creditlib.credit import get_credit, list_credits  # noqa: E402
 from creditlib.losses import GRPOLambdaLoss  # noqa: E402
@@ -69,7 +73,7 @@ def _evals(path):
 
 
 # ----------------------------------------------------------------------------- help and presets
-def test_help_lists_options_credit_methods_and_the_task(capsys):
+def test_help_lists_options_credit_methods_and_the_task(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         grpo.main(["--help"])
     assert e.value.code == 0
@@ -80,38 +84,50 @@ def test_help_lists_options_credit_methods_and_the_task(capsys):
     for name in list_credits():  # every registered method, with its description
         assert name in out and get_credit(name).description.split(":")[0] in out, name
     assert "dial" in out and "chain arithmetic" not in out
-    with pytest.raises(SystemExit):
-        grpo_qwen.main(["--help"])
-    out = capsys.readouterr().out
-    assert "GRPO baseline" in out and "--credit" in out
+    for flag in ("--tree-roots", "--tree-forks", "--tree-branches", "--tree-depth", "--tree-select", "--tree-min-gap",
+                 "--tree-segment-len"):
+        assert flag in out, flag
+    # a deprecated old name, run as a script: the same command line, with a warning naming the new command
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "recipes" / "grpo_qwen.py"), "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "recipes" / "grpo_qwen.py"), run_name="__main__")
+    assert e.value.code == 0
+    cap = capsys.readouterr()
+    assert "--credit" in cap.out and "--tree-roots" in cap.out
+    assert "deprecated" in cap.err and "recipes/grpo.py --config recipes/configs/grpo.yaml" in cap.err
 
 
-def test_presets_select_their_credit_method():
-    for mod, credit in ((grpo, "grpo"), (grpo_lambda, "grpo-lambda"), (grpo_qwen, "grpo"),
-                        (grpo_lambda_qwen, "grpo-lambda")):
-        defaults = dict(grpo.DEFAULTS, **getattr(mod, "DEFAULTS"))
-        cfg = load_config(defaults=defaults)
-        assert (cfg.credit, cfg.output_dir) == (credit, "")  # "": a new run folder for every run
-    # configs are data: each loads; the embedded default written out equals the preset's defaults
-    configs = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
-    assert len(configs) >= 6
-    for path in configs:
+def test_presets_are_configs():
+    """A preset is a YAML config of RecipeConfig fields; the preset scripts only run grpo.py with one."""
+    import creditlib.rl.loop as loop
+
+    assert not hasattr(loop, "load_recipe")  # the library loads no recipe files
+    cfg = load_config(defaults=grpo.DEFAULTS)
+    assert (cfg.credit, cfg.output_dir) == ("grpo", "")  # "": a new run folder for every run
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert len(configs) >= 7
+    for path in configs:  # configs are data: each loads and names a registered method
         cfg = load_config(str(path), defaults=grpo.DEFAULTS)
         assert resolve_credit(cfg).name == cfg.credit, path
-    assert load_config(str(ROOT / "recipes" / "configs" / "grpo_lambda.yaml")) == load_config(
-        defaults=dict(grpo.DEFAULTS, **grpo_lambda.DEFAULTS))
+    # the embedded default written out: the recipe's defaults with credit grpo-lambda, every field listed
+    assert load_config(str(CONFIGS / "grpo_lambda.yaml")) == load_config(defaults=dict(grpo.DEFAULTS,
+                                                                                       credit="grpo-lambda"))
     for name, credit in (("grpo", "grpo"), ("grpo_qwen", "grpo"), ("grpo_lambda_qwen", "grpo-lambda")):
-        cfg = load_config(str(ROOT / "recipes" / "configs" / f"{name}.yaml"))
+        cfg = load_config(str(CONFIGS / f"{name}.yaml"), defaults=grpo.DEFAULTS)
         assert resolve_credit(cfg) == get_credit(credit), name
-    # no preset imports its sibling through sys.path
-    for name in ("grpo_lambda", "grpo_qwen", "grpo_lambda_qwen"):
-        assert "sys.path" not in (ROOT / "recipes" / f"{name}.py").read_text()
+    for script, config in (("grpo_lambda", "grpo_lambda"), ("grpo_qwen", "grpo"), ("grpo_lambda_qwen", "grpo_lambda")):
+        text = (ROOT / "recipes" / f"{script}.py").read_text()
+        assert f'"configs" / "{config}.yaml"' in text and "runpy.run_path" in text and "sys.path" not in text
+        assert len([line for line in text.splitlines() if line and not line.startswith((" ", "#", '"'))]) < 20
 
 
-@pytest.mark.parametrize("recipe", [grpo_lambda, grpo_qwen])
-def test_smoke_recipes(recipe, tmp_path, capsys):
+@pytest.mark.parametrize("config", ["grpo_lambda", "grpo"])
+def test_smoke_recipes(config, tmp_path, capsys):
     out = tmp_path / "run"
-    s = recipe.main(TINY + ["--max-steps", "3", "--eval-every", "2", "--output-dir", str(out), "--seed", "1", "--plot"])
+    s = grpo.main(["--config", str(CONFIGS / f"{config}.yaml")] + TINY +
+                  ["--max-steps", "3", "--eval-every", "2", "--output-dir", str(out), "--seed", "1", "--plot"])
     text = capsys.readouterr().out
     assert "summary" in text and "held-out accuracy, after 3 RL steps" in text
     rl = _rl(out / "metrics.jsonl")
@@ -121,7 +137,7 @@ def test_smoke_recipes(recipe, tmp_path, capsys):
     assert latest_checkpoint(out).name == "step_000003"
     assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
     assert 0.0 <= s["accuracy_after"] <= 1.0
-    if recipe is grpo_qwen:  # the baseline really is plain GRPO: no trace, no clamp
+    if config == "grpo":  # the baseline really is plain GRPO: no trace, no clamp
         assert s["credit"] == "grpo" and "credit grpo: grpo: advantage=group" in text
         assert all(r["adv_clamped_fraction"] == 0.0 and r["trace_abs_mean"] == 0.0 for r in rl)
     else:
@@ -429,7 +445,7 @@ def test_init_from_starts_rl_from_a_saved_warmup(tmp_path, capsys):
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     args = TINY + ["--max-steps", "16", "--eval-every", "5", "--save-every", "4", "--seed", "3", "--eval-samples", "2"]
     ref = tmp_path / "ref"
-    grpo_lambda.main(args + ["--output-dir", str(ref)])
+    grpo_lambda(args + ["--output-dir", str(ref)])
     # the same run in a subprocess, killed with SIGKILL once step 9 is logged (checkpoint 8 exists)
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "grpo_lambda.py"), *args,
@@ -445,7 +461,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     killed_at = max(r["step"] for r in _rl(run / "metrics.jsonl"))
     saved = read_trainer_state(latest_checkpoint(run))["step"]
     assert 8 <= saved < 16 and killed_at - saved <= 4  # lost at most one checkpoint interval
-    grpo_lambda.main(args + ["--output-dir", str(run), "--resume"])
+    grpo_lambda(args + ["--output-dir", str(run), "--resume"])
     a, b = _rl(ref / "metrics.jsonl"), _rl(run / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 17))
     keys = ("reward", "loss", "grad_norm", "position", "completion_len")
@@ -508,7 +524,7 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, capsys)
     out = tmp_path / "nan"
     # lr 1e30 with weight decay scales every weight by (1 - 1e28) in the first update: activations overflow
     with pytest.raises(SystemExit) as e:
-        grpo_lambda.main(TINY + ["--max-steps", "5", "--save-every", "1", "--warmup-steps", "0",
+        grpo_lambda(TINY + ["--max-steps", "5", "--save-every", "1", "--warmup-steps", "0",
                                  "--lr", "1e30", "--weight-decay", "0.01", "--output-dir", str(out)])
     assert e.value.code == 1
     err = capsys.readouterr().err
@@ -554,7 +570,7 @@ def test_real_path_local_model_and_jsonl(tmp_path, capsys):
     out = tmp_path / "real"
     # several updates per batch (old log-probs from a no-grad pass), KL to a frozen reference,
     # per-token advantages from the prefix tree of real BPE tokens
-    s = grpo_lambda.main([
+    s = grpo_lambda([
         "--model", str(model_dir), "--dataset", str(data), "--eval-size", "8", "--max-new-tokens", "12",
         "--sft-steps", "2", "--sft-batch-size", "4", "--sft-target-accuracy", "0", "--sft-eval-every", "2",
         "--prompts-per-step", "2", "--group-size", "2", "--max-steps", "2", "--minibatch-size", "2",
@@ -624,5 +640,5 @@ def test_real_learning_on_embedded_task(tmp_path):
     With n = 512 per evaluation the standard error of a difference of two accuracies near 0.5-0.8
     is at most sqrt(2 * 0.25 / 512) = 0.031: a rise of 0.1 is > 3 standard errors, not chance.
     """
-    s = grpo_lambda.main(["--output-dir", str(tmp_path / "learn"), "--no-progress", "--no-plot"])
+    s = grpo_lambda(["--output-dir", str(tmp_path / "learn"), "--no-progress", "--no-plot"])
     assert s["accuracy_after"] - s["accuracy_before"] > 0.1, s

@@ -18,7 +18,8 @@ from creditlib.rl.model import NonFiniteError, completion_logprobs, tiny_qwen2  
 from creditlib.rl.rewards import SafeReward  # noqa: E402
 from creditlib.rl.rollout import HFRollout, RolloutBatch, completion_mask_from_eos, left_pad  # noqa: E402
 from creditlib.rl.task import ChainTask, build_char_tokenizer, chain_reward  # noqa: E402
-from creditlib.rl.train import make_style, rl_update  # noqa: E402
+from creditlib.rl.train import optimizer_step  # noqa: E402
+from creditlib.losses.functional import grpo_lambda_loss  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- config
@@ -58,12 +59,6 @@ def test_help_documents_every_field():
         assert f.metadata["help"].split()[0] in text
     for flag in ("--max-steps", "--output-dir", "--seed", "--resume", "--config"):
         assert flag in text
-
-
-def test_make_style_plain_grpo_is_none():
-    assert make_style(load_config(overrides={"lam": 0.0})) is None
-    s = make_style(load_config(overrides={"lam": 0.9, "trace_style": "both"}))
-    assert s.lam == 0.9 and s.both
 
 
 # ----------------------------------------------------------------------------- task
@@ -182,27 +177,36 @@ def _batch(tok, G=4):
                         torch.ones_like(comp, dtype=torch.bool), ["x"] * (2 * G), G)
 
 
-def test_rl_update_changes_weights_and_stops_on_nan():
+def _update(model, opt, batch, adv, old_logp=None):
+    """One clipped-surrogate update through the recipe's optimizer step; returns ``(loss, grad_norm, log-probs)``."""
+    logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.completion_mask)  # [B, T] carries the gradient
+    old = logp.detach() if old_logp is None else old_logp  # [B, T]
+    loss, _ = grpo_lambda_loss(logp, old, adv, batch.completion_mask, None, clip_eps=0.2)
+    gnorm = optimizer_step(model, opt, loss, DistInfo(), 1.0)
+    return float(loss.detach()), float(gnorm), logp.detach()
+
+
+def test_optimizer_step_changes_weights_and_stops_on_nan():
     model, tok = _tiny()
-    cfg = load_config(overrides={"minibatch_size": 4, "ppo_epochs": 2})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     b = _batch(tok)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5])  # [B]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    m = rl_update(model, opt, b, adv, cfg, DistInfo(), make_style(cfg))
-    assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
+    loss, gnorm, logp = _update(model, opt, b, adv)
+    assert math.isfinite(loss) and gnorm > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert m["log_ratio_abs_mean"] > 0  # 4 optimizer steps on one batch: later ones are off-policy
-    # NaN in a weight: NonFiniteError before any optimizer step; optimizer state untouched
+    # NaN in a weight: NonFiniteError before any optimizer step; weights and optimizer state untouched
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")
     snap = {k: v.clone() for k, v in model.state_dict().items()}
-    opt_steps = [s["step"].clone() for s in opt.state.values()]
+    opt_state = {i: {n: t.clone() for n, t in st.items()} for i, st in opt.state_dict()["state"].items()}
     with pytest.raises(NonFiniteError, match="NaN/inf"):
-        rl_update(model, opt, b, adv, cfg, DistInfo(), make_style(cfg))
+        _update(model, opt, b, adv, old_logp=logp)
     for k, v in model.state_dict().items():
         assert torch.equal(v.nan_to_num(7.0), snap[k].nan_to_num(7.0)), k
-    assert [s["step"] for s in opt.state.values()] == opt_steps
+    for i, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(t, opt_state[i][n]) for n, t in st.items()), i
     with pytest.raises(ckpt.NonFiniteWeightsError):
         ckpt.save_checkpoint("/nonexistent-never-written", 1, model, opt, {}, DistInfo())
 
@@ -211,9 +215,8 @@ def test_rl_update_changes_weights_and_stops_on_nan():
 def test_checkpoint_roundtrip_tied_weights_optimizer_rng(tmp_path):
     model, tok = _tiny()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    cfg = load_config()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rl_update(model, opt, _batch(tok), torch.linspace(-1, 1, 8), cfg, DistInfo(), None)
+    _update(model, opt, _batch(tok), torch.linspace(-1, 1, 8))
     torch.manual_seed(123)
     ckpt.save_checkpoint(tmp_path, 5, model, opt, {"position": 77}, DistInfo(), keep=2)
     expect_rand = torch.rand(3)  # the draw right after checkpoint 5
@@ -231,8 +234,10 @@ def test_checkpoint_roundtrip_tied_weights_optimizer_rng(tmp_path):
     for i, st in osd["state"].items():
         assert all(torch.equal(st[n], osd2["state"][i][n]) for n in st), i
     # restored model + optimizer continue identically
-    m1 = rl_update(model, opt, _batch(tok), torch.linspace(-1, 1, 8), cfg, DistInfo(), None)
-    m2 = rl_update(model2, opt2, _batch(tok), torch.linspace(-1, 1, 8), cfg, DistInfo(), None)
-    assert m1 == m2
+    m1 = _update(model, opt, _batch(tok), torch.linspace(-1, 1, 8))
+    m2 = _update(model2, opt2, _batch(tok), torch.linspace(-1, 1, 8))
+    assert m1[:2] == m2[:2] and torch.equal(m1[2], m2[2])
+    for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(v, v2), k
     ckpt.save_checkpoint(tmp_path, 6, model, opt, {"position": 78}, DistInfo(), keep=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000006"]

@@ -41,7 +41,7 @@ def _load(name: str):
 
 
 grpo = _load("grpo")
-grpo_lambda = _load("grpo_lambda")
+LAMBDA = ["--config", str(ROOT / "recipes" / "configs" / "grpo_lambda.yaml")]  # the grpo_lambda.py preset
 
 TINY = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
         "--num-ops", "6", "--eval-size", "16", "--sft-steps", "0", "--prompts-per-step", "4", "--group-size", "4",
@@ -74,7 +74,7 @@ def test_every_run_gets_its_own_folder_and_the_summary_fits_100_columns(tmp_path
     first = capsys.readouterr().out
     assert first.splitlines()[1].startswith("threads: 1 CPU thread") and "auto: a small model" in first
     before = _snapshot(Path(a["output_dir"]))
-    b = grpo_lambda.main(TINY)  # a preset follows the same rule
+    b = grpo.main(LAMBDA + TINY)  # a preset follows the same rule
     second = capsys.readouterr().out
     for s, credit in ((a, "gspo"), (b, "grpo-lambda")):
         out = Path(s["output_dir"])
@@ -85,7 +85,7 @@ def test_every_run_gets_its_own_folder_and_the_summary_fits_100_columns(tmp_path
     assert _snapshot(Path(a["output_dir"])) == before  # the second run changed nothing of the first
     assert first.splitlines()[0] == f"GRPO: run folder {a['output_dir']}"  # said first
     # the summary: at most 100 columns, titled with the credit method
-    for text, name, credit in ((first, "GRPO", "gspo"), (second, "GRPO-lambda", "grpo-lambda")):
+    for text, name, credit in ((first, "GRPO", "gspo"), (second, "GRPO", "grpo-lambda")):
         table = text[text.index("+---"):]
         assert max(len(line) for line in table.splitlines()) <= 100
         assert f"{name} summary: --credit {credit}" in table
@@ -113,8 +113,8 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_p
     grpo.main(TINY + ["--output-dir", str(out), "--max-steps", "2", "--save-every", "1"])
     (out / "notes.txt").write_text("mine")  # a file that is not the run's
     kept = _snapshot(out)
-    for recipe, extra in ((grpo, []), (grpo, ["--credit", "gspo"]), (grpo_lambda, [])):
-        e, err = _refused(capsys, TINY + ["--output-dir", str(out)] + extra, recipe)
+    for extra in ([], ["--credit", "gspo"], LAMBDA):
+        e, err = _refused(capsys, TINY + ["--output-dir", str(out)] + extra)
         assert "holds another run" in err and "--resume" in err and "--overwrite" in err and "metrics.jsonl" in err
         assert _snapshot(out) == kept  # nothing deleted, nothing truncated
     with pytest.raises(SystemExit):  # the two exclude each other
@@ -191,7 +191,9 @@ def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
     grpo.main(args + ["--resume", "--max-steps", "2"])
     assert json.loads((out / "run.json").read_text())["wandb_run_id"] == run_id
     runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
-    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs)  # one W&B run, two sessions
+    # one W&B run, two sessions (wandb suffixes "-1" to the second folder when both start in the same second)
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", Path(r).name)
+                                  for r in runs), runs
     # a new run in another folder is a new W&B run
     grpo.main(TINY + ["--report-to", "wandb", "--output-dir", str(tmp_path / "other")])
     assert json.loads((tmp_path / "other" / "run.json").read_text())["wandb_run_id"] != run_id

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from creditlib import functional as F
-from creditlib._kernels import torch_scan
-from creditlib._reference import eligibility_trace_naive
+from creditlib.ops.trace import torch_scan
+from creditlib.ops.trace.naive import eligibility_trace_naive
 from creditlib.style import DecayStyle
 
 

@@ -12,7 +12,7 @@ import torch
 
 from creditlib import DecayStyle
 from creditlib import functional as F
-from creditlib._reference import trace_support
+from creditlib.ops.trace.naive import trace_support
 
 from .conftest import available_backends
 

@@ -335,3 +335,39 @@ def test_transformers_backend_on_a_tiny_qwen2():
     b = be.sample([enc[1] + [5, 6]], [4], [11])
     assert a[1].tokens == b[0].tokens and len(a[1].tokens) <= 4
     torch.testing.assert_close(a[1].logprobs, b[0].logprobs, rtol=0, atol=1e-5)
+
+
+def test_transformers_decoders_agree_and_branches_share_one_prefill():
+    """decode='loop' (own loop: distinct prefixes prefilled once, finished rows leave the batch) and
+    decode='generate' give the same tokens; identical requests keep their own seeds."""
+    from creditlib.generation import left_pad
+    from creditlib.rl.model import tiny_qwen2
+    from creditlib.rl.task import ChainTask, build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(1)
+    model = tiny_qwen2(len(tok), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    task = ChainTask(num_ops=6, heldout_sizes={"test": 8, "val": 8})
+    enc = [tok(task.problem("train", i).prompt)["input_ids"] for i in range(3)]
+    loop = TransformersBackend(model, tok, temperature=0.9)
+    gen = TransformersBackend(model, tok, temperature=0.9, decode="generate")
+    assert loop.decode == "loop" and TransformersBackend(model, tok, synced=True).decode == "generate"
+    # the same prefix three times (one fork's branches), another prefix, ragged caps
+    reqs = [enc[0] + [5, 6]] * 3 + [enc[1]]
+    caps, seeds = [7, 3, 7, 9], [4, 5, 6, 7]
+    a, b = loop.sample(reqs, caps, seeds), gen.sample(reqs, caps, seeds)
+    for x, y, cap in zip(a, b, caps):
+        assert x.tokens == y.tokens and 1 <= len(x.tokens) <= cap
+        torch.testing.assert_close(x.logprobs, y.logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x.entropies, y.entropies, rtol=0, atol=1e-5)
+    assert a[0].tokens != a[2].tokens or a[0].logprobs.tolist() != a[2].logprobs.tolist()  # own seeds
+    solo = loop.sample([reqs[2]], [7], [6])[0]  # a row alone = the row inside the batch
+    assert solo.tokens == a[2].tokens
+    ids, pmask = left_pad(enc, tok.pad_token_id)  # [K, P]
+    ta = sample_tree(loop, ids, pmask, TreeSpec(), max_new_tokens=8, seed=3)
+    tb = sample_tree(gen, ids, pmask, TreeSpec(), max_new_tokens=8, seed=3)
+    assert torch.equal(ta.completion_ids, tb.completion_ids) and torch.equal(ta.fork_pos, tb.fork_pos)
+    with pytest.raises(ValueError, match="decode"):
+        TransformersBackend(model, tok, decode="vllm")
+    with pytest.raises(ValueError, match="decode"):
+        TransformersBackend(model, tok, decode="loop", synced=True)

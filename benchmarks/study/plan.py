@@ -7,20 +7,11 @@ The command line is ``benchmarks/learning_study.py``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import runpy
-import shutil
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_REL = Path("recipes") / "grpo.py"

@@ -4,22 +4,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import runpy
-import shutil
-import subprocess
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from study.plan import (BASELINE, CUTS, METHODS, STUDY_DEFAULTS, TASKS, Plan, final_dir, is_done,  # noqa: F401
+from study.plan import (BASELINE, CUTS, METHODS, STUDY_DEFAULTS, TASKS, Plan, final_dir, is_done,
                         read_done, selection_state)
 
 def with_shared_start(curve, sft_dir: Path):

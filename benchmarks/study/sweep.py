@@ -5,9 +5,7 @@ reported seeds; resumable; ``--code-snapshot`` freezes the code the runs import.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import runpy
 import shutil
@@ -16,11 +14,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from study.plan import (BASELINE, METHODS, RECIPE_REL, ROOT, STUDY_REL, TASKS, Job, Plan, final_dir,  # noqa: F401
+from study.plan import (METHODS, RECIPE_REL, ROOT, STUDY_REL, TASKS, Job, Plan, final_dir,
                         is_done, read_done, select_dir, selection_state, to_flags)
 
 #: The command line the runs are started through (``--recipe-child``).
@@ -101,7 +98,7 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 def run_job(job: Job, dry_run: bool = False) -> dict:
     """Run one job to completion (blocking); write ``study_done.json`` on success."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--recipe-child"] + job.argv
+    cmd = [sys.executable, str(CLI), "--recipe-child"] + job.argv
     if dry_run:
         return {"job": job.name, "cmd": cmd, "rc": None, "env": job.env}
     job.out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +131,9 @@ def recipe_child(argv: List[str]) -> None:
         if str(p) in sys.path:
             sys.path.remove(str(p))
         sys.path.insert(0, str(p))
+    # the runner itself imported this checkout's study package: forget it, so that a snapshot's is used
+    for name in [m for m in sys.modules if m == "study" or m.startswith("study.")]:
+        del sys.modules[name]
     from study.tasks import register_tasks
 
     register_tasks()

@@ -45,6 +45,7 @@ a ``GRPOTrainer``) are refused with a ``ValueError`` that says why.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -71,12 +72,16 @@ def _check_clamp_min(clamp_min) -> Optional[float]:
 
 
 def _computes_own_advantages(method: CreditMethod) -> bool:
-    """True when creditlib (not TRL) computes the advantages: per-token prefix TD or RLOO."""
-    return method.advantage != "group" or method.baseline != "mean"
+    """True when creditlib (not TRL) computes the advantages: any advantage kind but TRL's own group
+    mean baseline (per-token kinds such as prefix TD or TreeRL, RLOO, registered kinds)."""
+    return method.advantage_kind.name != "group" or method.baseline != "mean"
 
 
 def _reconcile(cfg, method: CreditMethod) -> None:
     """Make TRL's own options agree with ``method``, or raise a ValueError naming both."""
+    if method.advantage_kind.needs_entropy:
+        raise ValueError(f"credit method {method.name!r} computes its advantages from per-token entropies, which "
+                         "TRL's GRPOTrainer does not have at its advantage step; use it in the recipe or TorchRL")
     q = method.entropy_quantile
     if q is not None:
         if cfg.top_entropy_quantile == 1.0:
@@ -114,6 +119,8 @@ def _resolve_checkpointing(cfg) -> None:
     if getattr(cfg, "activation_checkpointing", None) is None and getattr(cfg, "gradient_checkpointing", None) is None:
         cfg.activation_checkpointing = True
 
+
+_TRL_CHECKPOINTING_NAMES = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
 
 _CHECKPOINTING_HELP = ("Recompute activations in the backward pass to save memory (TRL's default: True). "
                        "Set this, not the deprecated gradient_checkpointing.")
@@ -279,9 +286,10 @@ class CreditMixin:
         mro = cls.__mro__
         if GRPOTrainer in mro and mro.index(GRPOTrainer) < mro.index(CreditMixin):
             bases = ", ".join(b.__name__ for b in cls.__bases__)
+            mixin = next(b for b in mro if issubclass(b, CreditMixin) and b is not cls).__name__
             raise TypeError(
-                f"class {cls.__name__}({bases}): {CreditMixin.__name__} (or its subclass) must come before "
-                f"GRPOTrainer in the bases, e.g. class {cls.__name__}(CreditMixin, GRPOTrainer). In this order "
+                f"class {cls.__name__}({bases}): {mixin} must come before GRPOTrainer in the bases, e.g. "
+                f"class {cls.__name__}({mixin}, GRPOTrainer). In this order "
                 "GRPOTrainer's own methods would shadow the mixin's and the run would silently train plain GRPO, "
                 "whatever the credit method.")
 
@@ -329,7 +337,12 @@ class CreditMixin:
 
     def _generate_and_score_completions(self, inputs):
         self._creditlib_rewards = None
-        output = super()._generate_and_score_completions(inputs)
+        with warnings.catch_warnings():
+            # TRL 1.16's generation wrapper reads `model.is_gradient_checkpointing` and toggles
+            # `gradient_checkpointing_disable/enable` on every rollout: transformers 5 deprecated those
+            # names, so each step printed a FutureWarning the user cannot act on. Only those are hidden.
+            warnings.filterwarnings("ignore", message=_TRL_CHECKPOINTING_NAMES, category=FutureWarning)
+            output = super()._generate_and_score_completions(inputs)
         method = self.credit_method
         mode = "train" if self.model.training else "eval"
         if _computes_own_advantages(method):
@@ -370,7 +383,8 @@ class CreditMixin:
         b, t = ids.shape
         rows = slice(self.accelerator.process_index * b, (self.accelerator.process_index + 1) * b)
         method = self.credit_method.replace(clamp_min=None)  # the clamp is applied (and logged) by the caller
-        if not method.needs_tokens:
+        kind = method.advantage_kind
+        if not (kind.needs_tokens or kind.needs_mask):
             adv = method.advantages(rewards, group_ids=group_ids)[rows]  # [B]
             return adv, torch.ones_like(adv, dtype=torch.bool)
         all_ids = self.accelerator.gather(self.accelerator.pad_across_processes(ids, dim=1))  # [N, T']
@@ -380,7 +394,11 @@ class CreditMixin:
             raise RuntimeError(f"creditlib: {all_ids.shape[0]} completions but {n} rewards")
         # Prefixes are compared over every completion token (tool results included: they are part
         # of the state); TRL's loss mask keeps tool tokens out of the loss.
-        adv = method.advantages(rewards, all_mask, tokens=all_ids, group_ids=group_ids)  # [N, T']
+        adv = method.advantages(rewards, all_mask, tokens=all_ids if kind.needs_tokens else None,
+                                group_ids=group_ids)  # [N, T'] (per-token kinds) or [N]
+        if not kind.per_token:
+            adv = adv[rows]  # [B]
+            return adv, torch.ones_like(adv, dtype=torch.bool)
         return adv[rows, :t].to(torch.float32), cmask
 
     # ------------------------------------------------------------------ the log-ratio style

@@ -60,7 +60,7 @@ from tensordict import TensorDictBase  # noqa: E402
 from torchrl.objectives.llm.grpo import GRPOLoss, GRPOLossOutput
 
 from .. import functional as _F
-from .._kernels import check_backend
+from ..ops.trace import check_backend
 from .._validation import as_bool_mask, check_clamp_min, check_style, deprecated_alias
 from ..style import DecayStyle
 from . import functional as LF

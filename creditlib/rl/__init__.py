@@ -10,12 +10,13 @@ live here:
 * :mod:`~creditlib.rl.model` -- tiny Qwen2 factory, any causal LM, per-token log-probs
 * :mod:`~creditlib.rl.rollout` -- :class:`HFRollout` (transformers generate) and :class:`VLLMRollout`
 * :mod:`~creditlib.rl.rewards` -- :class:`SafeReward` (errors and hangs count as wrong, never stop a run)
-* :mod:`~creditlib.rl.train` -- supervised warm-up, the GRPO-lambda update, evaluation
+* :mod:`~creditlib.rl.train` -- supervised warm-up, the optimizer step, evaluation
 * :mod:`~creditlib.rl.checkpoint` -- safetensors checkpoints (model, optimizer, RNG, step, data position)
 * :mod:`~creditlib.rl.metrics` -- ``metrics.jsonl``, PNG plot, summary table
 * :mod:`~creditlib.rl.distributed` -- torchrun + FSDP2 helpers (gloo on CPU)
 * :mod:`~creditlib.rl.loop` -- run-loop helpers: start point (resume / init-from), signals, summary
 * :mod:`~creditlib.rl.policy` -- :class:`CompletionPolicy`, the policy as TorchRL's GRPOLoss scores it
+* :mod:`~creditlib.rl.tree` -- tree rollouts: :class:`TreeSpec`, :func:`sample_tree` (``--tree-roots`` in the recipe)
 
 Layering: ``rl`` is built on :mod:`creditlib.eval` (file and benchmark loading, answer checking
 with its time limit, the ``generate`` / vLLM sampling core) and never the other way round.
@@ -37,7 +38,7 @@ from .model import NonFiniteError, completion_logprobs, tiny_qwen2
 from .rewards import SafeReward, reward_for_dataset
 from .rollout import HFRollout, RolloutBatch, VLLMRollout
 from .task import ChainTask, build_char_tokenizer, chain_reward
-from .train import evaluate_accuracy, make_style, rl_update, sft_warmup
+from .train import evaluate, optimizer_step, sft_warmup
 
 __all__ = [
     "RecipeConfig", "load_config", "parse_args",
@@ -47,7 +48,7 @@ __all__ = [
     "tiny_qwen2", "completion_logprobs", "NonFiniteError",
     "HFRollout", "VLLMRollout", "RolloutBatch",
     "SafeReward", "reward_for_dataset",
-    "rl_update", "sft_warmup", "evaluate_accuracy", "make_style",
+    "optimizer_step", "sft_warmup", "evaluate",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "CheckpointError",
     "MetricsLogger", "read_metrics", "plot_metrics", "summary_table",
     "DistInfo", "init_distributed", "shard_model", "finish",

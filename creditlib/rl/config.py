@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["RecipeConfig", "parse_args", "load_config", "config_to_dict", "build_parser", "resolve_credit", "credit_help",
-           "INHERIT", "CREDIT_OPTIONS"]
+           "INHERIT", "CREDIT_OPTIONS", "tree_spec", "check_tree"]
 
 
 def _f(default, help: str, group: str, choices=None):
@@ -119,6 +119,24 @@ class RecipeConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).", "rollout")
     vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: fraction of GPU memory for the colocated engine.", "rollout")
 
+    # ------------------------------------------------------------------ tree rollouts
+    tree_roots: int = _f(0, "Tree rollouts (creditlib.rl.tree.sample_tree): M independent completions per prompt, "
+                            "then forks; the group is the tree's leaves, M * sum_d (forks * branches)^d, which must "
+                            "equal --group-size. 0 = off (G independent completions). Works with every --credit "
+                            "(prefix-tree methods such as prefix-gae see the shared prefixes); transformers sampling "
+                            "only (--rollout hf, --top-p 1).", "tree")
+    tree_forks: int = _f(1, "Tree rollouts: fork positions N picked on every leaf of a round.", "tree")
+    tree_branches: int = _f(3, "Tree rollouts: continuations sampled at each fork position (the token at the fork "
+                               "is re-sampled).", "tree")
+    tree_depth: int = _f(1, "Tree rollouts: rounds of forking D (0 = a flat group of --tree-roots).", "tree")
+    tree_select: str = _f("entropy", "Tree rollouts: where a leaf forks: 'entropy' (its highest-entropy tokens), "
+                                     "'uniform' (random positions) or 'segment' (every --tree-segment-len tokens).",
+                          "tree", ("entropy", "uniform", "segment"))
+    tree_min_gap: int = _f(1, "Tree rollouts: fork positions of one leaf lie at least this many tokens apart and "
+                              "past the leaf's own fork point.", "tree")
+    tree_segment_len: int = _f(4, "Tree rollouts: segment length S of --tree-select segment (>= --tree-min-gap).",
+                               "tree")
+
     # ------------------------------------------------------------------ credit assignment
     credit: str = _f("grpo-lambda", "Credit-assignment method, a name from creditlib.credit's registry (listed "
                                     "above); the options of this group override its values.", "credit")
@@ -204,6 +222,7 @@ class RecipeConfig:
             ch = f.metadata.get("choices")
             if ch and getattr(self, f.name) not in ch:
                 raise ValueError(f"{f.name} must be one of {list(ch)}, got {getattr(self, f.name)!r}")
+        check_tree(self)
         if self.rollout == "vllm" and not self.model:
             raise ValueError("--rollout vllm needs --model NAME_OR_PATH (the embedded model has no checkpoint vLLM can load)")
         from .registry import get_dataset  # an unknown --dataset: ValueError with "did you mean"
@@ -316,7 +335,8 @@ def build_parser(prog: Optional[str] = None, description: Optional[str] = None,
     titles = {"run": "run", "model": "model", "data": "data", "sft": "supervised warm-up", "rollout": "rollout",
               "credit": "credit assignment (--credit NAME; each option below overrides the method's value, "
                         f"'{INHERIT}' = keep it)",
-              "algo": "PPO update", "reward": "reward"}
+              "algo": "PPO update", "reward": "reward",
+              "tree": "tree rollouts (off unless --tree-roots M > 0; the leaves per prompt must equal --group-size)"}
     for f in dataclasses.fields(RecipeConfig):
         g = f.metadata["group"]
         if g not in groups:
@@ -355,6 +375,49 @@ def parse_args(argv: Optional[list] = None, defaults: Optional[dict] = None, pro
         return load_config(path, overrides=ns, defaults=defaults)
     except ValueError as e:
         parser.error(str(e))
+
+
+TREE_OPTIONS = ("tree_forks", "tree_branches", "tree_depth", "tree_select", "tree_min_gap", "tree_segment_len")
+
+
+def tree_spec(cfg: RecipeConfig):
+    """The :class:`~creditlib.rl.tree.TreeSpec` of ``--tree-*`` (``None``: flat rollouts, ``--tree-roots 0``).
+
+    ``ValueError`` naming the option on a bad count or ``select`` (the spec's own checks)."""
+    if not cfg.tree_roots:
+        return None
+    from .tree import TreeSpec
+
+    try:
+        return TreeSpec(roots=cfg.tree_roots, forks=cfg.tree_forks, branches=cfg.tree_branches, depth=cfg.tree_depth,
+                        select=cfg.tree_select, min_gap=cfg.tree_min_gap, segment_len=cfg.tree_segment_len)
+    except ValueError as e:  # "roots must be ..." -> "--tree-roots: roots must be ..."
+        name = str(e).split()[0]
+        raise ValueError(f"--tree-{name.replace('_', '-')}: {e}") from None
+
+
+def check_tree(cfg: RecipeConfig) -> None:
+    """Refuse ``--tree-*`` options the run cannot honour, with a ``ValueError`` naming the option:
+    a shape whose leaves differ from ``--group-size`` (nothing changes the group size silently),
+    ``--top-p < 1`` or ``--rollout vllm`` with a tree, a ``--tree-*`` option without ``--tree-roots``."""
+    if not isinstance(cfg.tree_roots, int) or cfg.tree_roots < 0:
+        raise ValueError(f"tree_roots must be an integer >= 0 (0 = flat rollouts), got {cfg.tree_roots!r}")
+    if not cfg.tree_roots:
+        set_ = [f"--{k.replace('_', '-')}" for k in TREE_OPTIONS if getattr(cfg, k) != _FIELDS[k].default]
+        if set_:
+            raise ValueError(f"{', '.join(set_)} shape a tree rollout, which is off: add --tree-roots M (M >= 1)")
+        return
+    spec = tree_spec(cfg)
+    try:
+        spec.check_group_size(cfg.group_size, "group_size")
+    except ValueError as e:
+        raise ValueError(f"--group-size and --tree-*: {e}") from None
+    if cfg.rollout != "hf":
+        raise ValueError(f"--tree-roots {cfg.tree_roots} with --rollout {cfg.rollout}: tree rollouts run on "
+                         "transformers only (creditlib.rl.tree.TransformersBackend); use --rollout hf")
+    if cfg.top_p < 1.0:
+        raise ValueError(f"--tree-roots {cfg.tree_roots} with --top-p {cfg.top_p:g}: the tree sampler draws from the "
+                         "full tempered distribution (its old log-probs are of that distribution); use --top-p 1")
 
 
 def config_to_dict(cfg: RecipeConfig) -> dict:

@@ -13,22 +13,20 @@ lives here:
 * :class:`StopSignals` -- SIGTERM / SIGINT finish the current step, checkpoint and exit ``128 + signal``;
 * :func:`learning_rate` -- linear warm-up of the RL learning rate;
 * :func:`nonfinite_message` -- the message of a NaN/inf stop (the last good checkpoint, how to resume);
-* :func:`write_summary` -- final model, plot and the summary table;
-* :func:`load_recipe` -- a recipe script as a module (the presets and the benchmarks load
-  ``recipes/grpo.py`` this way, without putting ``recipes/`` on ``sys.path``).
+* :func:`write_summary` -- final model, plot and the summary table.
+
+The recipes themselves are scripts, not part of the library: presets are YAML configs
+(``recipes/grpo.py --config recipes/configs/NAME.yaml``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
-import sys
 import time
-from types import ModuleType
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,7 +38,7 @@ from .distributed import all_reduce_sum
 from .metrics import plot_metrics, read_metrics, summary_table
 
 __all__ = ["StartPoint", "start_point", "init_weights", "StopSignals", "learning_rate", "nonfinite_message",
-           "write_summary", "load_recipe", "run_folder", "RUN_ARTEFACTS", "run_artefacts", "clear_run_folder",
+           "write_summary", "run_folder", "RUN_ARTEFACTS", "run_artefacts", "clear_run_folder",
            "read_run_info", "write_run_info", "choose_threads", "set_threads", "TINY_MODEL_PARAMS"]
 
 #: What a run writes into its folder. ``--overwrite`` deletes exactly these (nothing else); a folder
@@ -374,25 +372,3 @@ def _relative(path: Optional[Path], root: Path) -> str:
         return str(Path(path).relative_to(root)) + ("/" if Path(path).is_dir() else "")
     except ValueError:
         return str(path)
-
-
-def load_recipe(path: str | os.PathLike) -> ModuleType:
-    """The recipe script at ``path`` (e.g. ``recipes/grpo.py``) as a module, executed once per process.
-
-    Registered in ``sys.modules`` as ``creditlib_recipes_<stem>``, so every preset that loads the same
-    file shares one module.
-    """
-    path = Path(path).resolve()
-    name = f"creditlib_recipes_{path.stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"path must be a Python recipe file, got {str(path)!r}")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]

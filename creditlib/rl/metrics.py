@@ -171,7 +171,9 @@ def read_metrics(path: str | os.PathLike) -> List[Dict]:
 
 
 def plot_metrics(path: str | os.PathLike, png: str | os.PathLike, title: str = "") -> Path:
-    """Reward (per step and a moving average) and held-out accuracy against RL step, as a PNG."""
+    """Reward (per step and a moving average) and held-out accuracy against RL step, as a PNG; beside
+    it, when the evaluations carry ``generated_tokens`` (the RL rollouts' tokens so far), the same
+    accuracy against generated tokens (so a tree run and a flat run compare at equal sampling cost)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +182,10 @@ def plot_metrics(path: str | os.PathLike, png: str | os.PathLike, title: str = "
     recs = read_metrics(path)
     rl = [r for r in recs if r.get("phase") == "rl"]
     ev = [r for r in recs if r.get("phase") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    by_tokens = [r for r in ev if r.get("generated_tokens") is not None]
+    by_tokens = by_tokens if any(r["generated_tokens"] > 0 for r in by_tokens) else []
+    fig, axes = plt.subplots(1, 2 if by_tokens else 1, figsize=(12 if by_tokens else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if rl:
         xs = [r["step"] for r in rl]
         ys = [r.get("reward", float("nan")) for r in rl]
@@ -193,11 +198,19 @@ def plot_metrics(path: str | os.PathLike, png: str | os.PathLike, title: str = "
                 label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward / accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if by_tokens:
+        ax2 = axes[0][1]
+        ax2.plot([r["generated_tokens"] for r in by_tokens], [r["accuracy"] for r in by_tokens], "o-",
+                 color="tab:red", lw=2, label="held-out accuracy (greedy)")
+        ax2.set_xlabel("generated tokens (RL rollouts, cumulative)")
+        ax2.set_ylabel("accuracy")
+        ax2.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    for a in axes[0]:
+        a.set_ylim(-0.02, 1.02)
+        a.grid(alpha=0.3)
+        a.legend(loc="lower right")
     if title:
-        ax.set_title(title)
+        (fig.suptitle if by_tokens else ax.set_title)(title)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -1,52 +1,31 @@
-"""The training pieces of the recipes: supervised warm-up, evaluation, and a plain-tensor GRPO(-lambda) update.
+"""The training pieces of the recipes: supervised warm-up, evaluation, and the one optimizer step.
 
-The recipes' own update (``grpo_step`` in ``recipes/grpo.py``) is built from the TensorDict credit
-modules and :class:`creditlib.losses.GRPOLambdaLoss`; it uses :func:`optimizer_step` from here.
-:func:`rl_update` is the same update on plain tensors
-(:func:`creditlib.losses.grpo_lambda_loss`), for loops that do not use TensorDict::
+The recipes' update (``grpo_step`` in ``recipes/grpo.py``) is built from the TensorDict credit
+modules and :class:`creditlib.losses.GRPOLambdaLoss`; for each minibatch it calls
+:func:`optimizer_step`, the one backward / clip / step sequence of the recipe and the warm-up::
 
-    for each of ppo_epochs, for each minibatch of the B = K x G completions:
-        logp      = log pi_theta(o_t | q, o_<t)                         # [b, T]
-        loss      = grpo_lambda_loss(logp, old_logp, A, mask, style,    # trace over log-ratios,
-                                     clip_eps, clamp_min, aggregation,  # clamp, PPO clip,
-                                     ref_logp, kl_coef)                 # optional KL
-        check finite -> backward -> clip grad norm -> check finite -> optimizer step
+    check the loss finite -> backward -> clip the gradient norm -> check it finite -> optimizer step
 
-Neither takes an optimizer step on a NaN/inf loss or gradient (they raise :class:`NonFiniteError`
-first, in :func:`optimizer_step`, the one backward / clip / step sequence of the recipe, the
-warm-up and :func:`rl_update`), so the weights and the optimizer state stay those of the last good step.
+It never takes an optimizer step on a NaN/inf loss or gradient (it raises :class:`NonFiniteError`
+first), so the weights and the optimizer state stay those of the last good step.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..losses.functional import grpo_lambda_loss
-from ..style import DecayStyle
-from .config import resolve_credit
 from .distributed import DistInfo, all_reduce_sum, reshard
-from .model import NonFiniteError, completion_logprobs
-from .rollout import RolloutBatch
+from .model import NonFiniteError
 
-__all__ = ["make_optimizer", "optimizer_step", "rl_update", "sft_warmup", "evaluate", "evaluate_accuracy", "make_style", "all_finite",
-           "clip_grad_norm", "NonFiniteError"]
+__all__ = ["make_optimizer", "optimizer_step", "sft_warmup", "evaluate", "all_finite", "clip_grad_norm", "NonFiniteError"]
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW over the policy's (sharded) parameters."""
     reshard(model)  # FSDP2: a forward without backward leaves the root's parameters unsharded
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_style(cfg) -> Optional[DecayStyle]:
-    """The loss-side trace style of a config (``--credit`` with its overrides, see
-    :func:`~creditlib.rl.config.resolve_credit`); ``None`` (plain token ratio) when there is none
-    or it is the identity (``lam = 0``)."""
-    style = resolve_credit(cfg).trace
-    return None if style is None or style.is_identity() else style
 
 
 def all_finite(x: torch.Tensor, info: DistInfo) -> bool:
@@ -83,64 +62,6 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, loss: torch.Tensor, 
         raise NonFiniteError(f"the gradient norm is {float(gnorm):.4g} (NaN/inf); no update was applied")
     optimizer.step()
     return gnorm
-
-
-def rl_update(model, optimizer, batch: RolloutBatch, advantages: torch.Tensor, cfg, info: DistInfo,
-              style: Optional[DecayStyle], ref_model=None) -> Dict[str, float]:
-    """One RL update on a rollout batch; returns averaged metrics (floats).
-
-    Args:
-        model: the policy (plain or FSDP2-sharded), in train mode.
-        optimizer: its optimizer.
-        batch: ``B`` completions (:class:`RolloutBatch`).
-        advantages: ``[B]`` group-relative advantages (the critic-free TD error of every token).
-        cfg: a :class:`~creditlib.rl.config.RecipeConfig` (clip_eps, clamp_min, aggregation, kl_coef,
-            ppo_epochs, minibatch_size, max_grad_norm, temperature).
-        info: distributed info (finite checks agree across ranks).
-        style: trace style, ``None`` for plain GRPO.
-        ref_model: frozen reference policy for the KL term (``cfg.kl_coef > 0``).
-    Raises:
-        NonFiniteError: NaN/inf loss or gradient norm (no optimizer step was taken).
-    """
-    B = batch.batch_size
-    clamp_min = resolve_credit(cfg).clamp_min
-    mb = cfg.minibatch_size or B
-    n_mb = math.ceil(B / mb)
-    n_updates = cfg.ppo_epochs * n_mb
-    temp = cfg.temperature
-    mask = batch.completion_mask  # [B, T]
-    old_logp = None
-    if n_updates > 1:  # the sampling policy's log-probs, before any update
-        with torch.no_grad():
-            old_logp = torch.cat([completion_logprobs(model, s.prompt_ids, s.prompt_mask, s.completion_ids,
-                                                      s.completion_mask, temp)
-                                  for s in (batch.select(torch.arange(i, min(i + mb, B))) for i in range(0, B, mb))])
-    ref_logp = None
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logp = completion_logprobs(ref_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                           mask, temp)  # [B, T]
-    sums: Dict[str, float] = {}
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B) if n_mb > 1 else torch.arange(B)  # [B]
-        for i in range(0, B, mb):
-            idx = perm[i:i + mb]  # [b]
-            sub = batch.select(idx.to(batch.completion_ids.device))
-            logp = completion_logprobs(model, sub.prompt_ids, sub.prompt_mask, sub.completion_ids,
-                                       sub.completion_mask, temp)  # [b, T] carries the gradient
-            old = logp.detach() if old_logp is None else old_logp[idx]  # [b, T]
-            loss, m = grpo_lambda_loss(
-                logp, old, advantages[idx].to(logp.device), sub.completion_mask, style,
-                clip_eps=cfg.clip_eps, clamp_min=clamp_min, aggregation=cfg.aggregation,
-                ref_logp=None if ref_logp is None else ref_logp[idx], kl_coef=cfg.kl_coef)
-            gnorm = optimizer_step(model, optimizer, loss, info, cfg.max_grad_norm)
-            m = {k: float(v) for k, v in m.items()}
-            m["loss"] = float(loss.detach())
-            m["grad_norm"] = float(gnorm)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v / n_updates
-    optimizer.zero_grad(set_to_none=True)
-    return sums
 
 
 def sft_warmup(model, source, cfg, info: DistInfo, device: torch.device,
@@ -239,9 +160,3 @@ def evaluate(rollout, source, examples: List, reward, info: DistInfo, device: to
         res["sampled_accuracy"] = float(totals[1]) / (n * samples)
         res[f"pass_at_{samples}"] = float(totals[2]) / n
     return res
-
-
-def evaluate_accuracy(rollout, source, examples: List, reward, info: DistInfo, device: torch.device,
-                      batch_size: int = 256) -> float:
-    """Greedy-decoding accuracy (mean reward) on held-out ``examples``, split across ranks (see :func:`evaluate`)."""
-    return evaluate(rollout, source, examples, reward, info, device, batch_size=batch_size)["accuracy"]

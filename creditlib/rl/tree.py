@@ -1,6 +1,6 @@
 """Tree rollouts: branch where the policy is unsure, so the group's prefix tree is informative.
 
-``TreeSpec(roots=M, forks=N, branches=Bf, depth=D, select="entropy")`` (DESIGN.md, "Tree
+``TreeSpec(roots=M, forks=N, branches=Bf, depth=D, select="entropy")`` (docs/design.md, "Tree
 rollouts"): sample ``M`` completions of a prompt; then, ``D`` times, every leaf made in the previous
 round picks ``N`` fork positions ``k`` among its own new tokens and samples ``Bf`` continuations of
 ``prompt + o[:k]`` (the token at ``k`` is re-sampled). Leaves per prompt:

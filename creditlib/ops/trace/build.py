@@ -1,6 +1,7 @@
-"""Fused CPU kernel of the trace scan: a C++ torch extension, JIT-built at first use and cached.
+"""Build system of the fused CPU trace kernel: JIT-built at first use, cached, loaded.
 
-The source is ``csrc/trace_cpu.cpp``. Like DeepSpeed's op builder, it is compiled with
+The source is ``csrc/trace_cpu.cpp``; the wrapper that calls it is :mod:`creditlib.ops.trace.cpu`.
+Like DeepSpeed's op builder, it is compiled with
 :func:`torch.utils.cpp_extension.load` the first time it is needed, into a cache directory keyed by
 a hash of the source, the torch and Python versions, the compiler flags, the compiler and the CPU
 (``-march=native`` binaries are CPU-specific). Later processes load the cached shared library
@@ -21,7 +22,7 @@ Build reliability:
 * **A failed build** is written to ``<build dir>/build.log`` and remembered for the process:
   ``load()`` raises a ``RuntimeError`` naming the log and ``backend="torch"`` (what an explicit
   ``backend="cpp"`` gets), and ``backend="auto"`` falls back to the PyTorch path with one warning
-  (:func:`creditlib._kernels.choose_backend`).
+  (:func:`creditlib.ops.trace.choose_backend`).
 * **ninja** comes with ``pip install creditlib``; it is found in the interpreter's scripts folder
   (a virtual environment used without activating it) or the ``ninja`` package when it is not on
   ``PATH``.
@@ -398,25 +399,3 @@ def describe() -> str:
     """One line on the loaded extension: ``"AVX-512"`` / ``"scalar"`` and its build flags."""
     mod = load()
     return f"{_isa_of(mod)} ({' '.join(cflags())})"
-
-def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-               sched, transpose: bool) -> torch.Tensor:
-    """``z = W x`` (``transpose=False``) or ``W^T x`` with the fused kernel (see ``creditlib._kernels``).
-
-    ``sched`` is a :class:`creditlib._kernels.Schedule`. Builds the extension on first use if no
-    cached build exists.
-    """
-    mod = load()
-    out, nonfinite = _raw_scan(mod, x, mask_u8, cu_seqlens, sched, transpose)
-    if not nonfinite:  # every row's last carry is finite: no NaN/inf valid input (checked in the kernel)
-        return out
-    from . import nonfinite_scan
-
-    return nonfinite_scan(x, mask_u8, cu_seqlens, sched, transpose,
-                          lambda *a: _raw_scan(mod, *a)[0], out)  # NaN/inf inputs: the careful path
-
-
-def _raw_scan(mod, x, mask_u8, cu_seqlens, sched, transpose):
-    """The kernel's ``(out, some carry ended non-finite)``."""
-    return mod.trace_scan(x, mask_u8, cu_seqlens, float(sched.d), float(sched.eps), sched.L, sched.kind_code,
-                          bool(sched.normalize), bool(transpose))

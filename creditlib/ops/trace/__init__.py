@@ -1,4 +1,7 @@
-"""Backends of the trace scan ``z = W x`` (or ``W^T x``), all with one calling convention.
+"""The trace scan ``z = W x`` (or ``W^T x``): the dispatcher over its backends, one calling convention.
+
+Files: ``naive.py`` (the dense definition), ``torch_scan.py`` (pure PyTorch), ``cpu.py`` (the
+fused C++ kernel's wrapper; ``build.py`` builds ``csrc/trace_cpu.cpp``), ``triton_kernel.py`` (CUDA).
 
 ``trace_scan(x, mask_u8, cu_seqlens, sched, transpose, backend)``
 
@@ -71,7 +74,7 @@ class Schedule:
     @functools.lru_cache(maxsize=256)
     def make(kind: str, d: float, eps: float, normalize: bool) -> "Schedule":
         """From primitives (what the custom op's schema carries); validated, cached."""
-        from ..style import decay_window
+        from ...style import decay_window
 
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -102,7 +105,7 @@ class Schedule:
 
     def style(self):
         """The :class:`~creditlib.DecayStyle` of these weights (for the dense reference)."""
-        from ..style import DecayStyle
+        from ...style import DecayStyle
 
         return DecayStyle(self.kind, gamma=1.0, lam=self.d, eps=self.eps, normalize=self.normalize)
 
@@ -194,32 +197,32 @@ def choose_backend(x: torch.Tensor) -> str:
     """
     global _auto_build_failed
     if x.is_cuda:
-        triton_trace = _optional("triton_trace")
-        if triton_trace is not None and triton_trace.available():
+        triton_kernel = _optional("triton_kernel")
+        if triton_kernel is not None and triton_kernel.available():
             return _chosen("triton", "cuda", "Triton kernel")
         return _chosen("torch", "cuda", "Triton is not available")
     if x.device.type != "cpu":
         return _chosen("torch", x.device.type, "no fused kernel for this device")
-    cpu = _optional("cpu")
-    if cpu is None:
+    build = _optional("build")
+    if build is None:
         return _chosen("torch", "cpu", "the C++ backend module could not be imported")
-    if cpu.ready():
-        return _chosen("cpp", "cpu", lambda: f"fused C++ kernel, {cpu._isa_of(cpu.load())}")
-    if cpu.build_error() is not None or _auto_build_failed:
+    if build.ready():
+        return _chosen("cpp", "cpu", lambda: f"fused C++ kernel, {build._isa_of(build.load())}")
+    if build.build_error() is not None or _auto_build_failed:
         return _chosen("torch", "cpu", "the C++ kernel build failed")
     if x.numel() < AUTO_BUILD_MIN_NUMEL:
         return _chosen("torch", "cpu", f"no C++ build cached; inputs of {AUTO_BUILD_MIN_NUMEL} elements or more build it")
-    if not cpu.can_build():
+    if not build.can_build():
         return _chosen("torch", "cpu", "no C++ build cached and none possible here: C++ compiler, ninja or torch "
                                        "headers missing, or CREDITLIB_NO_BUILD set")
     try:
-        mod = cpu.load()
+        mod = build.load()
     except Exception as e:  # noqa: BLE001 - a broken toolchain must not stop a training run
         _auto_build_failed = True  # never retried by "auto" in this process, and warned about once
         warnings.warn(f"{e} backend=\"auto\" uses the pure-PyTorch trace for the rest of this process.",
                       RuntimeWarning, stacklevel=2)
         return _chosen("torch", "cpu", "the C++ kernel build failed")
-    return _chosen("cpp", "cpu", f"fused C++ kernel, {cpu._isa_of(mod)}")
+    return _chosen("cpp", "cpu", f"fused C++ kernel, {build._isa_of(mod)}")
 
 
 def _optional(name: str):
@@ -235,7 +238,7 @@ def _optional(name: str):
 def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                sched: Schedule, transpose: bool, backend: str = "auto") -> torch.Tensor:
     if not isinstance(sched, Schedule):
-        raise ValueError(f"sched must be a creditlib._kernels.Schedule, got {type(sched).__name__}")
+        raise ValueError(f"sched must be a creditlib.ops.trace.Schedule, got {type(sched).__name__}")
     if backend == "auto":
         backend = choose_backend(x)
     check_backend(backend)
@@ -248,8 +251,8 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
         from . import cpu
         return cpu.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
     if backend == "triton":
-        from . import triton_trace
-        return triton_trace.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
+        from . import triton_kernel
+        return triton_kernel.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
     if backend == "torch":
         from . import torch_scan
         return torch_scan.trace_scan(x, mask_u8, cu_seqlens, sched, transpose)
@@ -377,8 +380,8 @@ def varlen_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor):
 
 
 def reference_scan(x, mask_u8, cu_seqlens, sched: Schedule, transpose: bool):
-    """The dense O(T^2) definition (``creditlib._reference``) under the kernels' calling convention."""
-    from .._reference import eligibility_trace_naive
+    """The dense O(T^2) definition (``naive.py``) under the kernels' calling convention."""
+    from .naive import eligibility_trace_naive
 
     style = sched.style()
     if cu_seqlens is not None:

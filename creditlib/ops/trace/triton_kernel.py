@@ -1,7 +1,7 @@
 """Triton kernel of the trace scan ``z = W x`` / ``z = W^T x`` (CUDA; CPU under the interpreter).
 
-Calling convention: see :mod:`creditlib._kernels` (``trace_scan(x, mask_u8, cu_seqlens, sched,
-transpose)`` with a :class:`~creditlib._kernels.Schedule`).
+Calling convention: see :mod:`creditlib.ops.trace` (``trace_scan(x, mask_u8, cu_seqlens, sched,
+transpose)`` with a :class:`~creditlib.ops.trace.Schedule`).
 
 Layout (chunked, in the style of flash-linear-attention's chunk kernels): each program owns ``BR``
 rows (padded rows or packed sequences) and walks them together in chunks of ``C`` positions, a
@@ -525,7 +525,7 @@ def _split_scan(x, m, has_mask: bool, sched, transpose: bool, C: int, acc, tl_ac
 def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                sched, transpose: bool, *, block: Optional[int] = None, rows: Optional[int] = None,
                split: Optional[bool] = None) -> torch.Tensor:
-    """The trace (or its transpose) by the Triton kernel; see :mod:`creditlib._kernels`.
+    """The trace (or its transpose) by the Triton kernel; see :mod:`creditlib.ops.trace`.
 
     ``block`` and ``rows`` (tests only) override the chunk length (a power of two, still capped by
     :func:`chunk_cap`) and the rows per program (a power of two) to exercise the carries across
@@ -535,7 +535,7 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
 
     NaN/inf valid inputs: the chunk factorisation would turn an infinity into NaN (``inf - inf``)
     and spread it, so an output sum that is not finite sends the call to
-    :func:`creditlib._kernels.nonfinite_scan` (the same +inf/-inf/NaN pattern as every backend).
+    :func:`creditlib.ops.trace.nonfinite_scan` (the same +inf/-inf/NaN pattern as every backend).
     That check is one reduction over the output (one read pass on the GPU; not timed on a device).
     """
     def scan(xs, ms, cs, sc, tr):

@@ -1,10 +1,10 @@
-"""Plain definitions of the group prefix-tree TD error and of the entropy-selected tokens.
+"""Plain definition of the group prefix-tree TD error (and of the values it differences).
 
-These are the ground truth that :mod:`creditlib._prefix` is tested against: explicit Python loops
-over groups, completions and tokens, a dict-based trie, float64 arithmetic (Python floats). Slow
-(O(G * sum(n_i)) Python steps per group) and meant for tests and small examples only.
+These are the ground truth that :mod:`creditlib.ops.prefix.vectorised` is tested against: explicit
+Python loops over groups, completions and tokens, a dict-based trie, float64 arithmetic (Python
+floats). Slow (O(G * sum(n_i)) Python steps per group) and meant for tests and small examples only.
 
-Definitions (``DESIGN.md``, "Credit primitives" 3 and 4). The completions of one prompt form a
+Definitions (``docs/design.md``, sections 4 and 5). The completions of one prompt form a
 prefix tree. With ``o_i`` the valid tokens of row ``i`` in order and ``n_i`` their number, the
 state before token ``k`` of ``o_i`` is the trie node reached by ``o_i[:k]``; the other members of
 the group that pass through that node are the ``j != i`` with ``LCP(i, j) >= k``. Then
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._validation import check_groups, check_scale
+from ..._validation import check_groups, check_scale
 
 
 class _Node:
@@ -138,24 +138,3 @@ def prefix_values_naive(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch
             for k, v in enumerate(_values(i, seqs[i], root, {j: rew[j] for j in rows})):
                 out[i, cols[i][k]] = v
     return out
-
-
-def entropy_mask_naive(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    """``mask & (entropy >= q)``, ``q`` the ``1 - quantile`` quantile (linear interpolation, as
-    ``torch.quantile``) of the valid entropies rounded to float32, computed by sorting in Python;
-    the comparison is made in float64 (exact for every input dtype)."""
-    vals = sorted(float(v) for v, m in zip(entropy.float().reshape(-1).tolist(), mask.reshape(-1).tolist()) if m)
-    if not vals:
-        return torch.zeros(entropy.shape, dtype=torch.bool)
-    # torch.quantile's arithmetic: rank = q * (N - 1) in float32, lerp between the neighbours
-    q32 = torch.tensor(1.0 - quantile, dtype=torch.float32)
-    rank = float(q32 * (len(vals) - 1))
-    lo = int(rank)
-    hi = min(lo + (1 if rank > lo else 0), len(vals) - 1)
-    w = torch.tensor(rank - lo, dtype=torch.float32)
-    thr = torch.lerp(torch.tensor(vals[lo], dtype=torch.float32), torch.tensor(vals[hi], dtype=torch.float32), w)
-    # compared in float64: exact for half/float32 entropies, and float64 ones stay float64
-    keep = [[bool(m) and float(e) >= float(thr) for e, m in zip(er, mr)]
-            for er, mr in zip(entropy.double().reshape(-1, entropy.shape[-1]).tolist(),
-                              mask.reshape(-1, mask.shape[-1]).tolist())]
-    return torch.tensor(keep, dtype=torch.bool).reshape(entropy.shape)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .style import DecayStyle
+from ...style import DecayStyle
 
 
 def _check_style(style) -> DecayStyle:

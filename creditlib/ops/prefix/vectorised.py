@@ -1,11 +1,10 @@
-"""Group prefix-tree TD error (leave-one-out) and entropy-selected tokens: the vectorised forms.
+"""Group prefix-tree TD error (leave-one-out): the vectorised form.
 
     delta = prefix_td(tokens, mask, rewards, group_size)          # [B, T], dtype of rewards
     delta = prefix_td(tokens, mask, rewards, group_ids=ids, boundary=newline)   # step-level
-    keep = entropy_mask(entropy, mask, quantile=0.2)              # bool [B, T]
 
-The plain definitions (a dict-based trie walk, a Python sort) are in
-:mod:`creditlib._prefix_reference`; the tests hold these against them.
+The plain definition (a dict-based trie walk) is in :mod:`creditlib.ops.prefix.naive`; the tests
+hold this against it. ``entropy_mask`` is in :mod:`creditlib.ops.entropy`.
 
 How ``prefix_td`` is computed (no Python loop over tokens, rows or groups; one loop over the
 ``G - 1`` pair offsets inside a group). ``B`` rows, ``K`` groups of ``G``:
@@ -37,13 +36,10 @@ from typing import Optional
 
 import torch
 
-from ._validation import (as_bool_mask, check_eps, check_float, check_groups, check_mask, check_quantile,
-                          check_scale)
+from ..._validation import as_bool_mask, check_eps, check_float, check_groups, check_mask, check_scale
 
-__all__ = ["prefix_td", "entropy_mask"]
+__all__ = ["prefix_td"]
 
-# torch.quantile refuses inputs with more than 2**24 elements
-_TORCH_QUANTILE_MAX = 1 << 24
 # largest pair-comparison buffer prefix_td allocates at once (bytes); larger groups take several
 _NE_BUDGET = 1 << 26
 
@@ -502,76 +498,3 @@ def _prefix_td_impl(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Ten
         val = val[keep] * inv_s[torch.div(slot, Gm, rounding_mode="floor")]  # [E]
         out.view(-1)[lay.flat(rows.reshape(-1)[slot], pos)] = val.to(out.dtype)
         return out
-
-
-def _quantile(v: torch.Tensor, p: float) -> torch.Tensor:
-    """``torch.quantile(v, p)`` (linear interpolation) for 1-D float32 ``v`` of any size.
-
-    Up to 2**24 elements this is ``torch.quantile`` itself. Beyond (where it raises), the same
-    arithmetic with two ``kthvalue`` selections: rank ``p (N - 1)`` (float64, since float32 no
-    longer holds every index), floor and ceil neighbours, ``torch.lerp`` with the float32 weight.
-    """
-    N = v.numel()
-    if N <= _TORCH_QUANTILE_MAX:
-        return torch.quantile(v, p)
-    return _quantile_kth(v, p)
-
-
-def _quantile_kth(v: torch.Tensor, p: float) -> torch.Tensor:
-    N = v.numel()
-    if N - 1 <= _TORCH_QUANTILE_MAX:  # torch.quantile's float32 rank, bit for bit
-        rank = float(torch.tensor(p, dtype=torch.float32) * (N - 1))
-    else:
-        rank = p * (N - 1)
-    rank = min(max(rank, 0.0), float(N - 1))
-    lo = int(rank)
-    hi = min(lo + (1 if rank > lo else 0), N - 1)
-    w = torch.tensor(rank - lo, dtype=v.dtype, device=v.device)
-    v_lo = torch.kthvalue(v, lo + 1).values
-    v_hi = v_lo if hi == lo else torch.kthvalue(v, hi + 1).values
-    return torch.lerp(v_lo, v_hi, w)
-
-
-def entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    """The top-``quantile`` entropy tokens ("forking tokens", the 80/20 rule): bool ``[B, T]``.
-
-    ``mask & (entropy >= q)`` with ``q = torch.quantile(entropy[mask].float(), 1 - quantile)``
-    over the whole batch (linear interpolation). The comparison is made in float32 (float64 for
-    float64 entropies), as TRL's ``GRPOTrainer.get_high_entropy_mask``.
-
-    Args:
-        entropy: float ``[..., T]`` per-token entropies (any sign; finite at valid positions).
-        mask: bool or integer (nonzero = valid token), same shape.
-        quantile: in ``(0, 1]``: the fraction of valid tokens kept (1 keeps every valid token).
-    Returns:
-        bool ``[..., T]``; all False when no token is valid. Inputs of any size (``torch.quantile``
-        stops at 2**24 elements; beyond that a ``kthvalue`` form with the same arithmetic).
-
-    ``torch.compile(fullgraph=True)`` compiles it (one opaque custom op, ``creditlib::entropy_mask``).
-    """
-    entropy = check_float("entropy", entropy)
-    mask = check_mask(mask, entropy, "entropy")
-    quantile = check_quantile(quantile)
-    return _entropy_mask_op(entropy.detach(), mask, quantile)
-
-
-@torch.library.custom_op("creditlib::entropy_mask", mutates_args=())
-def _entropy_mask_op(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    e = entropy
-    mask = _canonical(mask)
-    vals = e[mask].float()  # [N] valid entropies
-    if vals.numel() == 0:
-        return torch.zeros_like(mask)
-    fin = torch.isfinite(vals)  # [N]
-    if not bool(fin.all()):
-        i = int((~fin).nonzero()[0, 0])
-        where = tuple(int(c) for c in mask.nonzero()[i])
-        raise ValueError(f"entropy must be finite at valid positions: entropy[{where}] = {float(vals[i])}")
-    q = _quantile(vals, 1.0 - quantile)  # float32 scalar
-    cmp = torch.promote_types(e.dtype, torch.float32)
-    return mask & (e.to(cmp) >= q)  # [..., T]
-
-
-@_entropy_mask_op.register_fake
-def _(entropy, mask, quantile):
-    return torch.empty_like(mask)  # bool [..., T]

@@ -30,7 +30,7 @@ Plan (all O(T) time and memory, no T x T matrix, no Python loop over time steps,
 Non-finite valid inputs: the chunked matmul would spread them to *earlier* tokens (``0 * inf``), so
 rows holding any are scanned with them zeroed, and the +inf, -inf and NaN inputs are traced as 0/1
 indicators with the support weights (:meth:`Schedule.support`) to put +inf, -inf or NaN exactly
-where they reach (:func:`creditlib._kernels.place_nonfinite`, the rule every backend follows).
+where they reach (:func:`creditlib.ops.trace.place_nonfinite`, the rule every backend follows).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def _rows(x: torch.Tensor, sched: Schedule, transpose: bool) -> torch.Tensor:
 
 def _rows_nonfinite(x: torch.Tensor, sched: Schedule, transpose: bool) -> torch.Tensor:
     """As :func:`_rows` when some inputs may be NaN/inf: they reach exactly their support, with the
-    values of :func:`creditlib._kernels.place_nonfinite` (-inf alone gives -inf, never NaN)."""
+    values of :func:`creditlib.ops.trace.place_nonfinite` (-inf alone gives -inf, never NaN)."""
     if bool(torch.isfinite(x.sum())):
         return _rows(x, sched, transpose)
     bad = ~torch.isfinite(x)  # [R, T]
@@ -466,7 +466,7 @@ def _recent_runs(x: torch.Tensor, mask_u8: torch.Tensor, d: float, transpose: bo
 
 def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                sched: Schedule, transpose: bool) -> torch.Tensor:
-    """See :mod:`creditlib._kernels` for the calling convention."""
+    """See :mod:`creditlib.ops.trace` for the calling convention."""
     if cu_seqlens is not None:  # packed -> padded [S, Tmax] (the compiled kernels work in place)
         xp, mask, _ = varlen_to_padded(x, cu_seqlens)  # [S, Tmax], [S, Tmax]
         if xp.numel() == 0:
