@@ -223,7 +223,8 @@ def test_credit_pipeline_writes_the_method_advantages(name):
     else:
         assert "entropy_mask" not in out.keys()
     kinds = [type(x).__name__ for x in M.credit_pipeline(m, group_size=G).module]
-    assert kinds[0] == ("PrefixGAE" if m.per_token else "CriticFreeTD")
+    builtin = {"group": "CriticFreeTD", "prefix_td": "PrefixGAE"}  # other kinds: the generic module
+    assert kinds[0] == builtin.get(m.advantage_kind.name, "CreditAdvantage")
     assert ("ClampNegative" in kinds) == (m.clamp_min is not None)
 
 

@@ -153,7 +153,7 @@ def test_credit_overrides_resolve_to_the_named_methods(capsys):
     m = resolve_credit(load_config(overrides={"credit": "grpo-lambda", "normalize": True, "trace_style": "both"}))
     assert m.trace.normalize and m.trace.both and m.trace.lam == 0.99
     m = resolve_credit(load_config(overrides={"credit": "prefix-gae", "gae_lambda": 0.9, "entropy_quantile": 0.5}))
-    assert (m.advantage, m.lam, m.entropy_quantile) == ("prefix_td", 0.9, 0.5)
+    assert (m.advantage, m.gae_lam, m.entropy_quantile) == ("prefix_td", 0.9, 0.5)
     assert resolve_credit(load_config(overrides={"credit": "gspo", "trace_style": "none"})).trace is None
     # a typo gets a "did you mean"; an override the method cannot take names the method
     with pytest.raises(SystemExit):

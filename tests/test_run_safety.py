@@ -262,9 +262,12 @@ def test_thread_count_follows_the_model_size_and_the_machine(monkeypatch, capsys
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
     assert choose_threads(10_000)[0] == 1
-    n, why = choose_threads(TINY_MODEL_PARAMS)
+    n, why = choose_threads(TINY_MODEL_PARAMS, load=0.0)  # an idle machine: every core
     assert n == cores and "cores" in why
-    assert choose_threads(TINY_MODEL_PARAMS, local_world_size=2)[0] == max(1, cores // 2)
+    assert choose_threads(TINY_MODEL_PARAMS, local_world_size=2, load=0.0)[0] == max(1, cores // 2)
+    n, why = choose_threads(TINY_MODEL_PARAMS, load=float(cores))  # busy to its core count: one thread
+    assert n == 1 and "load" in why
+    assert choose_threads(TINY_MODEL_PARAMS, load=cores - 1.2)[0] == 1  # one core free
     assert choose_threads(10_000, requested=3) == (3, "--num-threads 3")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert choose_threads(10**9) == (2, "OMP_NUM_THREADS=2")

@@ -40,8 +40,8 @@ def build_reference(cfg, device: torch.device, state_dict: dict, info: DistInfo)
     ref.load_state_dict({k: v.to(device) for k, v in state_dict.items()})
     ref.requires_grad_(False)
     ref.eval()
-    if cfg.gradient_checkpointing:
-        ref.gradient_checkpointing_disable()
+    if cfg.gradient_checkpointing:  # transformers >= 5 renamed it; the old name warns
+        (getattr(ref, "activation_checkpointing_disable", None) or ref.gradient_checkpointing_disable)()
     return shard_model(ref, info)
 
 

@@ -66,7 +66,8 @@ class RecipeConfig:
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.", "run")
     num_threads: int = _f(0, "torch CPU threads. 0 or 'auto': 1 for a model under 20M parameters (more threads only wait "
                              "for each other, and for cores on a busy machine), else the cores this process may use "
-                             "(os.sched_getaffinity; OMP_NUM_THREADS when set). Said at start-up.", "run")
+                             "(os.sched_getaffinity) less those the 1-minute load average says are busy, at least 1; "
+                             "OMP_NUM_THREADS when set. Said at start-up.", "run")
     progress: bool = _f(True, "Show a tqdm progress bar with live reward / accuracy.", "run")
     plot: bool = _f(True, "Write metrics.png (reward and held-out accuracy against step) at the end.", "run")
 
@@ -460,7 +461,7 @@ def resolve_credit(cfg: RecipeConfig):
     method = get_credit(cfg.credit)
     changes = {}
     for opt, fld in (("advantage_scale", "scale"), ("advantage_baseline", "baseline"), ("clamp_min", "clamp_min"),
-                     ("entropy_quantile", "entropy_quantile"), ("gae_gamma", "gamma"), ("gae_lambda", "lam")):
+                     ("entropy_quantile", "entropy_quantile"), ("gae_gamma", "gae_gamma"), ("gae_lambda", "gae_lam")):
         v = getattr(cfg, opt)
         if v != INHERIT:
             changes[fld] = v

@@ -231,14 +231,19 @@ def init_weights(start: StartPoint, model) -> None:
 TINY_MODEL_PARAMS = 20_000_000
 
 
-def choose_threads(n_params: int, requested: int = 0, local_world_size: int = 1) -> Tuple[int, str]:
+def choose_threads(n_params: int, requested: int = 0, local_world_size: int = 1,
+                   load: Optional[float] = None) -> Tuple[int, str]:
     """``(threads, why)``: torch's intra-op CPU thread count for a model of ``n_params`` parameters.
 
     ``requested > 0`` (``--num-threads N``) wins; then ``OMP_NUM_THREADS`` when set; then the rule:
     a model under :data:`TINY_MODEL_PARAMS` gets 1 thread (its matmuls are too small to split: the
     threads mostly synchronise, and on a busy machine each one waits for a core -- the embedded
     recipe ran about 20x slower with 2 threads than with 1 at load 2-3); a larger one the cores
-    this process may run on (``os.sched_getaffinity``), shared among the processes of this node.
+    this process may run on (``os.sched_getaffinity``), shared among the processes of this node,
+    less the cores other work keeps busy (``load``: the 1-minute load average, read with
+    ``os.getloadavg`` when None): a thread that has to wait for a busy core stalls every other
+    thread at the next barrier, so on a machine already loaded to its core count one thread is
+    faster than several.
     """
     if not isinstance(requested, int) or requested < 0:
         raise ValueError(f"num_threads must be an integer >= 0 (0 = auto), got {requested!r}")
@@ -250,9 +255,14 @@ def choose_threads(n_params: int, requested: int = 0, local_world_size: int = 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if n_params < TINY_MODEL_PARAMS:
         return 1, f"auto: a small model, {n_params:,} parameters < {TINY_MODEL_PARAMS // 10**6}M"
-    n = max(1, cores // max(1, local_world_size))
-    share = f" / {local_world_size} processes" if local_world_size > 1 else ""
-    return n, f"auto: {n_params:,} parameters, the {cores} cores this process may use{share}"
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    lws = max(1, local_world_size)
+    free = max(1, int(cores - load + 0.5))  # cores not kept busy by other work (1 at least)
+    n = max(1, min(cores, free) // lws)
+    share = f" / {lws} processes" if lws > 1 else ""
+    busy = f", load {load:.1f} leaves {free} free" if free < cores else ""
+    return n, f"auto: {n_params:,} parameters, the {cores} cores this process may use{busy}{share}"
 
 
 def set_threads(threads: int) -> str:
