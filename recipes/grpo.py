@@ -53,9 +53,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout without 
 import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
-
-from creditlib.rl.data import Example
-from creditlib.rl.rollout import HFRollout, VLLMRollout
+from transformers import PreTrainedTokenizerBase
 
 from creditlib.credit import CreditMethod
 from creditlib.losses import GRPOLambdaLoss
@@ -64,7 +62,7 @@ from creditlib.rl import checkpoint as ckpt
 from creditlib.rl.build import build_policy, build_reference, build_rollout, max_new_tokens
 from creditlib.rl.config import (CREDIT_OPTIONS, INHERIT, RecipeConfig, config_to_dict, parse_args, resolve_credit,
                                  tree_spec)
-from creditlib.rl.data import build_source
+from creditlib.rl.data import Example, MathSource, SyntheticSource, build_source
 from creditlib.rl.distributed import (DistInfo, all_reduce_dict_mean, barrier, finish, init_distributed,
                                       shard_model)
 from creditlib.rl.loop import (StartPoint, StopSignals, choose_threads, clear_run_folder, init_weights,
@@ -74,7 +72,7 @@ from creditlib.rl.metrics import MetricsLogger, make_reporter
 from creditlib.rl.model import NonFiniteError, completion_logprobs, count_parameters, resolve_device
 from creditlib.rl.policy import CompletionPolicy
 from creditlib.rl.rewards import SafeReward, reward_for_dataset
-from creditlib.rl.rollout import RolloutBatch
+from creditlib.rl.rollout import HFRollout, RolloutBatch, VLLMRollout
 from creditlib.rl.tree import TransformersBackend, TreeRollout, TreeSpec, sample_tree
 from creditlib.rl.train import evaluate, make_optimizer, optimizer_step, sft_warmup
 
@@ -95,8 +93,8 @@ class Recipe:
     device: torch.device
     out: Path
     model: torch.nn.Module  # the policy (FSDP2-sharded under torchrun)
-    tokenizer: Any  # a transformers tokenizer, or the embedded task's character tokenizer
-    source: Any  # creditlib.rl.data: SyntheticSource | MathSource
+    tokenizer: PreTrainedTokenizerBase  # the model's, or the embedded task's character tokenizer (also one)
+    source: Union[SyntheticSource, MathSource]  # the prompts, answers and their encoding
     reward: SafeReward
     method: CreditMethod
     credit: TensorDictSequential  # the method's advantage stage (creditlib.modules.credit_pipeline)

@@ -41,6 +41,13 @@ untouched. If a TRL version stops routing the loss through that method, or never
 silently training plain GRPO. TRL's fused Liger GRPO loss (``use_liger_loss``, which bypasses
 ``_compute_loss``) and ``AsyncGRPOTrainer`` (its own packed loss and rollout-worker advantages, not
 a ``GRPOTrainer``) are refused with a ``ValueError`` that says why.
+
+Tree rollouts (:mod:`creditlib.rl.tree`) through TRL's ``rollout_func``, with any credit method::
+
+    trainer = CreditTrainer(..., args=CreditConfig(..., credit="prefix-gae", num_generations=8),
+                            rollout_func=tree_rollout_func(TreeSpec()))   # 8 leaves per prompt
+
+(:class:`TreeRolloutFunc` says what TRL's ``rollout_func`` carries and what it cannot.)
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ from ..losses.functional import clamp_advantages
 from ..style import STYLES, DecayStyle
 
 __all__ = ["CreditConfig", "CreditMixin", "CreditTrainer", "GRPOLambdaConfig", "GRPOLambdaMixin",
-           "GRPOLambdaTrainer"]
+           "GRPOLambdaTrainer", "TreeRolloutFunc", "tree_rollout_func"]
 
 
 def _check_clamp_min(clamp_min) -> Optional[float]:
@@ -320,6 +327,12 @@ class CreditMixin:
                 "the log-ratio style are applied. Set use_liger_loss=False / use_liger_kernel=False.")
         method = cfg.credit_method()
         _reconcile(cfg, method)  # again: args may have been edited after construction
+        tree = kwargs.get("rollout_func")
+        if isinstance(tree, TreeRolloutFunc):  # refuse a tree that cannot fill TRL's groups before building
+            tree.check_config(cfg)
+            for name in ("tools", "environment_factory"):
+                if kwargs.get(name):
+                    raise ValueError(f"{name} cannot be combined with a tree rollout_func: {_TOOLS_REFUSAL}")
         self.credit_method: CreditMethod = method
         self.trace_style: Optional[DecayStyle] = method.trace
         self.clamp_min: Optional[float] = method.clamp_min
@@ -481,3 +494,208 @@ class GRPOLambdaTrainer(GRPOLambdaMixin, GRPOTrainer):
     Takes exactly ``GRPOTrainer``'s arguments; ``args`` must be a :class:`GRPOLambdaConfig`
     (or ``None`` for its defaults).
     """
+
+
+# ----------------------------------------------------------------------------- tree rollouts
+_TOOLS_REFUSAL = ("TRL appends tool results to each completion after rollout_func returns, which would break "
+                  "the shared prefixes of the tree and the copied old log-probs")
+
+
+class TreeRolloutFunc:
+    """Tree rollouts (:mod:`creditlib.rl.tree`) as TRL 1.16's ``rollout_func``: pass it to
+    ``GRPOTrainer``/:class:`CreditTrainer` as ``rollout_func=tree_rollout_func(TreeSpec(...))``.
+
+    What TRL's ``rollout_func`` is (trl 1.16, experimental): ``rollout_func(prompts, trainer) -> dict``,
+    called in ``GRPOTrainer._generate`` with this process's slice of the generation batch. That slice
+    comes from TRL's ``RepeatSampler``: each prompt repeated ``num_generations`` times, consecutively
+    (TRL's docstring says "no duplication"; the sampler does duplicate). The dict must hold
+    ``prompt_ids``, ``completion_ids`` and ``logprobs``: one list per row, ``len(prompts)`` rows in the
+    order of ``prompts``, and TRL groups rows ``[k G, (k + 1) G)`` (``G = num_generations``) for its
+    advantages and creditlib's. Every other key is handed to the reward functions.
+
+    So each group of ``G`` identical prompts becomes one tree with ``spec.leaves == G`` leaves (else a
+    ``ValueError`` naming both), rows in the tree's slot order (roots, then children); a child's shared
+    prefix tokens and their sampling log-probs are copied from its parent. The log-probs are those of
+    ``softmax(logits / trainer.temperature)``, the distribution TRL's loss recomputes; TRL keeps them
+    as ``sampling_per_token_logps`` (its off-policy mask ``off_policy_mask_threshold`` reads them).
+
+    What ``rollout_func`` cannot carry (TRL 1.16), and what this does about it:
+
+    * **old log-probs.** TRL never takes ``old_per_token_logps`` from ``rollout_func``: it uses the
+      current policy's detached log-probs on-policy, or recomputes them with a forward pass when
+      generation and optimisation steps are misaligned. On-policy, both equal the tree's copied
+      log-probs up to float rounding (tested), so nothing is lost.
+    * **the tree's structure** (parent, fork position, entropies). No field of TRL's batch holds it;
+      creditlib's tree credit (``prefix-gae``, ``treerl``) recovers the tree from the completion
+      tokens, so it is not needed. It is kept in :attr:`last_rollout` (this process's last
+      :class:`~creditlib.rl.tree.TreeRollout`) and summarised in TRL's metrics (``tree/...``).
+    * **groups split across processes.** A tree is sampled in one process, so each process's slice
+      must hold whole groups: ``per_device_train_batch_size * steps_per_generation`` must be a
+      multiple of ``num_generations`` (else a ``ValueError``).
+    * **eval.** With ``num_generations_eval != spec.leaves``, evaluation samples a flat group of
+      ``num_generations_eval`` independent completions (``TreeSpec(roots=G_eval, depth=0)``) through
+      the same backend; training never changes the group size.
+
+    Refused with a ``ValueError``: TRL's ``top_p < 1``, ``top_k > 0``, ``min_p``,
+    ``repetition_penalty != 1``, ``generation_kwargs`` (the tree samples the full tempered
+    distribution, the one TRL's loss recomputes), ``use_vllm=True`` (TRL's vLLM engine is not a
+    tree backend here), ``tools``/``environment_factory`` and image prompts.
+
+    Args:
+        spec: the :class:`~creditlib.rl.tree.TreeSpec`.
+        seed: base seed of the trees; each call (and each process) gets its own tree seed from it.
+            None: drawn from torch's global generator (seeded by TRL's ``args.seed``).
+        decode: :class:`~creditlib.rl.tree.TransformersBackend`'s decoder (default ``"loop"``;
+            ``"generate"`` with ``synced_gpus`` under FSDP).
+    """
+
+    def __init__(self, spec, *, seed: Optional[int] = None, decode: Optional[str] = None):
+        from ..rl.tree import TransformersBackend, TreeSpec
+
+        if not isinstance(spec, TreeSpec):
+            raise ValueError(f"spec must be a creditlib.rl.tree.TreeSpec, got {type(spec).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if decode is not None and decode not in TransformersBackend.DECODERS:
+            raise ValueError(f"decode must be one of {TransformersBackend.DECODERS} or None, got {decode!r}")
+        self.spec = spec
+        self.seed = seed
+        self.decode = decode
+        self.calls = 0
+        self.last_rollout = None  # this process's last TreeRollout
+
+    def __repr__(self) -> str:
+        return f"TreeRolloutFunc({self.spec}, seed={self.seed}, decode={self.decode})"
+
+    # ------------------------------------------------------------------ checks
+    def check_config(self, args) -> None:
+        """``ValueError`` unless TRL's config ``args`` can train on this tree (see the class docstring)."""
+        self.spec.check_group_size(args.num_generations, "num_generations")
+        self._check_sampling(args.top_p, args.top_k, args.min_p, args.repetition_penalty,
+                             getattr(args, "generation_kwargs", None))
+        if getattr(args, "use_vllm", False):
+            raise ValueError("use_vllm=True cannot be combined with a tree rollout_func: the tree samples with the "
+                             "trainer's transformers model (creditlib.rl.tree.VLLMBackend is not wired into TRL); "
+                             "set use_vllm=False")
+        per_process = args.per_device_train_batch_size * args.steps_per_generation
+        if per_process % args.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size * steps_per_generation = {per_process} is not a multiple of "
+                f"num_generations={args.num_generations}: a tree is sampled in one process, so each process must "
+                "hold whole groups")
+
+    @staticmethod
+    def _check_sampling(top_p, top_k, min_p, repetition_penalty, generation_kwargs) -> None:
+        bad = []
+        if top_p is not None and top_p != 1.0:
+            bad.append(f"top_p={top_p}")
+        if top_k not in (None, 0, -1):
+            bad.append(f"top_k={top_k}")
+        if min_p not in (None, 0.0):
+            bad.append(f"min_p={min_p}")
+        if repetition_penalty not in (None, 1.0):
+            bad.append(f"repetition_penalty={repetition_penalty}")
+        if generation_kwargs:
+            bad.append(f"generation_kwargs={generation_kwargs!r}")
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be combined with a tree rollout_func: the tree samples the "
+                             "full distribution softmax(logits / temperature), the one TRL's loss recomputes "
+                             "(leave top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, generation_kwargs=None)")
+
+    def _group_size(self, trainer, mode: str):
+        """``(G, spec)`` of this call: the trainer's group size and the tree that fills it."""
+        from ..rl.tree import TreeSpec
+
+        if mode == "train":
+            G = trainer.num_generations
+            self.spec.check_group_size(G, "num_generations")
+            return G, self.spec
+        G = trainer.num_generations_eval
+        return G, (self.spec if G == self.spec.leaves else TreeSpec(roots=G, depth=0))
+
+    # ------------------------------------------------------------------ the rollout
+    def __call__(self, prompts: list, trainer) -> dict:
+        from ..rl.tree import TransformersBackend, node_seed, sample_tree
+        from ..generation import left_pad
+
+        if not isinstance(trainer, GRPOTrainer):
+            raise ValueError(f"trainer must be a trl.GRPOTrainer, got {type(trainer).__name__}")
+        mode = "train" if trainer.model.training else "eval"
+        G, spec = self._group_size(trainer, mode)
+        args = trainer.args
+        self._check_sampling(trainer.top_p, trainer.top_k, trainer.min_p, trainer.repetition_penalty,
+                             getattr(args, "generation_kwargs", None))
+        if trainer.tools or getattr(trainer, "environment_factories", None) is not None:
+            raise ValueError(f"tools / environment_factory cannot be combined with a tree rollout_func: {_TOOLS_REFUSAL}")
+        if getattr(trainer, "use_vllm", False):
+            raise ValueError("use_vllm=True cannot be combined with a tree rollout_func (see TreeRolloutFunc)")
+        n = len(prompts)
+        if n == 0 or n % G:
+            raise ValueError(f"rollout_func got {n} prompts, not whole groups of num_generations={G}: a tree is "
+                             "sampled in one process, so per_device_train_batch_size * steps_per_generation must be "
+                             "a multiple of num_generations")
+        uniq = [prompts[k * G] for k in range(n // G)]
+        for k, p in enumerate(uniq):
+            if any(prompts[k * G + j] != p for j in range(G)):
+                raise ValueError(f"rows {k * G}..{(k + 1) * G - 1} of the rollout_func's prompts are not one prompt "
+                                 f"repeated num_generations={G} times (TRL's RepeatSampler order): cannot grow one "
+                                 "tree per group")
+        prompt_ids, images, mm_fields = trainer._tokenize_prompts(uniq)
+        if images is not None or mm_fields:
+            raise ValueError("image prompts cannot be combined with a tree rollout_func (text prompts only)")
+        prompt_ids = [list(map(int, p)) for p in prompt_ids]
+        pad = trainer._tokenizer.pad_token_id
+        pad = int(trainer.eos_token_ids[0]) if pad is None else int(pad)
+        ids, mask = left_pad(prompt_ids, pad)  # [K, P]
+        base = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        seed = node_seed(base, trainer.accelerator.process_index, self.calls, salt=3)
+        self.calls += 1
+        fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+        decode = self.decode or ("generate" if fsdp else "loop")
+        from trl.models import unwrap_model_for_generation
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TRL_CHECKPOINTING_NAMES, category=FutureWarning)
+            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                             gather_deepspeed3_params=args.ds3_gather_for_generation,
+                                             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as model, \
+                    torch.no_grad(), trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False), \
+                    trainer.accelerator.autocast():  # TRL's loss scores tokens under this autocast: sample the same
+                backend = TransformersBackend(model, eos_ids=trainer.eos_token_ids, pad_id=pad,
+                                              temperature=trainer.temperature, decode=decode,
+                                              synced=fsdp and decode == "generate")
+                rollout = sample_tree(backend, ids, mask, spec,
+                                      max_new_tokens=trainer.max_completion_length, seed=seed, group_size=G,
+                                      pad_id=pad)
+        self.last_rollout = rollout
+        self._log(trainer, mode, rollout)
+        cm = rollout.completion_mask  # [B, T]
+        lens = cm.sum(1).tolist()
+        return {"prompt_ids": [prompt_ids[int(k)] for k in rollout.group_ids.tolist()],
+                "completion_ids": [row[:m].tolist() for row, m in zip(rollout.completion_ids, lens)],
+                "logprobs": [row[:m].tolist() for row, m in zip(rollout.old_logprobs, lens)]}
+
+    @staticmethod
+    def _log(trainer, mode: str, rollout) -> None:
+        """The tree's numbers in TRL's metrics (summed over processes)."""
+        s = rollout.summary()
+        acc = trainer.accelerator
+        v = torch.tensor([s["generated_tokens"], s["row_tokens"], s["fallback_relaxed_gap"],
+                          s["fallback_at_own_fork"]], dtype=torch.float64, device=acc.device)  # [4]
+        tot = acc.gather(v[None]).sum(0).tolist()  # [4]
+        m = trainer._metrics[mode]
+        m["tree/generated_tokens"].append(tot[0])
+        m["tree/token_ratio"].append(tot[0] / max(1.0, tot[1]))
+        m["tree/fallback_forks"].append(tot[2] + tot[3])
+
+
+def tree_rollout_func(spec, *, seed: Optional[int] = None, decode: Optional[str] = None) -> TreeRolloutFunc:
+    """Tree rollouts for TRL's ``GRPOTrainer(rollout_func=...)``: see :class:`TreeRolloutFunc`.
+
+    Example (``num_generations`` must equal ``spec.leaves``)::
+
+        args = CreditConfig(output_dir="out", credit="prefix-gae", num_generations=8, ...)
+        trainer = CreditTrainer(model=..., reward_funcs=..., args=args, train_dataset=...,
+                                rollout_func=tree_rollout_func(TreeSpec(roots=2, forks=1, branches=3, depth=1)))
+    """
+    return TreeRolloutFunc(spec, seed=seed, decode=decode)

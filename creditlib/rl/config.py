@@ -84,9 +84,8 @@ class RecipeConfig:
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2').", "model")
 
     # ------------------------------------------------------------------ data
-    dataset: str = _f("synthetic", "Task or dataset: a name in creditlib.rl.registry (listed above: 'synthetic' = the "
-                                   "embedded dial-walk task, 'gsm8k', 'math' = MATH train for RL, MATH500 held out), "
-                                   "or a local .jsonl/.json/.parquet file with problem/question and answer fields.",
+    dataset: str = _f("synthetic", "Task or dataset: a registered name or a local file, as "
+                                   "listed above (creditlib.rl.registry).",
                       "data")
     eval_dataset: str = _f("", "Held-out set for the real path (same forms as --dataset; empty = the test split "
                                "of --dataset, or a held-out slice of a local file).", "data")
@@ -429,7 +428,7 @@ def _dataset_help() -> str:
     """The registered tasks / datasets with their descriptions (for ``--help``; owner: registry)."""
     from .registry import describe_datasets
 
-    return "--dataset: " + describe_datasets()
+    return "registered tasks and datasets (--dataset NAME): " + describe_datasets()
 
 
 def credit_help() -> str:

@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Se
 import torch
 
 __all__ = ["TreeSpec", "SELECTS", "Continuation", "TreeBackend", "CallableBackend", "TransformersBackend",
-           "TreeRollout", "sample_tree", "node_seed", "select_forks"]
+           "VLLMBackend", "topk_entropy", "TreeRollout", "sample_tree", "node_seed", "select_forks"]
 
 logger = logging.getLogger("creditlib.rl.tree")
 
@@ -778,3 +778,156 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
                     meta.append((x.prompt, slot, x, kf, x))
     _log_fallback(fallback, spec, K)
     return _assemble(every, prompts, spec, pad_id, fallback, tokenizer)
+
+
+
+# ----------------------------------------------------------------------------- vLLM (never run here)
+def topk_entropy(logprobs: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Entropy estimate from the ``k`` largest log-probs of each distribution (what vLLM returns).
+
+    The ``k`` listed tokens keep their probabilities and the rest of the mass ``r = 1 - sum p`` is
+    one lumped outcome: ``H_k = -sum_i p_i log p_i - r log r``. Lumping outcomes never raises the
+    entropy, so ``H_k <= H`` (the full entropy), with equality when the listed tokens carry all the
+    mass; ``H_k`` never decreases as ``k`` grows. Used as the entropy of :class:`VLLMBackend`
+    (``select="entropy"`` ranks fork positions by it).
+
+    Args:
+        logprobs: float ``[..., k]`` log-probs of distinct tokens of one distribution (any order;
+            ``-inf`` allowed).
+        valid: bool ``[..., k]`` which entries are real (default: all).
+    Returns:
+        float32 ``[...]``.
+    """
+    if not isinstance(logprobs, torch.Tensor) or not logprobs.is_floating_point() or logprobs.dim() < 1:
+        raise ValueError(f"logprobs must be a float tensor [..., k], got "
+                         f"{getattr(logprobs, 'dtype', type(logprobs).__name__)} {tuple(getattr(logprobs, 'shape', ()))}")
+    lp = logprobs.double()  # [..., k]
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.shape != logprobs.shape:
+            raise ValueError(f"valid must be a bool tensor of shape {tuple(logprobs.shape)}")
+        lp = lp.masked_fill(~valid.bool(), float("-inf"))
+    if bool((lp > 1e-6).any()):
+        raise ValueError("logprobs must be <= 0 (log-probabilities)")
+    p = lp.clamp(max=0.0).exp()  # [..., k]
+    listed = -(torch.where(p > 0, p * lp, torch.zeros_like(p))).sum(-1)  # [...]
+    r = (1.0 - p.sum(-1)).clamp(min=0.0)  # [...] the unlisted mass
+    rest = -(torch.where(r > 0, r * torch.log(r.clamp(min=1e-300)), torch.zeros_like(r)))  # [...]
+    return (listed + rest).float()
+
+
+def _vllm_continuation(token_ids: Sequence[int], logprobs: Sequence[Dict[int, float]], eos_ids: Sequence[int],
+                       cap: int) -> Continuation:
+    """One vLLM completion as a :class:`Continuation`: ``token_ids`` (vLLM's ``CompletionOutput.token_ids``)
+    and, per token, ``{token_id: logprob}`` (its ``CompletionOutput.logprobs``, each ``Logprob`` read as
+    its ``.logprob``), which holds the top-k tokens and the sampled one. Cut after the first EOS and at
+    ``cap``; the sampled token's log-prob is the old log-prob, the top-k estimate the entropy."""
+    toks = [int(t) for t in token_ids]
+    if len(logprobs) < len(toks):
+        raise RuntimeError(f"vLLM returned {len(toks)} tokens but {len(logprobs)} logprob entries: the engine "
+                           "must be asked for logprobs (SamplingParams(logprobs=k))")
+    eos = set(int(e) for e in eos_ids)
+    n = min(len(toks), int(cap))
+    for i in range(n):
+        if toks[i] in eos:
+            n = i + 1
+            break
+    if n == 0:
+        raise RuntimeError("vLLM returned an empty completion (at least one token is required)")
+    lps, ents = [], []
+    for t, d in zip(toks[:n], logprobs[:n]):
+        if t not in d:
+            raise RuntimeError(f"vLLM's logprobs of a step do not list its sampled token {t}")
+        lps.append(float(d[t]))
+        ents.append(torch.tensor(list(d.values()), dtype=torch.float64))
+    k = max(len(e) for e in ents)
+    table = torch.full((n, k), float("-inf"), dtype=torch.float64)  # [n, k]
+    for i, e in enumerate(ents):
+        table[i, :len(e)] = e
+    return Continuation(toks[:n], torch.tensor(lps, dtype=torch.float32), topk_entropy(table))
+
+
+def _import_vllm():
+    try:
+        from vllm import SamplingParams
+    except ImportError as e:
+        from .._extras import install_hint
+
+        raise ImportError("VLLMBackend needs the vLLM package, which is not installed. Install it on a CUDA "
+                          f"machine with `{install_hint('vllm')}` (vLLM's official wheels are CUDA builds), or use "
+                          "TransformersBackend.") from e
+    return SamplingParams
+
+
+class VLLMBackend:
+    """Tree continuations from a vLLM engine (offline ``LLM.generate``, token-id prompts). NEVER RUN:
+    written against vLLM's documented offline API, vLLM cannot run on the CPU this was written on.
+
+    Each request is one vLLM request with its own ``SamplingParams(n=1, seed=<the node's seed>,
+    temperature, top_p=1, top_k off, max_tokens=<its cap>, logprobs=entropy_topk,
+    stop_token_ids=eos_ids)``: per-request seeds make a request's tokens depend only on its own
+    seed (up to the batch-dependent floating point of a GPU). The ``Bf`` branches of one fork are
+    ``Bf`` requests with the same token prefix: the engine's prefix cache (``enable_prefix_caching=True``)
+    computes that prefix once, which is what ``n=Bf`` would share, while keeping one seed per node.
+
+    Old log-probs: the sampled token's log-prob as vLLM reports it. The engine must report the
+    tempered distribution, ``LLM(..., logprobs_mode="processed_logprobs")`` (vLLM >= 0.10.2, as TRL
+    sets it); with vLLM's default ``"raw_logprobs"`` they would be those of temperature 1, so the
+    backend refuses that engine unless ``temperature == 1``. Entropies: vLLM returns only the top-k
+    log-probs, so each step's entropy is :func:`topk_entropy` of them (a lower bound of the true
+    entropy, exact when the top ``entropy_topk`` tokens hold all the mass); ``select="entropy"``
+    ranks fork positions by that estimate.
+
+    Weights: the engine samples with whatever weights it holds; after each optimizer step load the
+    policy's (:meth:`creditlib.generation.VLLMEngine.sync_weights`, which also resets the prefix cache).
+
+    Args:
+        llm: a ``vllm.LLM`` (prefix caching on) or a :class:`creditlib.generation.VLLMEngine` (its
+            ``llm``; built with ``enable_prefix_caching=True``; pass ``logprobs_mode="processed_logprobs"``
+            through its keyword arguments).
+        eos_ids: end ids (default: the engine tokenizer's EOS).
+        temperature: ``> 0``.
+        entropy_topk: log-probs per step requested from vLLM (``1 <= k <=`` the engine's ``max_logprobs``,
+            vLLM's default 20).
+    """
+
+    def __init__(self, llm, *, eos_ids: Optional[Sequence[int]] = None, temperature: float = 1.0,
+                 entropy_topk: int = 20):
+        self._SamplingParams = _import_vllm()
+        self.llm = getattr(llm, "llm", llm)  # a VLLMEngine or an LLM
+        if not hasattr(self.llm, "generate"):
+            raise ValueError(f"llm must be a vllm.LLM or a creditlib.generation.VLLMEngine, got {type(llm).__name__}")
+        self.temperature = _check_temperature(temperature)
+        self.entropy_topk = _count("entropy_topk", entropy_topk, 1)
+        if eos_ids is None:
+            eos = getattr(self.llm.get_tokenizer(), "eos_token_id", None)
+            eos_ids = [] if eos is None else [eos]
+        self.eos_ids = sorted({int(e) for e in eos_ids})
+        if not self.eos_ids:
+            raise ValueError("eos_ids must name at least one end-of-sequence id")
+        mode = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "logprobs_mode", None)
+        mode = getattr(mode, "value", mode)
+        if mode != "processed_logprobs" and self.temperature != 1.0:
+            raise ValueError(f"temperature={self.temperature} needs an engine built with "
+                             f"logprobs_mode='processed_logprobs' (its log-probs are the tempered distribution's); "
+                             f"this engine reports {mode or 'unknown (older vLLM: raw)'} log-probs")
+        cfg = getattr(getattr(self.llm, "llm_engine", None), "cache_config", None)
+        if cfg is not None and getattr(cfg, "enable_prefix_caching", True) is False:
+            raise ValueError("the vLLM engine must be built with enable_prefix_caching=True (the branches of a "
+                             "fork share their prefix through it)")
+
+    def sample(self, requests, max_new_tokens, seeds) -> List[Continuation]:
+        _check_requests(requests, max_new_tokens, seeds)
+        params = [self._SamplingParams(n=1, temperature=self.temperature, top_p=1.0, max_tokens=int(m),
+                                       seed=int(s), logprobs=self.entropy_topk, stop_token_ids=list(self.eos_ids),
+                                       detokenize=False)
+                  for m, s in zip(max_new_tokens, seeds)]
+        prompts = [{"prompt_token_ids": [int(t) for t in r]} for r in requests]
+        outs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        if len(outs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(requests)} requests")
+        res = []
+        for o, m in zip(outs, max_new_tokens):
+            c = o.outputs[0]
+            steps = [{int(t): float(lp.logprob) for t, lp in d.items()} for d in (c.logprobs or [])]
+            res.append(_vllm_continuation(c.token_ids, steps, self.eos_ids, int(m)))
+        return res
