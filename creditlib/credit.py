@@ -196,8 +196,7 @@ PREFIX_TD = register_advantage(Advantage(
 
 
 def _treerl_fn(method: "CreditMethod", b: CreditBatch) -> torch.Tensor:
-    from .tree_credit import treerl_advantage  # imported on use: the tree module reads creditlib.ops.prefix
-    return treerl_advantage(b.tokens, b.mask, b.rewards, b.group_size, group_ids=b.group_ids,
+    return F.treerl_advantage(b.tokens, b.mask, b.rewards, b.group_size, group_ids=b.group_ids,
                             scale=method.scale)  # [B, T]
 
 

@@ -46,6 +46,7 @@ from .ops.trace import Schedule
 from .ops.trace.naive import eligibility_trace_naive, trace_weights
 from .ops.entropy import entropy_mask
 from .ops.prefix.vectorised import prefix_td
+from .ops.treerl.vectorised import treerl_advantage
 from ._validation import as_bool_mask
 from ._validation import check_baseline, check_eps, check_groups, check_scale, check_style, compiling
 from ._validation import check_float as _check_float
@@ -60,6 +61,7 @@ __all__ = [
     "eligibility_trace_varlen",
     "traced_credit",
     "group_advantage",
+    "treerl_advantage",
     "eligibility_trace_naive",
     "prefix_td",
     "entropy_mask",

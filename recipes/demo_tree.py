@@ -16,7 +16,7 @@ The picture, leaves as rows aligned by token position (roots followed by their c
   and marked on its parent (the parent's token there was re-sampled);
 * the sampling entropy of each token (what ``select="entropy"`` ranks);
 * the credit each token gets under ``prefix-gae`` (``gamma = lam = 1``, group-std scale) and under
-  TreeRL's global-plus-local rule (``creditlib.tree_credit.treerl_advantage``).
+  TreeRL's global-plus-local rule (``creditlib.functional.treerl_advantage``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from creditlib.rl.config import RecipeConfig  # noqa: E402
 from creditlib.rl.data import build_source  # noqa: E402
 from creditlib.rl.rewards import reward_for_dataset  # noqa: E402
 from creditlib.rl.tree import TransformersBackend, TreeSpec, sample_tree  # noqa: E402
-from creditlib.tree_credit import treerl_advantage  # noqa: E402
+from creditlib.functional import treerl_advantage  # noqa: E402
 
 
 def parse_args(argv=None):

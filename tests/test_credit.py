@@ -344,8 +344,8 @@ def test_loss_mask():
 
 
 def test_treerl_registered_method_equals_its_function():
-    """The registered `treerl` method is the plain TreeRL rule (creditlib.tree_credit), clamp-free."""
-    from creditlib.tree_credit import treerl_advantage
+    """The registered `treerl` method is the plain TreeRL rule (F.treerl_advantage), clamp-free."""
+    from creditlib.functional import treerl_advantage
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 3, (8, 7), generator=g)            # [B, T]
     mask = torch.arange(7) < torch.randint(2, 8, (8, 1), generator=g)  # [B, T]

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from creditlib._tree_credit_reference import treerl_advantage_reference
-from creditlib.tree_credit import treerl_advantage
+from creditlib.ops.treerl.naive import treerl_advantage_reference
+from creditlib.functional import treerl_advantage
 
 
 def _tree_tokens(K, G, T, gen, vocab=3):

@@ -19,6 +19,10 @@ tests that hold the fast forms to the definition.
     ``vectorised.py``    the vectorised form (no Python loop over tokens, rows or groups).
     Tests: ``test_prefix_td.py``.
 
+``treerl/`` -- TreeRL's global-plus-local advantage on a prefix tree (``treerl_advantage``):
+    ``naive.py``         the brute-force definition (``treerl_advantage_reference``);
+    ``vectorised.py``    the vectorised form. Tests: ``test_tree_credit.py``.
+
 ``entropy.py`` -- the entropy-selected tokens (``entropy_mask``) and their definition
     (``entropy_mask_naive``). Tests: ``test_entropy_mask.py``.
 

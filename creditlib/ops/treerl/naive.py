@@ -1,6 +1,6 @@
 """The plain definition of the TreeRL credit rule (loops over groups, rows, tokens and pairs).
 
-:func:`creditlib.tree_credit.treerl_advantage` is tested against this on random trees and masks.
+:func:`creditlib.ops.treerl.vectorised.treerl_advantage` is tested against this on random trees and masks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def treerl_advantage_reference(tokens: torch.Tensor, mask: torch.Tensor, rewards
                                scale: str = "none", eps: float = 1e-4) -> torch.Tensor:
     """``[B, T]``: valid token ``k`` of row ``i`` gets
     ``((U_i(k) - U_root) + (U_i(k) - U_i^par(k))) / sqrt(|{j : LCP(i, j) >= k + 1}|)``, computed by
-    brute force (see :mod:`creditlib.tree_credit`)."""
+    brute force (see :mod:`creditlib.ops.treerl.vectorised`)."""
     B, T = tokens.shape
     if group_ids is None:
         group_ids = torch.arange(B) // group_size

@@ -21,7 +21,7 @@ How it is computed (no Python loop over tokens or rows): the pairwise common-pre
 group (``prefix_td``'s comparison), then, per row, its ``G`` lengths sorted: the number and reward
 sum of the members with ``LCP >= m`` are suffix counts / sums read at ``searchsorted(m)``, for every
 position ``m`` of the row at once (``[B, T]`` float64). The plain loop is
-:func:`creditlib._tree_credit_reference.treerl_advantage_reference`.
+:func:`creditlib.ops.treerl.naive.treerl_advantage_reference`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 
-from .ops.prefix.vectorised import (_canonical, _check_groups, _check_rewards, _check_tokens, _group_scale,
-                                    _Layout, _pair_lcp)
-from ._validation import check_mask, is_real
+from ..prefix.vectorised import (_canonical, _check_groups, _check_rewards, _check_tokens, _group_scale, _Layout,
+                                _pair_lcp)
+from ..._validation import check_mask, is_real
 
 __all__ = ["treerl_advantage"]
 
