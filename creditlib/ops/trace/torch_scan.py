@@ -12,9 +12,12 @@ Plan (all O(T) time and memory, no T x T matrix, no Python loop over time steps,
    ``baddbmm_`` adds each carry times ``d^(i+1)`` to its chunk. Powers of ``d`` in float64, then cast.
 
    Fast paths for ``recent`` without a floor (no compaction): right-padded rows
-   (:func:`_recent_padded`: the padding is zeroed in the output; backward, only the chunk holding
-   each row's end is redone masked) and any other mask (:func:`_recent_runs`: all-valid chunks as
-   above, all-masked chunks pass the carry on, the chunks where runs start or end token by token).
+   (:func:`_recent_padded`: the padding is zeroed in the output, row by row for a few rows;
+   backward, only the chunk holding each row's end is redone masked; while ``T (-ln d)`` stays in
+   the dtype's range, :func:`_padded_scan` folds the carries into one ``addcmul_`` as
+   ``d^(t+1) cumsum(d^(-C k) e_k)``, no float64 carry ever formed at full size) and any other
+   mask (:func:`_recent_runs`: all-valid chunks as above, all-masked chunks pass the carry on, the
+   chunks where runs start or end token by token).
    Both reveal a NaN/inf input through their carries and then leave it to the general path.
 3. **Other styles** from ``r``, the plain prefix sum ``P`` and the early prefix sum
    ``S_m = sum_{j<=m} d**j x_j``. With window start ``a_t`` and early end ``b_t``
@@ -281,18 +284,45 @@ def _sequence(x: torch.Tensor, valid: Optional[torch.Tensor], cd: torch.dtype) -
 
 
 _ONES8 = 0x0101010101010101  # eight bytes of 1
-_PARTIAL_WORDS = torch.tensor([_ONES8 >> (8 * (8 - k)) if k else 0 for k in range(9)], dtype=torch.int64)  # k bytes of 1
+
+
+# A right padded row of 0/1 bytes read as little-endian int64 words: full words _ONES8, at most one
+# partial word _PARTIAL[k] (k low bytes of 1, k = 1..7), then zero words.
+_PARTIAL = [_ONES8 >> (8 * (8 - k)) for k in range(1, 8)]  # [7] k = 1..7
+
+
+@functools.lru_cache(maxsize=16)
+def _word_buckets(R: int, device):
+    """``(bounds, zero, A)`` for :func:`_right_padded`: int64 ``bounds`` ``[R, 18]``, ascending
+    values whose lower bounds in a negated word row split the words ``w`` into 19 buckets, from
+    ``w > 0x0101..01``, ``w == 0x0101..01``, the gap below it, ``w == _PARTIAL[6]``, ... down to
+    ``w == 0`` and ``w < 0`` (even buckets: values no 0/1-byte prefix word takes); ``zero`` ``[R, 1]``;
+    ``A`` int64 ``[19, 3]`` maps bucket sizes to (forbidden words, partial words, valid bytes)."""
+    vals = [_ONES8] + _PARTIAL[::-1]  # [8] descending: 0x0101..01, then k = 7..1 bytes of 1
+    bounds = []
+    for v in vals:
+        bounds += (-v, -v + 1)  # nw < -v counts w > v; nw < -v + 1 counts w >= v
+    bounds += (0, 1)  # w > 0, w >= 0
+    A = torch.zeros(19, 3, dtype=torch.int64)
+    A[0::2, 0] = 1  # forbidden buckets
+    A[3:16:2, 1] = 1  # partial words
+    A[1:18:2, 2] = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1, 0])  # bytes of 1 per word of each allowed bucket
+    return (torch.tensor(bounds, dtype=torch.int64, device=device).repeat(R, 1),
+            torch.zeros(R, 1, dtype=torch.int64, device=device), A.to(device))
 
 
 def _right_padded(mask_u8: torch.Tensor) -> Optional[torch.Tensor]:
     """Row lengths (int64 ``[R]``) when every byte is 0 or 1 and each row's valid tokens form a
     prefix (right padding), else ``None``.
 
-    When the mask is laid out for it, reads it as int64 words of 8 bytes (a few passes over 1/8
-    of the elements; bytewise comparisons cost several times more here): a right padded row is
-    some full words ``0x0101..01``, at most one partial word (a prefix of 1 bytes, little-endian),
-    then zero words; so the words never increase, and counting the full and the nonzero words
-    pins the partial one down.
+    When the mask is laid out for it, reads it as int64 words of 8 bytes (three passes over 1/8 of
+    the elements; bytewise comparisons cost several times more here): a right padded row is some
+    full words ``0x0101..01``, at most one partial word (``k`` low bytes of 1), then zero words. So
+    its words never increase (one comparison of neighbours, reduced as bytes: a bool ``any`` along
+    a dim is slower here) down to a last word ``>= 0`` (so no negation overflows), and in the
+    negated, ascending row one binary search per bucket bound
+    counts the words of each value class (:func:`_word_buckets`): none may be a value no such word
+    takes, at most one may be partial, and the counts give the length. One host sync in all.
     """
     R, T = mask_u8.shape
     if T == 0:
@@ -300,24 +330,17 @@ def _right_padded(mask_u8: torch.Tensor) -> Optional[torch.Tensor]:
     if mask_u8.is_contiguous() and T % 8 == 0 and mask_u8.storage_offset() % 8 == 0:
         w = mask_u8.view(torch.int64)  # [R, W] words, W = T / 8
         W = w.shape[1]
-        # A row passes when its words run from 0x0101..01 down to 0 (never increasing; none above
-        # 0x0101..01, none negative), counted by binary search on the negated row (a bool .sum()
-        # would first copy the comparison to int64), with at most one partial word between, which
-        # must be a prefix of 1 bytes. One host sync for all the conditions.
-        ok = (w[:, 0] <= _ONES8) & (w[:, -1] >= 0)  # [R]
-        if W > 1:
-            ok &= ~(w[:, 1:] > w[:, :-1]).any(-1)  # [R]
-        nw = w.neg()  # [R, W] ascending when the row passes
-        full = torch.searchsorted(nw, torch.full((R, 1), -_ONES8, dtype=torch.int64, device=w.device),
-                                  right=True)[:, 0]  # [R] words == 0x0101..01
-        partial = torch.searchsorted(nw, torch.zeros(R, 1, dtype=torch.int64, device=w.device))[:, 0] - full  # [R]
-        pw = w.gather(1, full.clamp_max(W - 1)[:, None])[:, 0] * (partial > 0)  # [R] the partial word or 0
-        nbytes = ((pw * _ONES8) >> 56) & 0xFF  # [R] its bytes summed into the top byte
-        table = _PARTIAL_WORDS.to(w.device)  # [9] k bytes of 1, k = 0..8
-        ok &= (partial <= 1) & (pw == table[nbytes.clamp_max(8)])  # [R]
-        if not bool(ok.all()):
+        bounds, zero, A = _word_buckets(R, w.device)
+        q = torch.searchsorted(w.neg(), bounds)  # [R, 18] exact counts when the row is sorted
+        sizes = torch.diff(q, dim=-1, prepend=zero, append=zero + W)  # [R, 19] words per bucket
+        S = sizes @ A  # [R, 3] forbidden words, partial words, valid bytes
+        # a negative last word: its negation may overflow (-2^63), so the row is not sorted as read
+        bad = (S[:, 0] != 0) | (S[:, 1] > 1) | (w[:, -1] < 0)  # [R]
+        if W > 1:  # some word above its predecessor (as bytes: 0 or 1)
+            bad = bad.any() | torch.gt(w[:, 1:], w[:, :-1]).view(torch.uint8).max().bool()
+        if bool(bad.any()):
             return None
-        return full * 8 + nbytes  # [R]
+        return S[:, 2]  # [R]
     if not bool((mask_u8[:, 0] <= 1).all()):
         return None
     # bytes that never increase along a row from a first byte <= 1 are all 0 or 1
@@ -338,43 +361,151 @@ def _odd_bytes(mask_u8: torch.Tensor) -> bool:
     return int(mask_u8.max()) > 1
 
 
+# The fast right-padded `recent` scan (:func:`_padded_scan`) takes its carries as ``d^(t+1) X_k``
+# with ``X = cumsum(d^(-C k) e_k)``: the factors span ``e^(+-T (-ln d))``, which must stay well inside
+# the compute dtype's normal range (float32: e^+-87; float64: as CARRY_MAX_EXP). Longer or faster
+# decaying rows take :func:`_scan`'s float64 carries instead.
+FAST_MAX_EXP = {torch.float32: 60.0, torch.float64: CARRY_MAX_EXP}
+
+
+# _padded_scan's tables (~T elements) are cached up to this length; longer rows recompute them (a pass)
+TABLE_CACHE_MAX_T = 1 << 20
+
+
+def _padded_tables(d: float, n: int, C: int, dtype: torch.dtype, device, reverse: bool):
+    """:func:`_make_padded_tables`, cached for rows up to :data:`TABLE_CACHE_MAX_T` tokens."""
+    if n * C <= TABLE_CACHE_MAX_T:
+        return _padded_tables_cached(d, n, C, dtype, device, reverse)
+    return _make_padded_tables(d, n, C, dtype, device, reverse)
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_tables_cached(d: float, n: int, C: int, dtype: torch.dtype, device, reverse: bool):
+    return _make_padded_tables(d, n, C, dtype, device, reverse)
+
+
+def _make_padded_tables(d: float, n: int, C: int, dtype: torch.dtype, device, reverse: bool):
+    """``(ak, pt)`` for :func:`_padded_scan`: ``ak`` float64 ``[n]`` the chunk factors ``d^(-C k)``
+    (reverse ``d^(C k)``), ``pt`` ``[n-1, C]`` in ``dtype`` the position factors ``d^(C k + i + 1)``
+    (reverse, for chunk ``k = 0..n-2``: ``d^-(C k + i)``). Powers of ``d`` in float64, then cast."""
+    base = torch.tensor(d, dtype=torch.float64, device=device)
+    k = torch.arange(n, dtype=torch.float64, device=device)  # [n]
+    ak = torch.pow(base, (C * k) if reverse else (-C * k))  # [n]
+    t = torch.arange((n - 1) * C, dtype=torch.float64, device=device)  # [(n-1) C] positions C k + i
+    pt = torch.pow(base, -t if reverse else t + 1).to(dtype).view(n - 1, C)  # [n-1, C]
+    return ak, pt
+
+
+def _padded_scan_applies(T: int, d: float, dtype: torch.dtype) -> Optional[int]:
+    """The number of chunks when :func:`_padded_scan` applies, else ``None``."""
+    if T <= CHUNK or not (0.0 < d < 1.0) or dtype not in FAST_MAX_EXP:
+        return None
+    n = -(-T // CHUNK)
+    return n if n * CHUNK * -math.log(d) <= FAST_MAX_EXP[dtype] else None
+
+
+def _padded_scan(x: torch.Tensor, lens: Optional[torch.Tensor], d: float, reverse: bool):
+    """The ``recent`` scan of right-padded rows (``lens`` int64 ``[R]``, ``None``: all valid) in
+    three passes over ``[R, T]`` (the matmul, the read of its chunk totals, one fused multiply-add
+    in place), or ``None`` when it does not apply here (``T <= CHUNK``, ``d`` not
+    in ``(0, 1)``, or ``T (-ln d)`` beyond :data:`FAST_MAX_EXP`). Returns ``(z, probe)`` as
+    :func:`_scan`; the outputs at padded positions are left for the caller to zero.
+
+    One chunked matmul gives the local scans; their chunk totals (read straight from it as float64)
+    ``e_k`` give ``X_k = sum_{j<=k} d^(-C j) e_j`` by one cumsum (reverse: the suffix sums of
+    ``d^(C j) e_j``), and one fused ``addcmul_`` adds ``d^(t+1) X_{k-1}`` (reverse:
+    ``d^-t X_{k+1}``) to every position ``t`` of chunk ``k``: the carry ``d^(i+1) s_{k-1}`` with
+    ``s_k = d^(C k) X_k`` never formed. Forward the scan is causal (padding reaches only padded
+    outputs); reverse, the chunks after a row's end are dropped from ``X`` and the chunk holding it
+    is redone with its padding zeroed, so padding is never read into a valid position.
+    ``probe`` (float32/64 ``[R, n]``, the cast ``X``) is all finite exactly when every input read
+    is finite and nothing left the dtype's range.
+    """
+    R, T = x.shape
+    C = CHUNK
+    dt, dev = x.dtype, x.device
+    n = _padded_scan_applies(T, d, dt)
+    if n is None:
+        return None
+    if n * C != T:
+        x = torch.nn.functional.pad(x, (0, n * C - T))  # [R, n*C] zeros at the end change nothing
+    M = _decay_matrix(d, C, dt, dev, reverse)  # [C, C]
+    ak, pt = _padded_tables(d, n, C, dt, dev, reverse)  # [n] float64, [n-1, C]
+    local = x.view(R, n, C) @ M  # [R, n, C] scan inside each chunk
+    if reverse:
+        if lens is not None:
+            kb = (lens // C).clamp_max(n - 1)  # [R] the chunk holding position lens (or the last one)
+            at = torch.arange(R, device=dev) * n + kb  # [R] its row in the [R*n, C] view
+            inside = (torch.arange(C, device=dev) < (lens - kb * C)[:, None]).to(dt)  # [R, C] 0/1
+            xb = x.view(R * n, C).index_select(0, at).mul_(inside)  # [R, C] that chunk, padding zeroed
+            local.view(R * n, C).index_copy_(0, at, xb @ M)  # redo it
+            keep = torch.arange(n, device=dev) * C < lens[:, None]  # [R, n] chunks with a valid token
+            ak = torch.where(keep, ak, torch.zeros((), dtype=torch.float64, device=dev))  # [R, n]
+        X = (local[:, :, 0] * ak).flip(-1).cumsum_(-1).flip(-1)  # [R, n] float64 suffix sums
+        Xc = X.to(dt)  # [R, n]
+        local[:, :-1, :].addcmul_(Xc[:, 1:, None], pt)  # += d^-t X_{k+1}
+    else:
+        X = (local[:, :, -1] * ak).cumsum_(-1)  # [R, n] float64
+        Xc = X.to(dt)  # [R, n]
+        local[:, 1:, :].addcmul_(Xc[:, :-1, None], pt)  # += d^(t+1) X_{k-1}
+    return local.view(R, n * C)[:, :T], Xc
+
+
+def _zero_padding(z: torch.Tensor, lens) -> None:
+    """Zero ``z[r, lens[r]:]`` in place for a contiguous ``z`` ``[R, T]`` (``lens`` a list of ints):
+    one ``split`` of the flat view into valid and padded pieces, then one ``zero_`` per row with
+    padding (about two microseconds each)."""
+    R, T = z.shape
+    sizes = []
+    for n in lens:
+        sizes += (n, T - n)
+    pieces = z.view(-1).split(sizes)  # 2R views: row r's valid part, then its padding
+    for r, n in enumerate(lens):
+        if n < T:
+            pieces[2 * r + 1].zero_()
+
+
 def _recent_padded(x: torch.Tensor, lens: Optional[torch.Tensor], mask_u8: Optional[torch.Tensor],
-                   sched: Schedule, transpose: bool) -> Optional[torch.Tensor]:
+                   sched: Schedule, transpose: bool, lens_list: Optional[list] = None) -> Optional[torch.Tensor]:
     """The ``recent`` trace without a floor (normalised or not) of rows whose valid tokens are a
-    prefix of length ``lens`` (``None``: all valid; ``mask_u8`` its 0/1 bytes): one chunked scan
-    and the zeroing of the padding, no other pass over ``[R, T]`` for a few hundred rows.
+    prefix of length ``lens`` (``None``: all valid; ``mask_u8`` its 0/1 bytes; ``lens_list`` the
+    lengths as Python ints when at hand): one chunked scan
+    (:func:`_padded_scan`, else :func:`_scan`) and the zeroing of the padding, no other pass over
+    ``[R, T]`` for a few hundred rows.
 
     Forward, the scan is causal: the padding reaches only padded outputs, which are zeroed.
-    Backward (``transpose``) the scan never reads padding into a valid position (see :func:`_scan`).
+    Backward (``transpose``) the scan never reads padding into a valid position.
     Returns ``None`` when some input (valid, or padding that was read) is NaN or inf, which the
     scan's carries reveal at no extra cost; the caller then takes the general path.
     """
     R, T = x.shape
+    d = sched.d
     inv = sched.inv_row_sums(T, x.dtype, x.device) if sched.normalize else None  # [T] 1 / N_t
+    # few long rows: the scans take lens and the padding is zeroed row by row; else a float mask
+    # (the scans keep the padding out by lens only for T > CHUNK and 0 < d < 1)
     loop = (lens is not None and R <= ROW_LOOP_MAX and T >= max(ROW_LOOP_MIN_T, CHUNK + 1)
-            and 0.0 < sched.d < 1.0)  # the conditions of _scan's lens
+            and 0.0 < d < 1.0)
     mf = None if lens is None or loop else mask_u8.to(x.dtype)  # [R, T] float 0/1 (uint8 products cast slowly)
+    y = x  # [R, T]
     if transpose:
-        y = x if mf is None else x * mf  # [R, T]
+        if mf is not None:
+            y = x * mf
         if inv is not None:
             y = y * inv if y is x else y.mul_(inv)
-        z, probe = _scan(y, sched.d, True, lens if loop else None)  # [R, T]
-        z = z.contiguous()
-        if mf is not None:  # (d = 1 reverse sums leave rounding residue at padding)
-            z.mul_(mf)
-    else:
-        z, probe = _scan(x, sched.d, False)  # [R, T]
-        z = z.contiguous()
-        if mf is not None:
-            z.mul_(mf)
-        if inv is not None:
-            z.mul_(inv)
+    scan_lens = lens if (transpose and loop) else None
+    res = _padded_scan(y, scan_lens, d, transpose)
+    if res is None:
+        res = _scan(y, d, transpose, scan_lens)
+    z, probe = res
+    z = z.contiguous()  # [R, T]
     if not bool(torch.isfinite(probe.sum())):
         return None
+    if inv is not None and not transpose:
+        z.mul_(inv)
     if loop:
-        for r, n in enumerate(lens.tolist()):
-            if n < T:
-                z[r, n:].zero_()
+        _zero_padding(z, lens.tolist() if lens_list is None else lens_list)
+    elif mf is not None:  # (d = 1 reverse sums leave rounding residue at padding)
+        z.mul_(mf)
     return z
 
 
@@ -481,9 +612,14 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
     # Any nonzero byte is a valid token (a uint8 tensor viewed as bool may hold 2 or 255).
     if sched.sequence:
         return _sequence(x, None if mask_u8 is None else mask_u8 != 0, cd)
-    if mask_u8 is not None and bool(mask_u8.all()):
-        mask_u8 = None
     lens = None if mask_u8 is None else _right_padded(mask_u8)  # [R] when right padded (0/1 bytes)
+    lens_list = None  # the same as Python ints, for a few rows (the row-by-row zeroing)
+    if lens is not None:
+        lens_list = lens.tolist() if R <= ROW_LOOP_MAX else None
+        if (min(lens_list) == T) if lens_list is not None else bool((lens == T).all()):
+            mask_u8, lens, lens_list = None, None, None  # all valid
+    elif mask_u8 is not None and lens is None and bool(mask_u8.all()):
+        mask_u8 = None  # all valid, with bytes other than 1 or not readable as words
     if lens is None and mask_u8 is not None:
         if _odd_bytes(mask_u8):
             # bytes other than 0/1 (a uint8 tensor viewed as bool): canonicalise once, so that every
@@ -496,7 +632,7 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
                 return z.contiguous().to(out_dtype)
     padded = mask_u8 is None or lens is not None
     if padded and sched.kind == "recent" and sched.window is None:
-        z = _recent_padded(x.to(cd), lens, mask_u8, sched, transpose)  # None: some input is NaN/inf
+        z = _recent_padded(x.to(cd), lens, mask_u8, sched, transpose, lens_list)  # None: some input is NaN/inf
         if z is not None:
             return z.to(out_dtype)
     if mask_u8 is None:
