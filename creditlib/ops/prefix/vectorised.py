@@ -454,6 +454,34 @@ def _(tokens, mask, rewards, group_size, group_ids, scale, eps, boundary):
     return tokens.new_empty(tokens.shape, dtype=rewards.dtype)  # [B, T]
 
 
+def _group_tree(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, K: int, Gm: int,
+                slots: Optional[torch.Tensor]):
+    """Each group's prefix tree, read back from the tokens (shared by ``prefix_td`` and TreeRL's rule).
+
+    Returns ``(lay, n, lcp, ng, r, valid, rows)``: the compact :class:`_Layout` of the valid tokens,
+    ``n`` ``[B]`` valid tokens per row, ``lcp`` ``[K, Gm, Gm]`` pairwise common-prefix lengths (-1 on the
+    diagonal and for empty slots), ``ng`` ``[K, Gm]`` the slots' lengths, ``r`` ``[K, Gm]`` float64
+    rewards (0 in empty slots), ``valid`` ``[K, Gm]`` filled slots, ``rows`` ``[K, Gm]`` their rows.
+    Call under ``torch.no_grad()`` with a bool mask and validated groups (:func:`_group_slots`)."""
+    B = tokens.shape[0]
+    dev = tokens.device
+    mask = _canonical(mask)  # [B, T]
+    lay = _Layout(mask)
+    n = lay.n  # [B]
+    ct = lay.compact(tokens, lay.width)  # [B, W], W: a whole number of 8-byte words (see _first_mismatch)
+    lcp, ng = _pair_lcp(ct, n, slots, K, Gm)  # [K, Gm, Gm], [K, Gm]
+    r64 = rewards.detach().to(torch.float64)  # [B]
+    if slots is None:
+        r = r64.view(K, Gm)  # [K, Gm]
+        valid = torch.ones(K, Gm, dtype=torch.bool, device=dev)  # [K, Gm]
+        rows = torch.arange(B, device=dev).view(K, Gm)  # [K, Gm]
+    else:
+        valid = slots >= 0  # [K, Gm]
+        rows = slots.clamp_min(0)  # [K, Gm]
+        r = torch.where(valid, r64[rows], torch.zeros((), dtype=torch.float64, device=dev))  # [K, Gm]
+    return lay, n, lcp, ng, r, valid, rows
+
+
 def _prefix_td_impl(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, group_size: Optional[int],
                     group_ids: Optional[torch.Tensor], scale: str, eps: float,
                     boundary: Optional[torch.Tensor]) -> torch.Tensor:
@@ -465,21 +493,8 @@ def _prefix_td_impl(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Ten
     if B == 0 or T == 0 or Gm < 2:
         return out
     with torch.no_grad():
-        mask = _canonical(mask)  # [B, T]
-        lay = _Layout(mask)
-        n = lay.n  # [B]
-        W = lay.width  # compact width: a whole number of 8-byte words (see _first_mismatch)
-        ct = lay.compact(tokens, W)  # [B, W]
-        lcp, ng = _pair_lcp(ct, n, slots, K, Gm)  # [K, Gm, Gm], [K, Gm]
-        r64 = rewards.detach().to(torch.float64)  # [B]
-        if slots is None:
-            r = r64.view(K, Gm)  # [K, Gm]
-            valid = torch.ones(K, Gm, dtype=torch.bool, device=dev)  # [K, Gm]
-            rows = torch.arange(B, device=dev).view(K, Gm)  # [K, Gm]
-        else:
-            valid = slots >= 0  # [K, Gm]
-            rows = slots.clamp_min(0)  # [K, Gm]
-            r = torch.where(valid, r64[rows], torch.zeros((), dtype=torch.float64, device=dev))  # [K, Gm]
+        lay, n, lcp, ng, r, valid, rows = _group_tree(tokens, mask, rewards, K, Gm, slots)
+        W = lay.width
         s = _group_scale(r, valid, scale, eps)  # [K]
         inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))  # [K]
         if boundary is None:

@@ -30,9 +30,8 @@ from typing import Optional
 
 import torch
 
-from ..prefix.vectorised import (_canonical, _check_groups, _check_rewards, _check_tokens, _group_scale, _Layout,
-                                _pair_lcp)
-from ..._validation import check_mask, is_real
+from ..._validation import check_eps, check_mask, check_scale
+from ..prefix.vectorised import _check_groups, _check_rewards, _check_tokens, _group_scale, _group_tree
 
 __all__ = ["treerl_advantage"]
 
@@ -58,30 +57,15 @@ def treerl_advantage(tokens: torch.Tensor, mask: torch.Tensor, rewards: torch.Te
     B, T = tokens.shape
     mask = check_mask(mask, tokens, "tokens")  # bool [B, T] (integer 0/1 masks accepted)
     rewards = _check_rewards(rewards, B, tokens.device)
-    if scale not in ("std", "none"):
-        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-    if not (is_real(eps) and float(eps) >= 0):
-        raise ValueError(f"eps must be a finite real number >= 0, got {eps!r}")
+    scale = check_scale(scale)
+    eps = check_eps(eps)
     K, Gm, slots = _check_groups(B, group_size, group_ids, tokens.device)
     dev = tokens.device
     out = torch.zeros(B, T, dtype=rewards.dtype, device=dev)  # [B, T]
     if B == 0 or T == 0 or Gm < 2:
         return out
     with torch.no_grad():
-        mask = _canonical(mask)  # [B, T]
-        lay = _Layout(mask)
-        n = lay.n  # [B]
-        ct = lay.compact(tokens, lay.width)  # [B, W]
-        lcp, ng = _pair_lcp(ct, n, slots, K, Gm)  # [K, Gm, Gm] (-1 diagonal / empty), [K, Gm]
-        r64 = rewards.detach().to(torch.float64)  # [B]
-        if slots is None:
-            rows = torch.arange(B, device=dev).view(K, Gm)  # [K, Gm]
-            valid = torch.ones(K, Gm, dtype=torch.bool, device=dev)  # [K, Gm]
-            r = r64.view(K, Gm)  # [K, Gm]
-        else:
-            valid = slots >= 0  # [K, Gm]
-            rows = slots.clamp_min(0)  # [K, Gm]
-            r = torch.where(valid, r64[rows], torch.zeros((), dtype=torch.float64, device=dev))  # [K, Gm]
+        _, n, lcp, ng, r, valid, rows = _group_tree(tokens, mask, rewards, K, Gm, slots)
         eye = torch.eye(Gm, dtype=torch.bool, device=dev)  # [Gm, Gm]
         lcp = torch.where(eye & valid[:, :, None], ng[:, :, None], lcp)  # [K, Gm, Gm] LCP(i, i) = n_i
         cnt = valid.sum(-1).clamp_min(1).to(torch.float64)  # [K]
