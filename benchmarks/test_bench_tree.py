@@ -8,7 +8,13 @@ that measures, in one run and interleaved,
   <= 1.0); ``time_ratio_vs_generate``: the tree over the recipe's own flat sampler
   (:func:`creditlib.generation.generate_tokens`, ``do_sample``);
 * ``prefill_share``: the time of one forward over the fork requests of the tree's second round
-  over that round's ``generate`` call: the most that reusing the prefix KV cache could save there.
+  over that round's ``generate`` call: the most that reusing the prefix KV cache could save there;
+* the segment tree (``TreeSpec(roots=2, forks=1, branches=3, select="segment", segment_len=S)``,
+  8 leaves, ``S`` about half the completion) through the ``decode="loop"`` backend, two-round
+  (``seg``) and pipelined (``seg_pipe``: ``sample_tree(..., pipeline=True)``, the branches decode
+  beside their root): ``time_ratio_segment`` and ``time_ratio_segment_pipelined`` over the same
+  flat group of 8, ``token_ratio_segment`` (generated tokens over the flat group's; the same for
+  both, which sample the same tree) and ``pipelined_over_two_round`` (``seg_pipe`` over ``seg``).
 
 Policy: the bundled task's tokenizer and a tiny Qwen2 (the recipe's shape), warmed up with a few
 supervised steps on worked solutions so completions end with EOS near the task's length (a random
@@ -62,10 +68,11 @@ def _policy(num_ops: int, sft_steps: int):
     return model, tok, task, i
 
 
-def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None, eos_ids=None):
+def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None, eos_ids=None, seg_len: int = 6):
     """Interleaved rollouts (alternating order) of the default tree and a flat group of 8 through
-    both decoders of :class:`TransformersBackend`, and (with a tokenizer) the recipe's flat sampler.
-    ``prompts``: per round, a list of ``K`` prompt token lists. Returns per-kind times and tokens."""
+    both decoders of :class:`TransformersBackend`, the segment tree (``segment_len=seg_len``) two-round
+    and pipelined, and (with a tokenizer) the recipe's flat sampler. ``prompts``: per round, a list
+    of ``K`` prompt token lists. Returns per-kind times and tokens."""
     from creditlib.generation import generate_tokens, left_pad
     from creditlib.rl.tree import TransformersBackend, TreeSpec, sample_tree
 
@@ -74,19 +81,28 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
           "gen": TransformersBackend(model, tokenizer, decode="generate", **kw)}
     pad = be["loop"].pad_id
     tree, flat = TreeSpec(), TreeSpec(roots=8, depth=0)
-    assert tree.leaves == flat.leaves == 8
-    kinds = ["tree", "flat", "tree_gen", "flat_gen"] + (["generate"] if tokenizer is not None else [])
+    seg = TreeSpec(roots=2, forks=1, branches=3, select="segment", segment_len=seg_len)
+    assert tree.leaves == flat.leaves == seg.leaves == 8
+    kinds = ["tree", "flat", "seg", "seg_pipe", "tree_gen", "flat_gen"] + (["generate"] if tokenizer is not None
+                                                                        else [])
     res = {k: [] for k in kinds + ["prefill", "round2"]}
     res.update({f"{k}_tokens": 0 for k in kinds})
     res["fork_pos"] = []
+    res["seg_fallback"] = 0  # forks at the root's own fork point (roots too short for segment_len)
+    res["seg_same_tree"] = []
     for r in range(rounds):
         P = prompts[r]
         ids, mask = left_pad(P, pad)  # [K, P]
+        segs = {}
         for kind in (kinds if r % 2 == 0 else kinds[::-1]):  # interleaved, alternating order
             t0 = time.perf_counter()
             if kind == "generate":
                 g = generate_tokens(model, tokenizer, ids, mask, 8, max_new_tokens=T, temperature=TEMP)
                 n = int(g.completion_mask.sum())
+            elif kind.startswith("seg"):
+                out = sample_tree(be["loop"], ids, mask, seg, max_new_tokens=T, seed=r, pipeline=kind == "seg_pipe")
+                n = out.generated_tokens
+                segs[kind] = out
             else:
                 out = sample_tree(be["gen" if kind.endswith("_gen") else "loop"], ids, mask,
                                   tree if kind.startswith("tree") else flat, max_new_tokens=T, seed=r)
@@ -97,6 +113,9 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
             if kind == "tree":
                 tr = out
         res["fork_pos"].append(tr.summary()["fork_pos_mean"])
+        # pipelined and two-round: the same tree (float32: up to a rare last-bit tie of the Gumbel argmax)
+        res["seg_same_tree"].append(torch.equal(segs["seg"].completion_ids, segs["seg_pipe"].completion_ids))
+        res["seg_fallback"] += segs["seg"].fallback["at_own_fork"]
         # the tree's second round again, split: one prefill forward of its (distinct) requests vs the
         # round's decode-loop call (which prefills each distinct prefix once)
         req, caps = [], []
@@ -118,9 +137,17 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
 
 
 def _ratios(res, rounds: int, K: int) -> dict:
-    med = {k: statistics.median(v) for k, v in res.items() if isinstance(v, list) and v and k != "fork_pos"}
+    med = {k: statistics.median(v) for k, v in res.items()
+           if isinstance(v, list) and v and k not in ("fork_pos", "seg_same_tree")}
+    same = res["seg_same_tree"]
     info = {"token_ratio": res["tree_tokens"] / res["flat_tokens"],
             "time_ratio": med["tree"] / med["flat"],
+            "token_ratio_segment": res["seg_tokens"] / res["flat_tokens"],
+            "time_ratio_segment": med["seg"] / med["flat"],
+            "time_ratio_segment_pipelined": med["seg_pipe"] / med["flat"],
+            "pipelined_over_two_round": med["seg_pipe"] / med["seg"],
+            "segment_fallback_forks": res["seg_fallback"],
+            "segment_same_tree": f"{sum(same)}/{len(same)}",
             "time_ratio_generate_decoder": med["tree_gen"] / med["flat_gen"],
             "loop_speedup_flat": med["flat_gen"] / med["flat"],
             "prefill_share": med["prefill"] / med["round2"],
@@ -146,11 +173,13 @@ def test_tree_vs_flat_rollout(benchmark, num_ops):
                for r in range(rounds)]
 
     def run():
-        return _measure(model, prompts, task.completion_length + 2, rounds, tokenizer=tok)
+        return _measure(model, prompts, task.completion_length + 2, rounds, tokenizer=tok,
+                        seg_len=task.completion_length // 2)
 
     res = benchmark.pedantic(run, rounds=1, iterations=1)
     info = _ratios(res, rounds, K)
     info["sft_steps"] = 20 if quick else 150
+    info["segment_len"] = task.completion_length // 2
     benchmark.group = "tree rollout vs flat group (8 leaves, tiny Qwen2, CPU, 1 thread)"
     benchmark.extra_info.update(info)
     _show(f"num_ops={num_ops}", info)
@@ -165,7 +194,8 @@ def test_tree_vs_flat_rollout_real_size(benchmark):
     """The same comparison with a model of real size: a ``LlamaForCausalLM`` of SmolLM2-135M's
     shape (hidden 576, 30 layers, 9 heads / 3 KV heads, intermediate 1536, vocab 49152), random
     weights (no download), 2 prompts of 16 random tokens, cap 32 new tokens; a random policy never
-    ends early, so every row runs to its cap. Threads: torch's default on the machine."""
+    ends early, so every row runs to its cap; the segment tree forks at 16. Threads: torch's default
+    on the machine (``CREDITLIB_BENCH_TREE_THREADS`` sets them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -173,15 +203,18 @@ def test_tree_vs_flat_rollout_real_size(benchmark):
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).eval()
+    if os.environ.get("CREDITLIB_BENCH_TREE_THREADS"):
+        torch.set_num_threads(int(os.environ["CREDITLIB_BENCH_TREE_THREADS"]))
     rounds, Kr = int(os.environ.get("CREDITLIB_BENCH_TREE_ROUNDS", "4")), 2
     g = torch.Generator().manual_seed(1)
     prompts = [[torch.randint(3, 49152, (16,), generator=g).tolist() for _ in range(Kr)] for _ in range(rounds)]
 
     def run():
-        return _measure(model, prompts, 32, rounds, pad_id=0, eos_ids=[2])
+        return _measure(model, prompts, 32, rounds, pad_id=0, eos_ids=[2], seg_len=16)
 
     res = benchmark.pedantic(run, rounds=1, iterations=1)
     info = _ratios(res, rounds, Kr)
+    info["segment_len"] = 16
     benchmark.group = "tree rollout vs flat group (8 leaves, SmolLM2-135M shape, CPU)"
     benchmark.extra_info.update(info)
     _show("SmolLM2-135M shape", info)

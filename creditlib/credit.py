@@ -5,7 +5,8 @@ A :class:`CreditMethod` bundles every choice a trainer makes about credit assign
 * how a completion's reward becomes an advantage: an :class:`Advantage` (``advantage="group"``:
   the per-sequence GRPO/RLOO advantage of :func:`creditlib.functional.group_advantage`;
   ``"prefix_td"``: the per-token prefix-tree TD error of :func:`creditlib.functional.prefix_td`
-  with GAE(gae_gamma, gae_lam) over it; or your own), then the negative-advantage clamp;
+  with GAE(gae_gamma, gae_lam) over it; ``"treerl"``; the turn kinds below; or your own), then
+  the negative-advantage clamp;
 * which log-ratio the loss uses (``trace``: a :class:`~creditlib.DecayStyle`, e.g. GRPO-lambda's
   decayed trace or GSPO's sequence-level ratio; ``None``: the plain token ratio);
 * which tokens enter the loss (``entropy_quantile``: only the top-entropy "forking" tokens).
@@ -32,6 +33,23 @@ estimator, the TRL trainer, the recipe) reads it from the registry::
     register_credit(CreditMethod("my-method", advantage=Advantage(
         "my_adv", my_adv, per_token=True, needs_tokens=True)))
 
+Multi-turn trajectories (agents; a trajectory is one row, its turns the runs of valid tokens):
+the turn kinds ``"turn_grpo"``, ``"turn_index"``, ``"anchor_state"`` (GiGPO) and ``"prefix_turn"``
+(methods ``turn-grpo``, ``turn-index``, ``anchor-state``, ``prefix-turn``) give every token of a
+turn that turn's advantage (:func:`creditlib.functional.turn_credit`). They read the keyword
+inputs ``turn_ids`` (int64 ``[B, T]``; default: each maximal run of valid tokens is one turn, or
+each step when ``boundary`` is given), ``turn_rewards`` (float ``[B, K]``, the reward after each
+turn) and ``state_ids`` (int64 ``[B, K]``, ``anchor-state`` only), and the options ``turn_gamma``
+(the discount over turns) and ``omega`` (the weight of GiGPO's state advantage)::
+
+    adv = get_credit("anchor-state").advantages(rewards, mask, group_size=8, turn_ids=ids,
+                                                turn_rewards=tr, state_ids=states)   # [B, T]
+
+Every method runs on multi-turn rows: a kind that does not read turns, given ``turn_rewards``,
+sees the undiscounted total ``rewards + turn_rewards.sum(-1)`` as its rewards (``turn_ids``, if
+given, is checked against the mask and the rewards' turns); given ``state_ids`` it raises (they
+would be ignored).
+
 This module imports torch only (no tensordict): every trainer can use it.
 """
 
@@ -45,8 +63,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import functional as F
-from ._validation import (BASELINES, SCALES, as_bool_mask, check_baseline, check_clamp_min, check_quantile,
-                          check_scale, check_style, check_unit, deprecated_alias)
+from ._validation import (BASELINES, SCALES, as_bool_mask, check_baseline, check_clamp_min, check_eps,
+                          check_float, check_quantile, check_scale, check_style, check_unit, deprecated_alias)
 from .style import DecayStyle
 
 __all__ = ["CreditMethod", "CreditBatch", "Advantage", "register_credit", "get_credit", "list_credits",
@@ -75,6 +93,10 @@ class CreditBatch:
         group_ids: int ``[B]``: equal ids form a group, or ``None`` when ``group_size``.
         boundary: bool ``[B, T]`` step ends, or ``None``.
         entropy: float ``[B, T]`` per-token policy entropy, or ``None``.
+        turn_ids: int64 ``[B, T]`` the turn of each valid token (-1 elsewhere), or ``None``.
+        turn_rewards: float ``[B, K]`` the reward after each turn, or ``None``. (A kind that does
+            not read turns receives ``None`` here and the totals in ``rewards``.)
+        state_ids: int64 ``[B, K]`` the state before each turn (-1 unknown), or ``None``.
     """
 
     rewards: torch.Tensor
@@ -84,10 +106,14 @@ class CreditBatch:
     group_ids: Optional[torch.Tensor] = None
     boundary: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    turn_ids: Optional[torch.Tensor] = None
+    turn_rewards: Optional[torch.Tensor] = None
+    state_ids: Optional[torch.Tensor] = None
 
 
 #: the :class:`CreditMethod` fields an advantage kind may read (and so may set to non-defaults)
-_OPTION_DEFAULTS = {"scale": "std", "baseline": "mean", "gae_gamma": 1.0, "gae_lam": 1.0}
+_OPTION_DEFAULTS = {"scale": "std", "baseline": "mean", "gae_gamma": 1.0, "gae_lam": 1.0, "turn_gamma": 1.0,
+                    "omega": 1.0}
 
 
 @dataclass(frozen=True)
@@ -97,7 +123,8 @@ class Advantage:
     Args:
         name: the kind's name (``"group"``, ``"prefix_td"``, yours).
         fn: ``fn(method, batch) -> Tensor``: ``method`` is the :class:`CreditMethod` (read its
-            ``scale``, ``baseline``, ``gae_gamma``, ``gae_lam``), ``batch`` a :class:`CreditBatch`;
+            ``scale``, ``baseline``, ``gae_gamma``, ``gae_lam``, ``turn_gamma``, ``omega``),
+            ``batch`` a :class:`CreditBatch`;
             returns the advantages before the clamp: float ``[B]`` (one per completion) or
             ``[B, T]`` (per token, 0 at masked positions) as ``per_token`` says, dtype of
             ``batch.rewards``.
@@ -107,9 +134,14 @@ class Advantage:
         needs_entropy: ``fn`` reads ``batch.entropy``.
         boundary: ``fn`` accepts ``batch.boundary`` (step-level variants); otherwise giving one is
             a ``ValueError``.
+        turns: ``fn`` reads the turn inputs ``batch.turn_ids`` and ``batch.turn_rewards`` (multi-turn
+            credit). A kind without it that is given ``turn_rewards`` receives the undiscounted
+            totals ``rewards + turn_rewards.sum(-1)`` as ``batch.rewards`` instead.
+        needs_states: ``fn`` reads ``batch.state_ids`` and needs them (implies ``turns``); a kind
+            without it given ``state_ids`` is a ``ValueError``.
         options: the :class:`CreditMethod` fields ``fn`` reads, among ``scale``, ``baseline``,
-            ``gae_gamma``, ``gae_lam``; a method setting another of them away from its default is
-            a ``ValueError`` (it would be ignored).
+            ``gae_gamma``, ``gae_lam``, ``turn_gamma``, ``omega``; a method setting another of them
+            away from its default is a ``ValueError`` (it would be ignored).
         description: one line for the docs.
     """
 
@@ -122,13 +154,15 @@ class Advantage:
     boundary: bool = False
     options: Tuple[str, ...] = ("scale",)
     description: str = ""
+    turns: bool = False
+    needs_states: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"Advantage name must be a non-empty string, got {self.name!r}")
         if not callable(self.fn):
             raise ValueError(f"Advantage fn must be callable fn(method, batch) -> Tensor, got {type(self.fn).__name__}")
-        for k in ("per_token", "needs_mask", "needs_tokens", "needs_entropy", "boundary"):
+        for k in ("per_token", "needs_mask", "needs_tokens", "needs_entropy", "boundary", "turns", "needs_states"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"Advantage {k} must be a bool, got {getattr(self, k)!r}")
         opts = tuple(self.options)
@@ -138,6 +172,8 @@ class Advantage:
         object.__setattr__(self, "options", opts)
         if self.per_token:
             object.__setattr__(self, "needs_mask", True)
+        if self.needs_states:
+            object.__setattr__(self, "turns", True)
 
 
 def _group_fn(method: "CreditMethod", b: CreditBatch) -> torch.Tensor:
@@ -204,8 +240,70 @@ TREERL = register_advantage(Advantage(
     "treerl", _treerl_fn, per_token=True, needs_tokens=True, options=("scale",),
     description="TreeRL's global + local prefix-tree advantage over sqrt(leaves below), for tree rollouts"))
 
+
+def _turn_fn(kind: str) -> Callable[["CreditMethod", CreditBatch], torch.Tensor]:
+    """The advantage function of a turn kind: :func:`creditlib.functional.turn_credit` with the
+    method's options; without ``turn_ids`` the turns are the runs of valid tokens (with
+    ``boundary``: the steps, a new one after every boundary token)."""
+
+    def fn(method: "CreditMethod", b: CreditBatch) -> torch.Tensor:
+        turn_ids = b.turn_ids
+        if turn_ids is None:
+            turn_ids = F.turn_ids_from_mask(b.mask, b.boundary)  # [B, T]
+        elif b.boundary is not None:
+            raise ValueError(f"give turn_ids or boundary (steps cut from the mask), not both (credit method "
+                             f"{method.name!r}): with turn_ids, end the steps there")
+        return F.turn_credit(kind, turn_ids, b.turn_rewards, b.rewards, b.group_size, group_ids=b.group_ids,
+                             state_ids=b.state_ids, tokens=b.tokens if kind == "prefix-turn" else None, mask=b.mask,
+                             gamma=method.turn_gamma, omega=method.omega, gae_gamma=method.gae_gamma,
+                             gae_lam=method.gae_lam, scale=method.scale)  # [B, T]
+
+    fn.__name__ = fn.__qualname__ = f"_{kind.replace('-', '_')}_fn"
+    return fn
+
+
+TURN_GRPO = register_advantage(Advantage(
+    "turn_grpo", _turn_fn("turn-grpo"), per_token=True, boundary=True, turns=True, options=("scale", "turn_gamma"),
+    description="multi-turn: every turn gets its trajectory's group (leave-one-out) advantage of the return"))
+TURN_INDEX = register_advantage(Advantage(
+    "turn_index", _turn_fn("turn-index"), per_token=True, boundary=True, turns=True,
+    options=("scale", "turn_gamma"),
+    description="multi-turn (MT-GRPO): turn k's return against the other trajectories that reached turn k"))
+ANCHOR_STATE = register_advantage(Advantage(
+    "anchor_state", _turn_fn("anchor-state"), per_token=True, boundary=True, turns=True, needs_states=True,
+    options=("scale", "turn_gamma", "omega"),
+    description="GiGPO: episode advantage + omega x the turn's return against other trajectories' turns "
+                "from the same state"))
+PREFIX_TURN = register_advantage(Advantage(
+    "prefix_turn", _turn_fn("prefix-turn"), per_token=True, needs_tokens=True, boundary=True, turns=True,
+    options=("scale", "gae_gamma", "gae_lam"),
+    description="multi-turn: the step-level prefix-tree TD error summed per turn, GAE(gae_gamma, gae_lam) over turns"))
+
 #: the built-in advantage kinds (more can be registered: :func:`register_advantage`)
-ADVANTAGES = ("group", "prefix_td", "treerl")
+ADVANTAGES = ("group", "prefix_td", "treerl", "turn_grpo", "turn_index", "anchor_state", "prefix_turn")
+
+
+def _total_rewards(rewards: torch.Tensor, mask: Optional[torch.Tensor], turn_ids: Optional[torch.Tensor],
+                   turn_rewards: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rewards a kind that does not read turns sees: ``rewards + turn_rewards.sum(-1)`` (the
+    undiscounted total), ``[B]``; ``turn_ids``, when given, checked against ``mask`` and the turns
+    of ``turn_rewards``."""
+    from .ops.turns._check import check_mask_agrees, check_turn_ids, check_turn_rewards
+
+    rewards = check_float("rewards", rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if turn_ids is not None:
+        ids, _, _ = check_turn_ids(turn_ids)  # [B, T]
+        if mask is not None:
+            check_mask_agrees(ids, mask)
+        if turn_rewards is None:
+            return rewards
+        return F.turn_returns(ids, turn_rewards, rewards)[:, 0]  # [B] gamma = 1: the totals
+    tr = check_turn_rewards(turn_rewards, rewards.shape[0], None, rewards.device)  # [B, K]
+    dt = torch.promote_types(rewards.dtype, tr.dtype)
+    return (rewards.to(torch.float64) + tr.to(torch.float64).sum(-1)).to(dt)  # [B]
+
 
 _UNSET = object()
 _RENAMED = {"gamma": "gae_gamma", "lam": "gae_lam"}  # CreditMethod(gamma=, lam=): GAE's, renamed
@@ -234,6 +332,11 @@ class CreditMethod:
         entropy_quantile: keep only the top ``entropy_quantile`` fraction of valid tokens by
             entropy in the loss (in (0, 1]); ``None`` keeps every valid token.
         description: one line for ``--help`` and the docs.
+        turn_gamma: the discount over turns of a trajectory's returns ``G_{i,k} = sum_{k' >= k}
+            turn_gamma^(k' - k) r_{i,k'}``, in [0, 1] (keyword only; the kinds ``"turn_grpo"``,
+            ``"turn_index"``, ``"anchor_state"``).
+        omega: weight of GiGPO's state advantage, a finite float ``>= 0`` (keyword only;
+            ``advantage="anchor_state"``).
 
     ``gamma=`` / ``lam=`` (and the attributes ``.gamma`` / ``.lam``) are the deprecated names of
     ``gae_gamma`` / ``gae_lam``: they still work for one release, with a ``DeprecationWarning``.
@@ -249,12 +352,14 @@ class CreditMethod:
     trace: Optional[DecayStyle] = None
     entropy_quantile: Optional[float] = None
     description: str = ""
+    turn_gamma: float = 1.0
+    omega: float = 1.0
 
     def __init__(self, name: str, advantage: Union[str, Advantage] = "group", scale: str = "std",
                  baseline: str = "mean", gae_gamma: float = 1.0, gae_lam: float = 1.0,
                  clamp_min: Optional[float] = None, trace: Optional[DecayStyle] = None,
                  entropy_quantile: Optional[float] = None, description: str = "", *,
-                 gamma=_UNSET, lam=_UNSET):
+                 turn_gamma: float = 1.0, omega: float = 1.0, gamma=_UNSET, lam=_UNSET):
         if gamma is not _UNSET:
             deprecated_alias("CreditMethod(gamma=...)", "gae_gamma=... (the GAE discount)")
             gae_gamma = gamma
@@ -263,7 +368,8 @@ class CreditMethod:
             gae_lam = lam
         for k, v in (("name", name), ("advantage", advantage), ("scale", scale), ("baseline", baseline),
                      ("gae_gamma", gae_gamma), ("gae_lam", gae_lam), ("clamp_min", clamp_min), ("trace", trace),
-                     ("entropy_quantile", entropy_quantile), ("description", description)):
+                     ("entropy_quantile", entropy_quantile), ("description", description),
+                     ("turn_gamma", turn_gamma), ("omega", omega)):
             object.__setattr__(self, k, v)
         self.__post_init__()
 
@@ -277,6 +383,8 @@ class CreditMethod:
         check_baseline(self.baseline)
         object.__setattr__(self, "gae_gamma", check_unit("gae_gamma", self.gae_gamma))
         object.__setattr__(self, "gae_lam", check_unit("gae_lam", self.gae_lam))
+        object.__setattr__(self, "turn_gamma", check_unit("turn_gamma", self.turn_gamma))
+        object.__setattr__(self, "omega", check_eps(self.omega, "omega"))
         for opt, default in _OPTION_DEFAULTS.items():
             if opt not in kind.options and getattr(self, opt) != default:
                 hint = (" (the prefix TD error is leave-one-out by construction)" if opt == "baseline" else "")
@@ -318,6 +426,16 @@ class CreditMethod:
         return self.entropy_quantile is not None or self.advantage_kind.needs_entropy
 
     @property
+    def turns(self) -> bool:
+        """True when :meth:`advantages` reads the turn inputs (``turn_ids``, ``turn_rewards``)."""
+        return self.advantage_kind.turns
+
+    @property
+    def needs_states(self) -> bool:
+        """True when :meth:`advantages` needs ``state_ids`` (``advantage="anchor_state"``)."""
+        return self.advantage_kind.needs_states
+
+    @property
     def selects_tokens(self) -> bool:
         """True when :meth:`loss_mask` selects tokens by entropy (``entropy_quantile`` set)."""
         return self.entropy_quantile is not None
@@ -343,20 +461,33 @@ class CreditMethod:
     def raw_advantages(self, rewards: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                        tokens: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
                        group_ids: Optional[torch.Tensor] = None, boundary: Optional[torch.Tensor] = None,
-                       entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       entropy: Optional[torch.Tensor] = None, turn_ids: Optional[torch.Tensor] = None,
+                       turn_rewards: Optional[torch.Tensor] = None,
+                       state_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`advantages` before the clamp (what :class:`creditlib.modules.CreditAdvantage` writes)."""
         kind = self.advantage_kind
         if mask is not None:
             mask = as_bool_mask(mask)
         if boundary is not None and not kind.boundary:
-            raise ValueError(f"boundary applies to advantage kinds that take step boundaries ('prefix_td'), not "
-                             f"advantage={kind.name!r} (credit method {self.name!r})")
+            raise ValueError(f"boundary applies to advantage kinds that take step boundaries ('prefix_td' and the "
+                             f"turn kinds), not advantage={kind.name!r} (credit method {self.name!r})")
         for need, value, what in ((kind.needs_tokens, tokens, "tokens: the completion token ids [B, T]"),
                                   (kind.needs_mask, mask, "mask: bool [B, T] completion tokens"),
                                   (kind.needs_entropy, entropy, "entropy: the per-token policy entropy [B, T]")):
             if need and value is None:
                 raise ValueError(f"credit method {self.name!r} (advantage={kind.name!r}) needs {what}")
-        batch = CreditBatch(rewards, mask, tokens, group_size, group_ids, boundary, entropy)
+        if kind.needs_states and state_ids is None:
+            raise ValueError(f"credit method {self.name!r} needs state_ids: int64 [B, K], the id of the environment "
+                             f"state before each turn (-1 unknown), so that turns from the same state are compared "
+                             f"(advantage={kind.name!r})")
+        if state_ids is not None and not kind.turns:
+            raise ValueError(f"state_ids applies to the turn kinds that read states ('anchor_state'), not "
+                             f"advantage={kind.name!r} (credit method {self.name!r}): it would be ignored")
+        if not kind.turns and (turn_ids is not None or turn_rewards is not None):
+            rewards = _total_rewards(rewards, mask, turn_ids, turn_rewards)  # [B]
+            turn_ids = turn_rewards = None
+        batch = CreditBatch(rewards, mask, tokens, group_size, group_ids, boundary, entropy, turn_ids, turn_rewards,
+                            state_ids)
         adv = kind.fn(self, batch)
         if not isinstance(adv, torch.Tensor):
             raise ValueError(f"advantage {kind.name!r} returned {type(adv).__name__}, expected a tensor")
@@ -371,7 +502,9 @@ class CreditMethod:
                    tokens: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
                    group_ids: Optional[torch.Tensor] = None,
                    boundary: Optional[torch.Tensor] = None,
-                   entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   entropy: Optional[torch.Tensor] = None, turn_ids: Optional[torch.Tensor] = None,
+                   turn_rewards: Optional[torch.Tensor] = None,
+                   state_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Advantages of a batch of completions, clamp included.
 
         Args:
@@ -380,14 +513,23 @@ class CreditMethod:
                 per-token kinds, e.g. ``advantage="prefix_td"``).
             tokens: int ``[B, T]`` completion token ids (kinds with ``needs_tokens``).
             group_size / group_ids: the groups, as in :func:`creditlib.functional.group_advantage`.
-            boundary: optional bool ``[B, T]`` step ends (step-level prefix TD).
+            boundary: optional bool ``[B, T]`` step ends (step-level prefix TD; for the turn kinds
+                without ``turn_ids``: a new turn after every boundary token).
             entropy: float ``[B, T]`` (kinds with ``needs_entropy``).
+            turn_ids: int64 ``[B, T]`` the turn of each valid token (-1 elsewhere; True exactly where
+                ``mask`` is); the turn kinds default to the runs of valid tokens.
+            turn_rewards: float ``[B, K]`` the reward after each turn (0 where none). A kind that
+                does not read turns uses ``rewards + turn_rewards.sum(-1)`` as its rewards.
+            state_ids: int64 ``[B, K]`` the state before each turn, -1 unknown (kinds with
+                ``needs_states``: ``"anchor_state"``; any other kind raises).
         Returns:
             ``[B]`` (per-sequence kinds, ``advantage="group"``) or ``[B, T]`` (per-token kinds,
-            ``"prefix_td"``; 0 at masked positions), dtype of ``rewards``.
+            ``"prefix_td"``, the turn kinds; 0 at masked positions), dtype of ``rewards``
+            (promoted with ``turn_rewards``).
         """
         adv = self.raw_advantages(rewards, mask, tokens=tokens, group_size=group_size, group_ids=group_ids,
-                                  boundary=boundary, entropy=entropy)
+                                  boundary=boundary, entropy=entropy, turn_ids=turn_ids, turn_rewards=turn_rewards,
+                                  state_ids=state_ids)
         if self.clamp_min is not None:
             adv = adv.clamp_min(self.clamp_min)  # masked zeros stay 0 (clamp_min <= 0)
         return adv
@@ -428,6 +570,10 @@ class CreditMethod:
             parts.append(f"baseline={self.baseline}")
         if "gae_gamma" in kind.options or "gae_lam" in kind.options:
             parts.append(f"gae_gamma={self.gae_gamma:g}, gae_lam={self.gae_lam:g}")
+        if "turn_gamma" in kind.options:
+            parts.append(f"turn_gamma={self.turn_gamma:g}")
+        if "omega" in kind.options:
+            parts.append(f"omega={self.omega:g}")
         if self.clamp_min is not None:
             parts.append(f"clamp_min={self.clamp_min:g}")
         if self.trace is not None:
@@ -528,6 +674,15 @@ for _m in (
     CreditMethod("treerl", advantage="treerl", scale="none",
                  description="TreeRL (arXiv 2506.11902): global + local prefix-tree advantage / sqrt(leaves below); "
                              "meant for tree rollouts"),
+    CreditMethod("turn-grpo", advantage="turn_grpo",
+                 description="multi-turn GRPO: every turn gets its trajectory's leave-one-out group advantage"),
+    CreditMethod("turn-index", advantage="turn_index",
+                 description="multi-turn, MT-GRPO grouping: turn k's return against the others that reached turn k"),
+    CreditMethod("anchor-state", advantage="anchor_state",
+                 description="GiGPO (arXiv 2505.10978): episode advantage + omega 1 x the return against other "
+                             "trajectories' turns from the same state (needs state_ids)"),
+    CreditMethod("prefix-turn", advantage="prefix_turn",
+                 description="multi-turn prefix-tree TD error per turn, GAE(1, 1): (R - V(turn start)) / s"),
 ):
     register_credit(_m)
 del _m

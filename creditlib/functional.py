@@ -10,6 +10,18 @@ Public names (fixed by the design contract)::
     d = prefix_td(tokens, mask, rewards, group_size)   # per-token prefix-tree TD error [B, T]
     k = entropy_mask(entropy, mask, quantile=0.2)      # bool [B, T]
 
+Multi-turn trajectories (one row each; its turns the runs of valid tokens, or given ``turn_ids``)::
+
+    ids = turn_ids_from_mask(mask, boundary=None)      # int64 [B, T]: turn of each valid token, -1 elsewhere
+    e = turn_ends(ids)                                 # bool [B, T]: the last valid token of each turn
+    G = turn_returns(ids, turn_rewards, rewards, gamma=1.0)   # [B, K] discounted return of each turn
+    a = turn_credit("turn-index", ids, turn_rewards, rewards, group_size)   # [B, T] (or [B, K]: per_turn=True)
+    p = implicit_process_rewards(log_ratio, ids, beta=1.0)   # [B, K]: PRIME's beta * sum of a step's log-ratios
+
+``turn_credit`` kinds: ``"turn-grpo"``, ``"turn-index"``, ``"anchor-state"`` (GiGPO) and
+``"prefix-turn"``; every token of turn ``k`` gets ``A[i, k]``, masked tokens 0; every baseline is
+leave-one-out. See :mod:`creditlib.ops.turns.vectorised` for the definitions.
+
 Options are keyword-only (``scale=``, ``baseline=``, ``eps=``, ``backend=``, ...); a mask is a
 bool tensor or an integer 0/1 tensor (nonzero = valid, as ``mask.bool()``: Hugging Face and TRL
 masks are ``int64``), a float mask is refused (see :mod:`creditlib._validation`).
@@ -47,6 +59,8 @@ from .ops.trace.naive import eligibility_trace_naive, trace_weights
 from .ops.entropy import entropy_mask
 from .ops.prefix.vectorised import prefix_td
 from .ops.treerl.vectorised import treerl_advantage
+from .ops.turns.vectorised import (implicit_process_rewards, turn_credit, turn_ends, turn_ids_from_mask,
+                                   turn_returns)
 from ._validation import as_bool_mask
 from ._validation import check_baseline, check_eps, check_groups, check_scale, check_style, compiling
 from ._validation import check_float as _check_float
@@ -65,6 +79,11 @@ __all__ = [
     "eligibility_trace_naive",
     "prefix_td",
     "entropy_mask",
+    "turn_ids_from_mask",
+    "turn_ends",
+    "turn_returns",
+    "turn_credit",
+    "implicit_process_rewards",
 ]
 
 

@@ -11,9 +11,11 @@
 The credit primitives beyond the trace have modules too: :class:`PrefixGAE` (GAE over the
 per-token prefix-tree TD error, ``[B, T]``), :class:`EntropySelect` (top-entropy loss mask) and
 :class:`CreditAdvantage` (the advantage of any registered credit method, e.g. one with an
-advantage kind of your own). A registered credit method becomes its advantage pipeline in one call::
+advantage kind of your own, or a multi-turn kind: ``turn_ids_key`` / ``turn_rewards_key`` /
+``state_ids_key``). A registered credit method becomes its advantage pipeline in one call::
 
     pipe = credit_pipeline("prefix-gae-clamp", group_size=8)   # PrefixGAE -> ClampNegative
+    pipe = credit_pipeline("turn-index", group_size=8, turn_rewards_key="turn_rewards")   # multi-turn
 
 Keys are configurable (strings or nested tuples); every module documents the shapes it reads and
 writes. Rewards and advantages may carry trailing singleton dims (TorchRL's ``[B, 1]``). Masks
@@ -380,10 +382,18 @@ class CreditAdvantage(TensorDictModuleBase):
     ``reward_key`` (``[B]`` or ``[B, 1, ...]``) always, ``mask_key`` (bool or int ``[B, T]`` /
     ``[B, T, 1]``) for per-token kinds or kinds with ``needs_mask``, ``tokens_key`` (int
     ``[B, T]``) with ``needs_tokens``, ``entropy_key`` (float ``[B, T]``) with ``needs_entropy``,
-    ``group_id_key`` (int ``[B]``) when given, ``boundary_key`` when given. Writes
+    ``group_id_key`` (int ``[B]``) when given, ``boundary_key`` when given, and the turn inputs
+    when their keys are given (``None``: not read): ``turn_ids_key`` (int64 ``[B, T]`` or
+    ``[B, T, 1]``, -1 at masked tokens), ``turn_rewards_key`` (float ``[B, K]``) and
+    ``state_ids_key`` (int64 ``[B, K]``; the turn kinds only, ``anchor-state`` needs it). Writes
     ``advantage_key``: ``method.raw_advantages(...)``, per sequence with the reward's shape, or per
     token ``[B, T]`` (``[B, T, 1]`` with ``keepdim=True``). :func:`credit_pipeline` appends the
     method's clamp (:class:`ClampNegative`).
+
+    The turn kinds (``turn-grpo``, ``turn-index``, ``anchor-state``, ``prefix-turn``) give every
+    token of a turn that turn's advantage; a kind that does not read turns, given
+    ``turn_rewards_key``, uses the totals ``reward + turn_rewards.sum(-1)``
+    (:meth:`~creditlib.credit.CreditMethod.advantages`).
 
     Args:
         method: a registered name or a :class:`~creditlib.credit.CreditMethod`.
@@ -393,7 +403,9 @@ class CreditAdvantage(TensorDictModuleBase):
     def __init__(self, method, group_size: Optional[int] = None, *, group_id_key: Optional[NestedKey] = None,
                  reward_key: NestedKey = "reward", mask_key: NestedKey = "mask", tokens_key: NestedKey = "tokens",
                  entropy_key: NestedKey = "entropy", boundary_key: Optional[NestedKey] = None,
-                 advantage_key: NestedKey = "advantage", keepdim: bool = False):
+                 advantage_key: NestedKey = "advantage", keepdim: bool = False,
+                 turn_ids_key: Optional[NestedKey] = None, turn_rewards_key: Optional[NestedKey] = None,
+                 state_ids_key: Optional[NestedKey] = None):
         super().__init__()
         from .credit import get_credit
 
@@ -403,13 +415,20 @@ class CreditAdvantage(TensorDictModuleBase):
         if boundary_key is not None and not kind.boundary:
             raise ValueError(f"boundary_key applies to advantage kinds that take step boundaries, not "
                              f"advantage={kind.name!r} (credit method {self.method.name!r})")
+        if state_ids_key is not None and not kind.turns:
+            raise ValueError(f"state_ids_key applies to the turn kinds that read states ('anchor_state'), not "
+                             f"advantage={kind.name!r} (credit method {self.method.name!r}): it would be ignored")
+        self.turn_ids_key, self.turn_rewards_key, self.state_ids_key = turn_ids_key, turn_rewards_key, state_ids_key
         self.group_id_key, self.reward_key, self.mask_key = group_id_key, reward_key, mask_key
         self.tokens_key, self.entropy_key, self.boundary_key = tokens_key, entropy_key, boundary_key
         self.advantage_key, self.keepdim = advantage_key, bool(keepdim)
         self.in_keys = [reward_key] + [k for k, on in ((mask_key, kind.needs_mask), (tokens_key, kind.needs_tokens),
                                                        (entropy_key, kind.needs_entropy),
                                                        (group_id_key, group_id_key is not None),
-                                                       (boundary_key, boundary_key is not None)) if on]
+                                                       (boundary_key, boundary_key is not None),
+                                                       (turn_ids_key, turn_ids_key is not None),
+                                                       (turn_rewards_key, turn_rewards_key is not None),
+                                                       (state_ids_key, state_ids_key is not None)) if on]
         self.out_keys = [advantage_key]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -431,8 +450,21 @@ class CreditAdvantage(TensorDictModuleBase):
         if self.boundary_key is not None:
             boundary = as_bool_mask(tensordict.get(self.boundary_key), f"boundary ({self.boundary_key!r})")
             boundary = _squeeze_like(boundary, f"boundary ({self.boundary_key!r})", mask.shape)  # [B, T]
+        turn_ids = turn_rewards = state_ids = None
+        if self.turn_ids_key is not None:
+            turn_ids = tensordict.get(self.turn_ids_key)
+            name = f"turn ids ({self.turn_ids_key!r})"
+            if mask is not None:
+                turn_ids = _squeeze_like(turn_ids, name, mask.shape)  # [B, T]
+            elif turn_ids.dim() >= 3 and turn_ids.shape[-1] == 1:
+                turn_ids = turn_ids.squeeze(-1)  # [B, T, 1] -> [B, T]
+        if self.turn_rewards_key is not None:
+            turn_rewards = _per_turn(tensordict.get(self.turn_rewards_key), f"turn rewards ({self.turn_rewards_key!r})")
+        if self.state_ids_key is not None:
+            state_ids = _per_turn(tensordict.get(self.state_ids_key), f"state ids ({self.state_ids_key!r})")
         adv = self.method.raw_advantages(r, mask, tokens=tokens, group_size=self.group_size, group_ids=gid,
-                                         boundary=boundary, entropy=entropy)  # [B] or [B, T]
+                                         boundary=boundary, entropy=entropy, turn_ids=turn_ids,
+                                         turn_rewards=turn_rewards, state_ids=state_ids)  # [B] or [B, T]
         if kind.per_token:
             out = adv.unsqueeze(-1) if self.keepdim else adv  # [B, T] or [B, T, 1]
         else:
@@ -442,7 +474,19 @@ class CreditAdvantage(TensorDictModuleBase):
 
     def extra_repr(self) -> str:
         g = f"group_size={self.group_size}" if self.group_size else f"group_id_key={self.group_id_key!r}"
-        return f"method={self.method.name!r}, advantage={self.method.advantage_kind.name!r}, {g}"
+        turns = "".join(f", {k}={v!r}" for k, v in (("turn_ids_key", self.turn_ids_key),
+                                                    ("turn_rewards_key", self.turn_rewards_key),
+                                                    ("state_ids_key", self.state_ids_key)) if v is not None)
+        return f"method={self.method.name!r}, advantage={self.method.advantage_kind.name!r}, {g}{turns}"
+
+
+def _per_turn(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A per-turn tensor ``[B, K]`` (a trailing singleton dim dropped: ``[B, K, 1]``)."""
+    if t.dim() >= 3 and t.shape[-1] == 1:
+        t = t.squeeze(-1)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be [B, K] (one column per turn) or [B, K, 1], got shape {tuple(t.shape)}")
+    return t
 
 
 def _builtin_stage(m, group_size, group_id_key, reward_key, mask_key, tokens_key, advantage_key, boundary_key,
@@ -468,14 +512,17 @@ def credit_pipeline(method, *, group_size: Optional[int] = None, group_id_key: O
                     reward_key: NestedKey = "reward", mask_key: NestedKey = "mask",
                     tokens_key: NestedKey = "tokens", advantage_key: NestedKey = "advantage",
                     boundary_key: Optional[NestedKey] = None, entropy_key: NestedKey = "entropy",
-                    select_key: NestedKey = "entropy_mask", keepdim: bool = False):
+                    select_key: NestedKey = "entropy_mask", keepdim: bool = False,
+                    turn_ids_key: Optional[NestedKey] = None, turn_rewards_key: Optional[NestedKey] = None,
+                    state_ids_key: Optional[NestedKey] = None):
     """The advantage stage of a credit method as a ``TensorDictSequential``.
 
     ``method`` is a registered name (``"grpo-lambda"``, ``"prefix-gae"``, ... see
     :func:`creditlib.credit.list_credits`) or a :class:`~creditlib.credit.CreditMethod`. The
     pipeline reads the method's advantage kind from the registry: ``CriticFreeTD``
     (``advantage="group"``), ``PrefixGAE`` (``"prefix_td"``) or :class:`CreditAdvantage` (any other
-    kind, e.g. one registered with :func:`creditlib.credit.register_credit`), then
+    kind, e.g. one registered with :func:`creditlib.credit.register_credit`, the turn kinds, and
+    every kind when a turn key is given), then
     ``ClampNegative`` when the method clamps, then ``EntropySelect`` (writing ``select_key``)
     when it selects tokens by entropy. It writes exactly ``method.advantages(...)`` and
     ``method.loss_mask(...)``. The log-ratio style ``method.trace`` belongs to the loss::
@@ -488,6 +535,11 @@ def credit_pipeline(method, *, group_size: Optional[int] = None, group_id_key: O
         group_size / group_id_key: the groups (exactly one).
         keepdim: per-token advantages as ``[B, T, 1]`` (TorchRL's ``GRPOLoss``). Group advantages
             keep the reward's shape (write ``reward`` as ``[B, 1, 1]`` for TorchRL).
+        turn_ids_key / turn_rewards_key / state_ids_key: the turn inputs of
+            :class:`CreditAdvantage` (``None``: not read), e.g. for ``get_credit("anchor-state")``::
+
+                pipe = credit_pipeline("anchor-state", group_size=8, turn_ids_key="turn_ids",
+                                       turn_rewards_key="turn_rewards", state_ids_key="state_ids")
         other keys: where each module reads and writes.
     """
     from tensordict.nn import TensorDictSequential
@@ -495,12 +547,16 @@ def credit_pipeline(method, *, group_size: Optional[int] = None, group_id_key: O
     from .credit import get_credit
 
     m = get_credit(method)
-    stage = _builtin_stage(m, group_size, group_id_key, reward_key, mask_key, tokens_key, advantage_key,
-                           boundary_key, keepdim)
+    turn_keys = (turn_ids_key, turn_rewards_key, state_ids_key)
+    stage = None
+    if all(k is None for k in turn_keys):  # the dedicated modules of group / prefix_td read no turns
+        stage = _builtin_stage(m, group_size, group_id_key, reward_key, mask_key, tokens_key, advantage_key,
+                               boundary_key, keepdim)
     if stage is None:
         stage = CreditAdvantage(m, group_size, group_id_key=group_id_key, reward_key=reward_key, mask_key=mask_key,
                                 tokens_key=tokens_key, entropy_key=entropy_key, boundary_key=boundary_key,
-                                advantage_key=advantage_key, keepdim=keepdim)
+                                advantage_key=advantage_key, keepdim=keepdim, turn_ids_key=turn_ids_key,
+                                turn_rewards_key=turn_rewards_key, state_ids_key=state_ids_key)
     mods = [stage]
     if m.clamp_min is not None:
         mods.append(ClampNegative(clamp_min=m.clamp_min, advantage_key=advantage_key))

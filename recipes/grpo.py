@@ -7,6 +7,7 @@
     python recipes/grpo.py --output-dir runs/prefix-gae --resume   # continue that run
     python recipes/grpo.py --config recipes/configs/qwen2.5_1.5b_gsm8k.yaml    # a real model (GPU)
     python recipes/grpo.py --credit prefix-gae --tree-roots 2 --tree-branches 3   # tree rollouts, 8 leaves per prompt
+    python recipes/grpo.py --env dial-walk --credit anchor-state   # multi-turn episodes, per-turn credit (GiGPO)
     torchrun --nproc-per-node 2 recipes/grpo.py          # data parallel, FSDP2
 
 With no arguments it trains a small Qwen2-architecture model from scratch on a bundled verifiable
@@ -19,11 +20,15 @@ LM (Qwen, LLaMA, ...). ``--credit NAME`` picks the credit-assignment method from
 One RL step (``grpo_step`` below; B = K prompts x G completions, T = completion length):
 
     1. rollout: K prompts, G completions each from the current policy        # tokens, mask [B, T]
-       (--tree-roots M: the G leaves of a tree per prompt, creditlib.rl.tree.sample_tree)
-    2. verifiable rewards R_i (1 if the final answer is right)                # [B]
+       (--tree-roots M: the G leaves of a tree per prompt, creditlib.rl.tree.sample_tree;
+        --env NAME: G episodes per prompt against an environment, creditlib.rl.multiturn.rollout_episodes:
+        one row per episode, the environment's answers masked, turn ids [B, T], per-turn rewards and
+        state ids [B, K])
+    2. verifiable rewards R_i (1 if the final answer is right; --env: the environment's)  # [B]
     3. credit stage, creditlib.modules.credit_pipeline(method):
          CriticFreeTD   A_i = (R_i - mean_G R) / (std_G R + 1e-4)             # [B, 1, 1]
       or PrefixTD       per-token prefix-tree TD error, GAE over it           # [B, T, 1]
+    or CreditAdvantage turn methods: each turn's advantage on its own tokens  # [B, T, 1]
          EntropySelect  the top-entropy ("forking") tokens of the loss        # bool [B, T]
     4. GRPOLambdaLoss.from_credit(method) (a TorchRL GRPOLoss): A <- max(A, c) (the method's clamp),
        x_t = log pi(o_t) - log pi_old(o_t), z = the method's trace of x (GRPO: z = x),
@@ -72,14 +77,18 @@ from creditlib.rl.metrics import MetricsLogger, make_reporter
 from creditlib.rl.model import NonFiniteError, completion_logprobs, count_parameters, resolve_device
 from creditlib.rl.policy import CompletionPolicy
 from creditlib.rl.rewards import SafeReward, reward_for_dataset
+from creditlib.rl.env import EnvSpec, get_env
+from creditlib.rl.multiturn import EpisodeBatch, evaluate_episodes, rollout_episodes
 from creditlib.rl.rollout import HFRollout, RolloutBatch, VLLMRollout
 from creditlib.rl.tree import TransformersBackend, TreeRollout, TreeSpec, sample_tree
-from creditlib.rl.train import evaluate, make_optimizer, optimizer_step, sft_warmup
+from creditlib.rl.train import evaluate, evaluate_env, make_optimizer, optimizer_step, sft_warmup
 
 NAME = "GRPO"
 DEFAULTS: Dict[str, Any] = {"credit": "grpo"}  # everything else: RecipeConfig's defaults; presets: recipes/configs/*.yaml
 
 RESPONSE, MASK, LOSS_MASK = ("tokens", "response"), ("masks", "response"), ("masks", "loss")  # tensordict keys
+ATTENTION = ("masks", "attention")  # multi-turn rows: policy and observation tokens (observations: context only)
+TURN_IDS, TURN_REWARDS, STATE_IDS = ("turns", "ids"), ("turns", "rewards"), ("turns", "states")
 
 
 # ==================================================================== setup
@@ -112,6 +121,7 @@ class Recipe:
     ref_model: Optional[torch.nn.Module] = None  # frozen reference of the KL term (--kl-coef > 0)
     tree: Optional[TreeSpec] = None  # --tree-roots M > 0: the tree sampled for every prompt (else flat groups)
     tree_backend: Optional[TransformersBackend] = None  # the tree sampler's transformers backend
+    env: Optional[EnvSpec] = None  # --env NAME: multi-turn episodes against this environment (else single-turn)
     say: Callable[..., None] = print
 
 
@@ -149,8 +159,9 @@ def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, o
     say(f"threads: {set_threads(threads)} ({why}; --num-threads N overrides)")
     if start.kind == "init":  # another run's weights (e.g. a shared warm-up), loaded before sharding
         init_weights(start, model)  # CheckpointError when they do not fit (another model size)
-    source = build_source(cfg, tokenizer)
-    reward = SafeReward(reward_for_dataset(cfg.dataset), timeout=cfg.reward_timeout)
+    env = get_env(cfg.env) if cfg.env else None
+    source = env.build_source(cfg, tokenizer) if env else build_source(cfg, tokenizer)  # --env: its problems
+    reward = SafeReward(reward_for_dataset(cfg.dataset), timeout=cfg.reward_timeout)  # single-turn tasks
     model = shard_model(model, info, torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else None)
     model.train()
     heldout = source.heldout(cfg.eval_size)
@@ -158,23 +169,28 @@ def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, o
     K, G = cfg.prompts_per_step // info.world_size, cfg.group_size
     mb = cfg.minibatch_size or K * G
     n_updates = cfg.ppo_epochs * math.ceil(K * G / mb)  # optimizer steps per RL step
-    T = max_new_tokens(cfg, source)
+    T = max_new_tokens(cfg, source) if env is None else max_turns(cfg, source) * max_turn_tokens(cfg, source)
     # the credit stage: the method's advantage (reward [B, 1, 1] -> advantage [B, 1, 1], or [B, T, 1]
     # for prefix-tree methods) and entropy selection (bool [B, T]); its clamp max(A, c) runs in the
     # loss, which then reports the fraction of advantages it raised (adv_clamped_fraction)
+    # turn methods on episodes read the turn ids, per-turn rewards and (anchor-state) the state ids
+    turns = env is not None and method.advantage_kind.turns
     credit = credit_pipeline(method.replace(clamp_min=None), group_size=G, reward_key="reward", tokens_key=RESPONSE,
-                             mask_key=MASK, select_key=LOSS_MASK, keepdim=True)
+                             mask_key=MASK, select_key=LOSS_MASK, keepdim=True,
+                             turn_ids_key=TURN_IDS if turns else None, turn_rewards_key=TURN_REWARDS if turns else None,
+                             state_ids_key=STATE_IDS if turns and method.advantage_kind.needs_states else None)
     # TorchRL's GRPOLoss with the method's log-ratio trace and clamp; no entropy bonus; the KL to a
     # frozen reference is GRPOLoss's kl_to_ref; an entropy-selecting method keeps the policy term of
     # the selected tokens only (the aggregation still counts every completion token, as TRL does)
-    policy = CompletionPolicy(model, cfg.temperature, on_policy=n_updates == 1)
+    attention = ATTENTION if env is not None else None  # episodes attend to the observations, never score them
+    policy = CompletionPolicy(model, cfg.temperature, on_policy=n_updates == 1, attention_key=attention)
     loss_fn = GRPOLambdaLoss.from_credit(
         method, policy, select_key=LOSS_MASK, clip_epsilon=cfg.clip_eps, aggregation=cfg.aggregation,
         loss_scale_factor=T if cfg.aggregation == "seq-mean-token-sum-norm" else None, entropy_bonus=False,
         kl_to_ref_coeff=cfg.kl_coef if cfg.kl_coef > 0 else None)
     loss_fn.set_keys(action=RESPONSE, sample_log_prob=("log_probs", "response"),
                      ref_log_probs=("ref_log_probs", "response"))
-    scorer = CompletionPolicy(model, cfg.temperature, entropy=method.needs_entropy)
+    scorer = CompletionPolicy(model, cfg.temperature, entropy=method.needs_entropy, attention_key=attention)
     optimizer = make_optimizer(model, cfg)
     tree = tree_spec(cfg)  # None: flat groups (cfg.validate checked the shape against group_size)
     tree_backend = None if tree is None else TransformersBackend(model, tokenizer, temperature=cfg.temperature,
@@ -208,29 +224,45 @@ def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, o
     samples = MetricsLogger(out / "samples.jsonl", resume_step=start.resume_step, enabled=info.main)
     over = {k: getattr(cfg, k) for k in CREDIT_OPTIONS if getattr(cfg, k) != INHERIT}  # the overridden values
     say(f"{name}: {count_parameters(model):,}-parameter {type(model).__name__} on {device} (x{info.world_size}), "
-        f"dataset {cfg.dataset!r}, {len(heldout)} held-out prompts -> {out}\n"
+        + (f"environment {cfg.env!r}" if env else f"dataset {cfg.dataset!r}") + f", {len(heldout)} held-out prompts -> {out}\n"
         f"credit {cfg.credit}{f' with {over}' if over else ''}: {method.summary()}\n"
-        f"rollout: {_rollout_summary(cfg, tree)}")
+        f"rollout: {_rollout_summary(cfg, tree, source)}")
     if start.kind == "resume":
         say(f"resumed from {start.path} (RL step {state['step']}, data position {state['position']})")
     return Recipe(cfg=cfg, name=name, info=info, device=device, out=out, model=model, tokenizer=tokenizer,
                   source=source, reward=reward, method=method, credit=credit, scorer=scorer, loss_fn=loss_fn,
                   optimizer=optimizer, hf_rollout=hf_rollout, rollout=rollout, heldout=heldout, start=start,
                   state=state, logger=logger, samples=samples, n_updates=n_updates, ref_model=ref_model,
-                  tree=tree, tree_backend=tree_backend, say=say)
+                  tree=tree, tree_backend=tree_backend, env=env, say=say)
 
 
-def _rollout_summary(cfg: RecipeConfig, tree: Optional[TreeSpec]) -> str:
+def max_turns(cfg: RecipeConfig, source) -> int:
+    """``--max-turns``, or the environment's own turn limit (its source's ``max_turns``)."""
+    return cfg.max_turns or source.max_turns
+
+
+def max_turn_tokens(cfg: RecipeConfig, source) -> int:
+    """``--max-turn-tokens``, or what one turn of the environment needs (its source's ``max_turn_tokens``)."""
+    return cfg.max_turn_tokens or source.max_turn_tokens
+
+
+def _rollout_summary(cfg: RecipeConfig, tree: Optional[TreeSpec], source=None) -> str:
+    if cfg.env:
+        return (f"{cfg.group_size} episodes per prompt against --env {cfg.env} (at most {max_turns(cfg, source)} turns "
+                f"of {max_turn_tokens(cfg, source)} tokens; environment answers masked"
+                + (f"; process reward x {cfg.process_coef:g}" if cfg.process_coef else "") + ")")
     if tree is None:
         return f"{cfg.group_size} independent completions per prompt ({cfg.rollout})"
     return (f"a tree of {tree.leaves} leaves per prompt: {tree.roots} root(s), {tree.depth} round(s) of {tree.forks} "
             f"fork(s) x {tree.branches} branch(es) at {tree.select} positions (min gap {tree.min_gap}"
-            + (f", segment {tree.segment_len}" if tree.select == "segment" else "") + ")")
+            + (f", segment {tree.segment_len}" + (", pipelined" if cfg.tree_pipeline else "")
+               if tree.select == "segment" else "") + ")")
 
 
 # ==================================================================== one rollout
 #: per-step rollout counts summed over ranks (the rest of the rollout metrics are averaged)
-SUMMED = ("rows", "generated_tokens", "row_tokens", "fallback_relaxed_gap", "fallback_at_own_fork")
+SUMMED = ("rows", "generated_tokens", "row_tokens", "fallback_relaxed_gap", "fallback_at_own_fork", "episodes",
+          "failed_episodes", "truncated_episodes")
 
 
 def tree_seed(seed: int, step: int, rank: int) -> int:
@@ -239,19 +271,31 @@ def tree_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(h, "little") >> 2
 
 
-def sample_rollout(r: Recipe, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   step: int) -> Tuple[Union[RolloutBatch, TreeRollout], Dict[str, float]]:
+def sample_rollout(r: Recipe, examples: List[Example], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   step: int) -> Tuple[Union[RolloutBatch, TreeRollout, EpisodeBatch], Dict[str, float]]:
     """``K`` prompts ``[K, P]`` -> ``B = K x G`` rows (rows ``[k G, (k + 1) G)`` share prompt ``k``) and
     the rollout's counts: ``rows``, ``generated_tokens`` (sampled by the engine; a token shared by
     the leaves of a tree counts once), ``row_tokens`` (what the update trains on) and, for a tree,
-    its shape (``token_ratio``, ``fork_pos_mean``, ``fallback_*``: :meth:`TreeRollout.summary`)."""
+    its shape (``token_ratio``, ``fork_pos_mean``, ``fallback_*``: :meth:`TreeRollout.summary`); for
+    episodes (``--env``), :meth:`EpisodeBatch.summary` (``failed_episodes``, ``mean_turns``, ...)."""
     G = r.cfg.group_size
+    if r.env is not None:  # G episodes per example; the environment reads the example, not the prompt ids
+        batch = rollout_episodes(r.model, r.tokenizer, r.source.make_env, examples, G,
+                                 max_turns=max_turns(r.cfg, r.source), max_turn_tokens=max_turn_tokens(r.cfg, r.source),
+                                 temperature=r.cfg.temperature, timeout=r.cfg.env_timeout,
+                                 process_reward=r.env.process_reward if r.cfg.process_coef else None,
+                                 process_coef=r.cfg.process_coef, device=r.device,
+                                 add_special_tokens=r.source.add_special_tokens)  # [B, T] rows, [B, K] turns
+        return batch, {"rows": float(batch.batch_size), **batch.summary()}
     if r.tree is None:
         batch = r.rollout.rollout(prompt_ids, prompt_mask, G)  # completion ids / mask [B, T]
         n = float(batch.completion_mask.sum())
         return batch, {"rows": float(batch.batch_size), "generated_tokens": n, "row_tokens": n}
+    # segment trees fork while the parent decodes (one pass, the same trees); entropy / uniform decode in rounds
+    pipeline = r.cfg.tree_pipeline and r.tree.select == "segment" and r.tree_backend.decode == "loop"
     tree = sample_tree(r.tree_backend, prompt_ids, prompt_mask, r.tree, max_new_tokens=max_new_tokens(r.cfg, r.source),
-                       seed=tree_seed(r.cfg.seed, step, r.info.rank), group_size=G, tokenizer=r.tokenizer)
+                       seed=tree_seed(r.cfg.seed, step, r.info.rank), group_size=G, tokenizer=r.tokenizer,
+                       pipeline=pipeline)
     dev = r.device
     tree = replace(tree, prompt_ids=tree.prompt_ids.to(dev), prompt_mask=tree.prompt_mask.to(dev),  # [B, P]
                    completion_ids=tree.completion_ids.to(dev), completion_mask=tree.completion_mask.to(dev))  # [B, T]
@@ -261,6 +305,10 @@ def sample_rollout(r: Recipe, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
 # ==================================================================== one RL step
 def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
     """One GRPO update on ``B = K x G`` completions: credit stage, then PPO epochs over minibatches.
+
+    Episodes (``--env``): ``rewards`` is the outcome; a turn method also reads the per-turn rewards
+    and state ids (each turn's advantage on its own tokens), any other method the episode's total
+    reward (outcome + per-turn rewards); the model attends to the observations, which are never scored.
 
     Never takes an optimizer step on a NaN/inf loss or gradient norm (raises ``NonFiniteError``
     first: the weights and optimizer state stay those of the last good step).
@@ -272,6 +320,14 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
         "masks": {"prompt": batch.prompt_mask, "response": mask},  # [B, P], [B, T]
         "reward": rewards.to(r.device).reshape(B, 1, 1),  # [B, 1, 1]: GRPOLoss broadcasts it over T
     }, batch_size=[B])
+    attention = None
+    if isinstance(batch, EpisodeBatch):
+        attention = batch.attention_mask  # [B, T] policy and observation tokens
+        td[ATTENTION] = attention
+        if r.method.advantage_kind.turns:  # each turn's own reward and (anchor-state) state
+            td[TURN_IDS], td[TURN_REWARDS], td[STATE_IDS] = batch.turn_ids, batch.turn_rewards, batch.state_ids
+        else:  # a trajectory-level method judges the episode's total reward
+            td["reward"] = batch.total_rewards().to(r.device).reshape(B, 1, 1)  # [B, 1, 1]
     mb = cfg.minibatch_size or B
     # the sampling policy's log-probs (and per-token entropies for entropy selection): one extra
     # forward; a single update on fresh samples skips it (CompletionPolicy(on_policy=True))
@@ -282,7 +338,8 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
     if r.ref_model is not None:  # frozen reference for the KL term
         with torch.no_grad():
             td["ref_log_probs", "response"] = completion_logprobs(
-                r.ref_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.temperature)  # [B, T]
+                r.ref_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.temperature,
+                attention_mask=attention)  # [B, T]
     td = r.credit(td)  # advantage [B, 1, 1] or [B, T, 1] (+ the loss mask [B, T])
 
     sums: Dict[str, float] = {}
@@ -310,12 +367,22 @@ def grpo_step(r: Recipe, batch, rewards: torch.Tensor) -> Dict[str, float]:
 
 
 # ==================================================================== train: warm-up -> RL -> evaluation
+def held_out(r: Recipe, examples: List[Example], engine=None, samples: int = 0, log_samples: int = 0) -> Dict:
+    """Greedy ``accuracy`` (and ``sampled_accuracy`` with ``samples``) on ``examples``: completions
+    scored by the reward, or (``--env``) episodes, whose success is the accuracy."""
+    if r.env is None:
+        return evaluate(engine or r.hf_rollout, r.source, examples, r.reward, r.info, r.device, samples=samples,
+                        log_samples=log_samples)
+    return evaluate_env(r.model, r.tokenizer, r.source, examples, r.info, r.device, max_turns=max_turns(r.cfg, r.source),
+                        max_turn_tokens=max_turn_tokens(r.cfg, r.source), timeout=r.cfg.env_timeout,
+                        temperature=r.cfg.temperature, samples=samples, log_samples=log_samples)
+
+
 def evaluate_and_log(r: Recipe, engine, step: int, generated_tokens: float = 0.0) -> Dict:
     """Held-out greedy (and sampled) accuracy; a few completions to samples.jsonl. ``generated_tokens``:
     the RL rollouts' tokens so far (accuracy against tokens as well as steps)."""
     cfg = r.cfg
-    res = evaluate(engine, r.source, r.heldout, r.reward, r.info, r.device, samples=cfg.eval_samples,
-                   log_samples=cfg.log_samples)
+    res = held_out(r, r.heldout, engine, samples=cfg.eval_samples, log_samples=cfg.log_samples)
     rec = {"phase": "eval", "step": step, "accuracy": res["accuracy"], "generated_tokens": generated_tokens}
     rec.update({k: v for k, v in res.items() if k not in ("accuracy", "samples")})
     r.logger.log(rec)
@@ -334,12 +401,12 @@ def warm_up(r: Recipe) -> Dict:
         acc_init, sft = r.start.state.get("acc_init"), {"sft_steps": 0, "position": r.start.state.get("position", 0)}
         r.say(f"--init-from {r.start.path}: its weights, a fresh optimizer, RL step 0, data position {sft['position']}")
     else:
-        acc_init = evaluate(r.hf_rollout, r.source, r.heldout, r.reward, info, r.device)["accuracy"]
+        acc_init = held_out(r, r.heldout)["accuracy"]
         r.logger.log({"phase": "sft", "step": 0, "val_accuracy": None, "heldout_accuracy": acc_init})
         sft = {"sft_steps": 0, "position": 0}
         if cfg.sft_steps:
             val = r.source.validation(256)
-            validate = lambda: evaluate(r.hf_rollout, r.source, val, r.reward, info, r.device)["accuracy"]  # noqa: E731
+            validate = lambda: held_out(r, val)["accuracy"]  # noqa: E731
             sft = sft_warmup(r.model, r.source, cfg, info, r.device, validate, r.logger.log, cfg.progress, say=r.say)
             if r.rollout is not r.hf_rollout:  # the vLLM engine samples with the warmed-up weights
                 r.rollout.sync_weights(ckpt.model_state_dict(r.model, info, every_rank=True))
@@ -366,6 +433,7 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
     cfg, info, out, G = r.cfg, r.info, r.out, r.cfg.group_size
     step, position, last_saved = state["step"], state["position"], state["step"]
     tokens = float(state.get("generated_tokens", 0.0))  # RL rollout tokens so far, all ranks
+    failed = float(state.get("failed_episodes", 0.0))  # --env: episodes the environment failed (error / hang)
     acc = {"accuracy": state.get("acc_last", state["acc_before"]),
            "sampled_accuracy": state.get("sampled_last", state.get("sampled_before"))}
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{r.name} ({cfg.credit})",
@@ -374,7 +442,7 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
 
     def save(step):
         state.update(step=step, position=position, acc_last=acc["accuracy"], sampled_last=acc.get("sampled_accuracy"),
-                     rl_seconds=time.time() - t_rl, generated_tokens=tokens)
+                     rl_seconds=time.time() - t_rl, generated_tokens=tokens, failed_episodes=failed)
         ckpt.save_checkpoint(out, step, r.model, r.optimizer, state, info, keep=cfg.keep_checkpoints)
 
     exit_code = 0
@@ -387,9 +455,12 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
                 prompts, position = r.source.next_batch(position, cfg.prompts_per_step)  # global batch
                 mine = prompts[info.rank::info.world_size]  # this rank's K prompts
                 prompt_ids, prompt_mask = r.source.encode(mine, r.device)  # [K, P]
-                batch, shape = sample_rollout(r, prompt_ids, prompt_mask, step)  # B = K*G: completion ids/mask [B, T]
-                # 2. verifiable rewards
-                rewards, rstats = r.reward(batch.texts, [e.answer for e in mine for _ in range(G)])  # [B]
+                batch, shape = sample_rollout(r, mine, prompt_ids, prompt_mask, step)  # B = K*G: ids/mask [B, T]
+                # 2. verifiable rewards (--env: the environment's, already in the episodes)
+                if isinstance(batch, EpisodeBatch):
+                    rewards, rstats = batch.rewards, {}  # [B] outcome; per-turn rewards in batch.turn_rewards
+                else:
+                    rewards, rstats = r.reward(batch.texts, [e.answer for e in mine for _ in range(G)])  # [B]
                 # 3-4. credit stage + PPO update
                 lr = learning_rate(cfg, step)
                 for group in r.optimizer.param_groups:
@@ -398,12 +469,18 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
                 if r.rollout is not r.hf_rollout:
                     r.rollout.sync_weights(ckpt.model_state_dict(r.model, info, every_rank=True))
                 # 5. log, evaluate, checkpoint
-                m.update(reward=float(rewards.mean()), completion_len=float(batch.completion_mask.sum(-1).float().mean()),
+                total = batch.total_rewards() if isinstance(batch, EpisodeBatch) else rewards  # [B]
+                m.update(reward=float(total.mean()), completion_len=float(batch.completion_mask.sum(-1).float().mean()),
                          **rstats, **shape)
                 m = all_reduce_dict_mean(m, info)
                 m.update({k: m[k] * info.world_size for k in SUMMED if k in m})  # counts: all ranks together
                 tokens += m["generated_tokens"]
                 m["generated_tokens_total"] = tokens
+                if m.get("failed_episodes"):  # the environment raised or hung: those episodes got reward 0
+                    failed += m["failed_episodes"]
+                    first = next((e for e in getattr(batch, "errors", []) if e), "(on another rank)")
+                    bar.write(f"step {step}: {m['failed_episodes']:.0f} episode(s) failed and got reward 0 "
+                              f"({failed:.0f} so far); first error: {first}")
                 m.update(phase="rl", step=step, position=position, lr=lr, step_seconds=time.time() - t0)
                 r.logger.log(m)
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -425,7 +502,8 @@ def rl_loop(r: Recipe, state: Dict) -> Dict:
         sig = int(stop.signal or signal.SIGTERM)  # a rank that got none stops with its peers
         r.say(f"{r.name}: stopped by signal {sig} after RL step {step}; checkpoint saved, resume with --resume")
         exit_code = 128 + sig
-    return {"step": step, "acc": acc, "t_rl": t_rl, "exit_code": exit_code, "generated_tokens": tokens}
+    return {"step": step, "acc": acc, "t_rl": t_rl, "exit_code": exit_code, "generated_tokens": tokens,
+            "failed_episodes": failed}
 
 
 def finish_run(r: Recipe, state: Dict, end: Dict, t_start: float) -> Dict:
@@ -440,10 +518,13 @@ def finish_run(r: Recipe, state: Dict, end: Dict, t_start: float) -> Dict:
     summary = {"accuracy_initial": state.get("acc_init"), "accuracy_before": state["acc_before"],
                "accuracy_after": acc["accuracy"], "sampled_accuracy_after": acc.get("sampled_accuracy"),
                "steps": step, "credit": cfg.credit, "output_dir": str(out), "wall_seconds": time.time() - t_start,
-               "generated_tokens": end["generated_tokens"], "tree": None if r.tree is None else r.tree.leaves}
+               "generated_tokens": end["generated_tokens"], "tree": None if r.tree is None else r.tree.leaves,
+               "env": cfg.env or None, "failed_episodes": end["failed_episodes"]}
     if info.main:
-        rows = [("credit method", r.method.summary()), ("rollout", _rollout_summary(cfg, r.tree)),
+        rows = [("credit method", r.method.summary()), ("rollout", _rollout_summary(cfg, r.tree, r.source)),
                 ("generated tokens (RL rollouts)", f"{end['generated_tokens']:,.0f}")]
+        if r.env is not None:
+            rows.append(("failed episodes (environment error or hang; reward 0)", f"{end['failed_episodes']:.0f}"))
         table, png = write_summary(r.name, cfg, out, r.model, r.tokenizer, full_sd, state, acc, step, r.reward,
                                    t_start, end["t_rl"], len(r.heldout), rows)
         print("\n" + table)

@@ -185,7 +185,7 @@ def test_register_one_call_and_overwrite_rules():
     (dict(baseline="median"), "baseline must be one of"),
     (dict(advantage="prefix_td", gae_gamma=1.5), "gae_gamma"),
     (dict(advantage="prefix_td", gae_lam=-0.1), "gae_lam"),
-    (dict(gae_lam=0.9), "advantage='prefix_td' only"),
+    (dict(gae_lam=0.9), r"advantage kinds \['prefix_td', 'prefix_turn'\] only"),
     (dict(advantage="prefix_td", baseline="loo"), "baseline='loo'"),
     (dict(clamp_min=0.1), "clamp_min must be None or a finite float <= 0"),
     (dict(clamp_min=float("nan")), "clamp_min"),

@@ -332,3 +332,43 @@ def test_demo_credit_figure_and_the_claims_of_credit_md(tmp_path, capsys):
     # entropy-80-20 keeps about 20 % of the tokens
     kept = (c["entropy-80-20"] != 0).sum().item()
     assert 0 < kept <= 0.2 * mask.sum().item() + 1
+
+
+# ----------------------------------------------------------------------------- the figure of docs/agents.md
+def test_demo_agents_figure_and_the_claims_of_agents_md(tmp_path, capsys):
+    """recipes/demo_agents.py draws docs/img/agents_credit.png; the page's statements about it hold."""
+    pytest.importorskip("matplotlib")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import demo_agents
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+
+    path = demo_agents.main(["--out", str(tmp_path)])
+    assert Path(path).stat().st_size > 10_000
+    tokens, turn_ids, turn_rewards, state_ids, rewards, positions = demo_agents.group()
+    assert rewards.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0] and [p[-1] for p in positions][:3] == [3, 3, 3]
+    c = {n: demo_agents.credit(n, tokens, turn_ids, turn_rewards, state_ids, rewards) for n in demo_agents.METHODS}
+    lens = [len(e) for e in demo_agents.EPISODES]
+    valid = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]  # [G, K]
+    # turn-grpo: one value per episode (+1.10 / -1.10 here)
+    g = c["turn-grpo"]
+    assert all(len(set(round(v, 6) for v in g[i, :n].tolist())) == 1 for i, n in enumerate(lens))
+    assert abs(float(g[0, 0]) - 1.10) < 0.01 and abs(float(g[3, 0]) + 1.10) < 0.01
+    # turn-index = turn-grpo while every episode is still running (turns 0-3), different at turns 4-5
+    torch.testing.assert_close(c["turn-index"][:, :4], g[:, :4])
+    assert not torch.allclose(c["turn-index"][1:, 4:], g[1:, 4:])
+    # anchor-state: larger in size than the episode term alone
+    assert float(c["anchor-state"][valid].abs().mean()) > float(g[valid].abs().mean())
+    # prefix-turn: the first turn (every episode starts at the root) = turn-grpo; ---- and --+--- share --
+    torch.testing.assert_close(c["prefix-turn"][:, 0], g[:, 0])
+    # the detour + of +----- (an episode that succeeded) gets positive credit from every method
+    assert all(float(c[n][1, 0]) > 0 for n in demo_agents.METHODS)
+    # with the process score, undiscounted returns reward length (the detour episode collects more scores);
+    # discounted (turn_gamma 0.5), the move's own score dominates and the detour turns negative
+    grp = demo_agents.group(1.0)[:5]
+    for n in ("turn-index", "anchor-state"):
+        assert float(demo_agents.credit(n, *grp)[1, 0]) > float(demo_agents.credit(n, *grp)[0, 0]) > 0
+        assert float(demo_agents.credit(n, *grp, turn_gamma=0.5)[1, 0]) < 0

@@ -9,10 +9,15 @@ Part 2 runs only where verl imports (it cannot be installed beside this project'
 registered functions through verl's own registry lookup, against verl's ``vanilla`` loss and
 ``grpo`` estimator, and through verl's ``compute_advantage``, its actor ``ppo_loss`` and
 ``VERL_USE_EXTERNAL_MODULES`` loading.
+
+The multi-turn section tests the turn-level methods of the ``creditlib`` estimator: per-turn
+rewards and state ids read from ``non_tensor_batch`` (part 1 with numpy object arrays, part 2 in
+verl's ``DataProto``, ``compute_advantage`` and agent-loop batching).
 Run them with ``PYTHONPATH=. python -m pytest tests/test_integration_verl.py`` in a verl environment
 (tested: verl 0.9.1, torch 2.13.0+cpu, tensordict 0.10.0).
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -529,5 +534,362 @@ def test_verl_v1_refuses_per_token_credit_on_multi_output_sessions(clean_env):
     clean_env.setenv("CREDITLIB_CREDIT", "prefix-gae")
     d = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask,
                                      "responses": torch.zeros_like(mask)}, non_tensors={"uid": index})
+    with pytest.raises(ValueError, match="cannot be broadcast"):
+        multi(d, keys, adv_estimator="creditlib", config=AlgoConfig(adv_estimator="creditlib"))
+
+
+# ============================================================================= multi-turn: per-turn credit
+# verl's multi-turn rollouts (agent loop): response_mask is 1 on the model's tokens and 0 on tool
+# responses / observations and padding; per-turn lists ride in non_tensor_batch as object arrays.
+_ROWS = ("ppoopppoopo.",   # 3 turns, the outcome reward sits on a trailing tool token (verl: last response token)
+         "pppooopp....",   # 2 turns
+         "pooppoopppp.",   # 3 turns
+         "ppppp.......",   # 1 turn
+         "ppooop......",   # 2 turns
+         "popopop.....")   # 4 turns
+_UIDS = np.array(["a", "b", "a", "b", "a", "b"], dtype=object)  # [6] interleaved prompt groups
+_OUTCOME = (1.0, 0.0, 1.0, 0.0, 0.0, 1.0)
+_SCORES = ([0.5, -0.25], [0.1, 0.0], [], [0.3], [0.2, 0.4], [0.0, 0.5, 0.0, -0.5])  # ragged, may be short
+_STATES = (["s0", "s1", "s2"], ["s0", "x"], ["s0", "s1", "s1"], [7], ["s0", None], ["s0", -1, "x", 7])
+TURN_METHODS = ("turn-grpo", "turn-index", "anchor-state")
+
+
+def _ragged(rows):
+    col = np.empty(len(rows), dtype=object)  # what verl's agent loop builds for extra_fields
+    for i, r in enumerate(rows):
+        col[i] = None if r is None else list(r)
+    return col
+
+
+def _multi_turn(dtype=torch.float64):
+    """(token_level_rewards [6, 12], response_mask [6, 12] int, uid [6], non_tensor_batch)."""
+    mask = torch.tensor([[c == "p" for c in r] for r in _ROWS]).long()  # [6, 12]
+    rewards = torch.zeros(mask.shape, dtype=dtype)  # [6, 12]
+    for i, r in enumerate(_ROWS):
+        rewards[i, len(r.rstrip(".")) - 1] = _OUTCOME[i]
+    ntb = {"uid": _UIDS, "turn_scores": _ragged(_SCORES), "state_ids": _ragged(_STATES),
+           "tool_rewards": _ragged([[]] * 6)}
+    return rewards, mask, _UIDS, ntb
+
+
+def _runs(row: str):
+    """Token positions of each turn (maximal run of policy tokens) of a row string."""
+    turns, prev = [], False
+    for t, c in enumerate(row):
+        if c == "p" and not prev:
+            turns.append([])
+        if c == "p":
+            turns[-1].append(t)
+        prev = c == "p"
+    return turns
+
+
+def _plain_turn_credit(kind, runs, turn_rewards, outcome, groups, states, gamma=1.0, omega=1.0, eps=1e-4):
+    """The contract (notes/turns_spec.md) in plain Python: per-token advantages [B][T] as floats."""
+    B = len(runs)
+    K = [len(r) for r in runs]
+    r = [[(turn_rewards[i][k] if k < len(turn_rewards[i]) else 0.0) + (outcome[i] if k == K[i] - 1 else 0.0)
+          for k in range(K[i])] for i in range(B)]
+    G = [[sum(gamma ** (q - k) * r[i][q] for q in range(k, K[i])) for k in range(K[i])] for i in range(B)]
+    G0 = [G[i][0] if K[i] else outcome[i] for i in range(B)]
+    mates = [[j for j in range(B) if groups[j] == groups[i]] for i in range(B)]
+
+    def std(v):
+        m = sum(v) / len(v)
+        return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+    def loo(x, others, pool):
+        return 0.0 if not others else (x - sum(others) / len(others)) / (std(pool) + eps)
+
+    def unknown(s):
+        return s is None or s == -1
+
+    adv = [[0.0] * len(_ROWS[0]) for _ in range(B)]
+    for i in range(B):
+        episode = loo(G0[i], [G0[j] for j in mates[i] if j != i], [G0[j] for j in mates[i]])
+        for k in range(K[i]):
+            if kind == "turn-grpo":
+                a = episode
+            elif kind == "turn-index":
+                a = loo(G[i][k], [G[j][k] for j in mates[i] if j != i and K[j] > k],
+                        [G[j][k] for j in mates[i] if K[j] > k])
+            else:  # anchor-state
+                u = states[i][k] if k < len(states[i]) else None
+                same = [] if unknown(u) else [(j, q) for j in mates[i] for q in range(K[j])
+                                              if q < len(states[j]) and not unknown(states[j][q]) and states[j][q] == u]
+                a = episode + omega * loo(G[i][k], [G[j][q] for j, q in same if j != i], [G[j][q] for j, q in same])
+            for t in runs[i][k]:
+                adv[i][t] = a
+    return adv
+
+
+def _turn_tensors(rows_rewards, rows_states, K):
+    """creditlib's [B, K] tensors of the ragged lists (states coded by equality, -1 unknown)."""
+    tr = torch.zeros(len(rows_rewards), K, dtype=torch.float64)
+    for i, v in enumerate(rows_rewards):
+        tr[i, : len(v)] = torch.tensor(v, dtype=torch.float64)
+    codes, st = {}, torch.full((len(rows_states), K), -1, dtype=torch.long)
+    for i, v in enumerate(rows_states):
+        for k, s in enumerate(v):
+            if s is not None and s != -1:
+                st[i, k] = codes.setdefault(s, len(codes))
+    return tr, st
+
+
+def _creditlib_turn(method, rewards, mask, ntb, responses=None, turn_ids=None):
+    """What creditlib's functions give for the batch (the reference of the estimator)."""
+    m = get_credit(method)
+    kind = m.advantage_kind.name.replace("_", "-")
+    ids = CF.turn_ids_from_mask(mask.bool()) if turn_ids is None else turn_ids  # [B, T]
+    K = int(ids.max()) + 1
+    tr, st = _turn_tensors(list(ntb["turn_scores"]), list(ntb["state_ids"]), K)
+    gid = torch.tensor([0 if u == "a" else 1 for u in _UIDS])
+    kw = dict(group_ids=gid, mask=mask.bool(), gamma=m.turn_gamma, scale=m.scale)
+    if kind == "anchor-state":
+        kw.update(state_ids=st, omega=m.omega)
+    if kind == "prefix-turn":
+        kw.update(tokens=responses, gae_gamma=m.gae_gamma, gae_lam=m.gae_lam)
+    adv = CF.turn_credit(kind, ids, tr, rewards.sum(-1), **kw)  # [B, T]
+    return adv if m.clamp_min is None else adv.clamp(min=m.clamp_min)
+
+
+@pytest.mark.parametrize("name", TURN_METHODS)
+def test_turn_estimator_equals_creditlib_turn_credit(clean_env, name):
+    rewards, mask, index, ntb = _multi_turn()
+    assert get_credit(name).advantage_kind.turns
+    adv, ret = cv.credit_advantage(rewards, mask, index, non_tensor_batch=ntb, method=name)
+    torch.testing.assert_close(adv, _creditlib_turn(name, rewards, mask, ntb), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, adv)
+    plain = _plain_turn_credit(name, [_runs(r) for r in _ROWS], _SCORES, _OUTCOME, list(_UIDS), _STATES)
+    torch.testing.assert_close(adv, torch.tensor(plain, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    assert (adv[mask == 0] == 0).all(), "tool responses / observations and padding get no credit"
+    if name != "turn-grpo":  # per-turn values differ inside a row: a shifted broadcast would be caught
+        assert len({float(adv[0, t]) for t in (0, 4, 9)}) == 3  # row 0's three turns
+    clean_env.setenv("CREDITLIB_CREDIT", name)  # the registered "creditlib" estimator reads the method here
+    from_env, _ = cv.credit_advantage(rewards, mask, index, non_tensor_batch=ntb)
+    torch.testing.assert_close(from_env, adv, rtol=0, atol=0)
+
+
+def test_turn_estimator_discount_omega_and_prefix_turn(clean_env):
+    rewards, mask, index, ntb = _multi_turn()
+    m = get_credit("anchor-state").replace(name="anchor-state-test", turn_gamma=0.5, omega=0.25)
+    adv, _ = cv.credit_advantage(rewards, mask, index, non_tensor_batch=ntb, method=m)
+    plain = _plain_turn_credit("anchor-state", [_runs(r) for r in _ROWS], _SCORES, _OUTCOME, list(_UIDS), _STATES,
+                               gamma=0.5, omega=0.25)
+    torch.testing.assert_close(adv, torch.tensor(plain, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    responses = torch.randint(0, 2, mask.shape, generator=torch.Generator().manual_seed(5))  # [6, 12] shared prefixes
+    adv, _ = cv.credit_advantage(rewards, mask, index, non_tensor_batch=ntb, method="prefix-turn", responses=responses)
+    torch.testing.assert_close(adv, _creditlib_turn("prefix-turn", rewards, mask, ntb, responses), rtol=1e-12,
+                               atol=1e-12)
+    assert (adv[mask == 0] == 0).all()
+    with pytest.raises(ValueError, match="needs the response token ids"):
+        cv.credit_advantage(rewards, mask, index, non_tensor_batch=ntb, method="prefix-turn")
+
+
+def test_turn_estimator_layouts_and_explicit_turns(clean_env):
+    rewards, mask, index, ntb = _multi_turn()
+    ref, _ = cv.credit_advantage(rewards, mask, index, non_tensor_batch=ntb, method="anchor-state")
+    padded = np.zeros((6, 5))  # a 2-D array (e.g. reward_extra_info with equal lengths), zero-padded
+    for i, v in enumerate(_SCORES):
+        padded[i, : len(v)] = v
+    states = np.array([list(s) + [None] * (4 - len(s)) for s in _STATES], dtype=object)  # [6, 4], None-padded
+    for layout in ({"turn_rewards": padded, "state_ids": states},
+                   {"turn_rewards": [list(v) for v in _SCORES], "state_ids": list(_STATES)},
+                   {"turn_rewards": _ragged([np.array(v) for v in _SCORES]), "state_ids": ntb["state_ids"],
+                    "turn_scores": _ragged([[]] * 6)}):  # creditlib's key beside verl's empty turn_scores
+        adv, _ = cv.credit_advantage(rewards, mask, index, non_tensor_batch={"uid": _UIDS, **layout},
+                                     method="anchor-state")
+        torch.testing.assert_close(adv, ref, rtol=0, atol=0)
+    # explicit turns: row 3's one run of 5 tokens is two steps; per-token ids over the unpadded response
+    ids = CF.turn_ids_from_mask(mask.bool()).clone()  # [6, 12]
+    ids[3, 2:5] = 1
+    lengths = [len(r.rstrip(".")) for r in _ROWS]
+    scores = [list(v) for v in _SCORES]
+    scores[3] = [0.3, -0.2]
+    given = {**ntb, "turn_scores": _ragged(scores), "turn_ids": _ragged([ids[i, :n].tolist() for i, n in
+                                                                         enumerate(lengths)])}
+    for kw in ({"non_tensor_batch": given}, {"non_tensor_batch": {k: v for k, v in given.items() if k != "turn_ids"},
+                                            "turn_ids": ids}):
+        adv, _ = cv.credit_advantage(rewards, mask, index, method="turn-index", **kw)
+        torch.testing.assert_close(adv, _creditlib_turn("turn-index", rewards, mask, given, turn_ids=ids),
+                                   rtol=1e-12, atol=1e-12)
+        assert adv[3, 0] == adv[3, 1] != adv[3, 2] == adv[3, 4]
+    bound = cv.make_credit_estimator("turn-index")  # verl calls registered estimators with keywords
+    a, _ = bound(token_level_rewards=rewards, response_mask=mask, index=index, config=None, non_tensor_batch=given)
+    torch.testing.assert_close(a, _creditlib_turn("turn-index", rewards, mask, given, turn_ids=ids), rtol=0, atol=0)
+
+
+def test_turn_estimator_errors_name_the_key(clean_env):
+    rewards, mask, index, ntb = _multi_turn()
+
+    def call(method="turn-grpo", **kw):
+        return cv.credit_advantage(rewards, mask, index, method=method, **kw)
+
+    with pytest.raises(ValueError, match=r"no non_tensor_batch was given.*use_v1=False"):
+        call()
+    with pytest.raises(ValueError, match=r"'turn-index'.*non_tensor_batch\['turn_rewards'\] or "
+                                         r"non_tensor_batch\['turn_scores'\].*agent loop.*keys: \['uid'\]"):
+        call("turn-index", non_tensor_batch={"uid": _UIDS})  # what verl's V1 advantage step holds
+    with pytest.raises(ValueError, match=r"'anchor-state'.*state ids: non_tensor_batch\['state_ids'\].*verl "
+                                         r"produces none.*extra_fields\['state_ids'\]"):
+        call("anchor-state", non_tensor_batch={k: v for k, v in ntb.items() if k != "state_ids"})
+    bad = dict(ntb, turn_scores=_ragged(list(_SCORES[:3]) + [None] + list(_SCORES[4:])))
+    with pytest.raises(ValueError, match=r"non_tensor_batch\['turn_scores'\]\[3\] is None"):
+        call(non_tensor_batch=bad)
+    bad["turn_scores"] = np.array([0.1] * 6)  # one number per sample is an outcome, not per-turn rewards
+    with pytest.raises(ValueError, match=r"\['turn_scores'\]\[0\] must be a sequence"):
+        call(non_tensor_batch=bad)
+    bad["turn_scores"] = _ragged(_SCORES[:5])
+    with pytest.raises(ValueError, match=r"has 5 entries, expected one per sample \(6\)"):
+        call(non_tensor_batch=bad)
+    bad["turn_scores"] = _ragged(list(_SCORES[:3]) + [[0.3, 0.0, 0.7]] + list(_SCORES[4:]))
+    with pytest.raises(ValueError, match=r"\['turn_scores'\]\[3\] gives 3 per-turn rewards \(turn 2: 0.7\) but row 3 "
+                                         r"has 1 turns in response_mask"):
+        call(non_tensor_batch=bad)
+    bad["turn_scores"] = _ragged(list(_SCORES[:3]) + [[0.3, 0.0, 0.0]] + list(_SCORES[4:]))  # trailing zeros: fine
+    torch.testing.assert_close(call(non_tensor_batch=bad)[0], call(non_tensor_batch=ntb)[0], rtol=0, atol=0)
+    bad["turn_scores"] = _ragged([[float("nan")]] + list(_SCORES[1:]))
+    with pytest.raises(ValueError, match=r"\['turn_scores'\]\[0\] holds a non-finite"):
+        call(non_tensor_batch=bad)
+    for states, msg in (([["s0"], ["s0", "x", "y"]], r"\['state_ids'\]\[1\] gives a state for turn 2 but row 1 has 2"),
+                        ([["s0"], [-2]], r"\['state_ids'\]\[1\]\[0\] = -2"),
+                        ([["s0"], [0.5]], r"\['state_ids'\]\[1\]\[0\] must be an int, a string or a tuple")):
+        with pytest.raises(ValueError, match=msg):
+            call("anchor-state", non_tensor_batch=dict(ntb, state_ids=_ragged(states + [[]] * 4)))
+    ids = CF.turn_ids_from_mask(mask.bool()).clone()
+    ids[1, 4] = 1  # a tool token given a turn
+    with pytest.raises(ValueError, match=r"turn_ids must be >= 0 exactly on the response_mask tokens.*row 1, "
+                                         r"position 4"):
+        call(non_tensor_batch=ntb, turn_ids=ids)
+    both = dict(ntb, turn_rewards=_ragged(_SCORES))
+    with pytest.raises(ValueError, match="both 'turn_rewards' and verl's 'turn_scores'.*turn_rewards_key="):
+        call(non_tensor_batch=both)
+    a, _ = call(non_tensor_batch=both, turn_rewards_key="turn_scores")
+    torch.testing.assert_close(a, call(non_tensor_batch=ntb)[0], rtol=0, atol=0)
+
+
+def test_non_turn_methods_do_not_read_non_tensor_batch(clean_env):
+    rewards, mask, index, ntb = _multi_turn()
+    plain, _ = cv.credit_advantage(rewards, mask, index, method="grpo")
+    junk = {"uid": _UIDS, "turn_scores": np.array([None] * 6, dtype=object), "state_ids": np.array([1.5] * 6)}
+    adv, _ = cv.credit_advantage(rewards, mask, index, method="grpo", non_tensor_batch=junk)
+    torch.testing.assert_close(adv, plain, rtol=0, atol=0)
+    assert (adv[3, :5] != 0).all() and adv[0, 4] == adv[0, 0] != 0 == adv[0, 2]  # policy tokens only, as before
+
+
+# ----------------------------------------------------------------------------- with verl
+def _turn_data_proto(rewards, mask, ntb, responses=None):
+    from verl import DataProto
+
+    tensors = {"token_level_rewards": rewards, "response_mask": mask}
+    if responses is not None:
+        tensors["responses"] = responses
+    return DataProto.from_dict(tensors=tensors, non_tensors=dict(ntb))
+
+
+@pytest.mark.parametrize("name", TURN_METHODS + ("prefix-turn",))
+def test_verl_compute_advantage_reads_the_turn_inputs(clean_env, name):
+    """verl's registry lookup and compute_advantage, the per-turn lists in a DataProto's non_tensor_batch;
+    reordered rows (verl's balance_batch) keep each row's lists."""
+    core = _verl()
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    assert core.get_adv_estimator_fn("creditlib") is cv.credit_advantage
+    rewards, mask, index, ntb = _multi_turn(torch.float32)
+    responses = torch.randint(0, 2, mask.shape, generator=torch.Generator().manual_seed(5))  # [6, 12]
+    clean_env.setenv("CREDITLIB_CREDIT", name)
+    cfg = AlgoConfig(adv_estimator="creditlib")
+    data = _turn_data_proto(rewards, mask, ntb, responses)
+    out = compute_advantage(data, adv_estimator="creditlib", config=cfg).batch["advantages"]  # [6, 12]
+    expected = _creditlib_turn(name, rewards.double(), mask, ntb, responses)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6)
+    assert out.dtype == torch.float32 and (out[mask == 0] == 0).all()
+    perm = [4, 1, 5, 0, 3, 2]
+    shuffled = compute_advantage(_turn_data_proto(rewards, mask, ntb, responses).select_idxs(perm),
+                                 adv_estimator="creditlib", config=cfg).batch["advantages"]
+    torch.testing.assert_close(shuffled, out[perm], rtol=1e-6, atol=1e-7)
+
+
+def test_verl_turn_ids_in_the_data_batch(clean_env):
+    """Explicit turns as a tensor field of the DataProto (row 3's one run split into two steps)."""
+    _verl()
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    rewards, mask, index, ntb = _multi_turn(torch.float32)
+    ids = CF.turn_ids_from_mask(mask.bool()).clone()  # [6, 12]
+    ids[3, 2:5] = 1
+    data = _turn_data_proto(rewards, mask, ntb)
+    data.batch["turn_ids"] = ids
+    clean_env.setenv("CREDITLIB_CREDIT", "turn-index")
+    out = compute_advantage(data, adv_estimator="creditlib", config=AlgoConfig(adv_estimator="creditlib"))
+    expected = _creditlib_turn("turn-index", rewards.double(), mask, ntb, turn_ids=ids)
+    torch.testing.assert_close(out.batch["advantages"], expected.float(), rtol=1e-5, atol=1e-6)
+    assert out.batch["advantages"][3, 1] != out.batch["advantages"][3, 2]
+
+
+def test_verl_compute_advantage_without_turn_inputs_says_what_to_write(clean_env):
+    _verl()
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    rewards, mask, index, ntb = _multi_turn(torch.float32)
+    cfg = AlgoConfig(adv_estimator="creditlib")
+    clean_env.setenv("CREDITLIB_CREDIT", "turn-index")
+    with pytest.raises(ValueError, match=r"'turn_scores'.*keys: \['uid'\].*use_v1=False"):
+        compute_advantage(_turn_data_proto(rewards, mask, {"uid": index}), adv_estimator="creditlib", config=cfg)
+    clean_env.setenv("CREDITLIB_CREDIT", "anchor-state")
+    with pytest.raises(ValueError, match=r"state ids: non_tensor_batch\['state_ids'\]"):
+        compute_advantage(_turn_data_proto(rewards, mask, {k: v for k, v in ntb.items() if k != "state_ids"}),
+                          adv_estimator="creditlib", config=cfg)
+    clean_env.setenv("CREDITLIB_CREDIT", "grpo")  # a sequence-level method needs none of them
+    compute_advantage(_turn_data_proto(rewards, mask, {"uid": index}), adv_estimator="creditlib", config=cfg)
+
+
+def test_verl_agent_loop_output_layout(clean_env):
+    """verl's own agent-loop postprocessing (AgentLoopWorker._postprocess) builds the batch: turn_scores
+    (verl's key; [] from its single-turn loop) and a custom loop's extra_fields['state_ids'] arrive as
+    object arrays, the outcome as rm_scores on the last response token."""
+    _verl()
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopWorker, _InternalAgentLoopOutput
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    P, T = 3, len(_ROWS[0])
+    outs = []
+    for i, row in enumerate(_ROWS):
+        n = len(row.rstrip("."))
+        resp_mask = torch.tensor([[c == "p" for c in row]]).long()  # [1, T]
+        att = torch.cat([torch.ones(1, P), (torch.arange(T) < n)[None].float()], dim=1).long()  # [1, P + T]
+        extra = {"turn_scores": list(_SCORES[i]), "tool_rewards": [], "state_ids": list(_STATES[i])}
+        outs.append(_InternalAgentLoopOutput(
+            prompt_ids=torch.ones(1, P, dtype=torch.long), response_ids=torch.full((1, T), 5), input_ids=torch.ones(
+                1, P + T, dtype=torch.long), position_ids=torch.arange(P + T)[None], response_mask=resp_mask,
+            attention_mask=att, reward_score=_OUTCOME[i], num_turns=2 * len(_runs(row)), metrics=AgentLoopMetrics(),
+            extra_fields=extra))
+    worker = object.__new__(AgentLoopWorker)  # _postprocess reads only this attribute of the worker
+    worker.reward_loop_worker_handles = None
+    data = worker._postprocess(outs, input_non_tensor_batch={"uid": _UIDS})
+    assert data.non_tensor_batch["turn_scores"].dtype == object and data.non_tensor_batch["state_ids"].dtype == object
+    data.batch["token_level_rewards"] = data.batch["rm_scores"]
+    clean_env.setenv("CREDITLIB_CREDIT", "anchor-state")
+    out = compute_advantage(data, adv_estimator="creditlib", config=AlgoConfig(adv_estimator="creditlib"))
+    rewards, mask, _, ntb = _multi_turn()
+    torch.testing.assert_close(data.batch["token_level_rewards"].double(), rewards)
+    expected = _creditlib_turn("anchor-state", rewards, mask, ntb)
+    torch.testing.assert_close(out.batch["advantages"], expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_verl_v1_refuses_turn_credit_on_multi_output_sessions(clean_env):
+    _verl()
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories as multi
+
+    keys, index, mask, rewards = _sessions()
+    clean_env.setenv("CREDITLIB_CREDIT", "turn-grpo")
+    d = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
+                            non_tensors={"uid": index, "turn_scores": _ragged([[]] * len(keys))})
     with pytest.raises(ValueError, match="cannot be broadcast"):
         multi(d, keys, adv_estimator="creditlib", config=AlgoConfig(adv_estimator="creditlib"))

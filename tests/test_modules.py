@@ -215,8 +215,13 @@ def test_credit_pipeline_writes_the_method_advantages(name):
     ent = torch.rand(8, 10)
     m = get_credit(name)
     td = TensorDict(tokens=tokens, mask=mask, reward=reward, entropy=ent, batch_size=[8])
-    out = M.credit_pipeline(name, group_size=G)(td)
-    want = m.advantages(reward, mask, tokens=tokens, group_size=G)
+    kw, keys = {}, {}
+    if m.needs_states:  # anchor-state compares the turns that start from one state: give each turn a state
+        K = int(F.turn_ids_from_mask(mask).max()) + 1
+        td["state_ids"] = kw["state_ids"] = (torch.arange(8)[:, None] + torch.arange(max(K, 1))) % 3  # [8, K]
+        keys["state_ids_key"] = "state_ids"
+    out = M.credit_pipeline(name, group_size=G, **keys)(td)
+    want = m.advantages(reward, mask, tokens=tokens, group_size=G, **kw)
     torch.testing.assert_close(out["advantage"], want)
     if m.entropy_quantile is not None:
         assert torch.equal(out["entropy_mask"], m.loss_mask(mask, ent))

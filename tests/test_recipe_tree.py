@@ -96,7 +96,7 @@ def test_a_recipe_tree_rollout_row_by_row(tmp_path):
     K, G = 4, 4
     prompts, _ = r.source.next_batch(0, K)
     ids, mask = r.source.encode(prompts, r.device)  # [K, P]
-    batch, shape = grpo.sample_rollout(r, ids, mask, step=1)
+    batch, shape = grpo.sample_rollout(r, prompts, ids, mask, step=1)
     assert isinstance(batch, TreeRollout) and batch.batch_size == K * G
     assert torch.equal(batch.group_ids, torch.arange(K).repeat_interleave(G))  # rows of one prompt contiguous
     for i in range(K * G):  # every row carries its own prompt
@@ -115,13 +115,13 @@ def test_a_recipe_tree_rollout_row_by_row(tmp_path):
                                                                                     r.tokenizer.pad_token_id),
                                                    skip_special_tokens=True)
     # the tree of a step is a function of (seed, step, rank): a resumed run draws the same one
-    again, _ = grpo.sample_rollout(r, ids, mask, step=1)
+    again, _ = grpo.sample_rollout(r, prompts, ids, mask, step=1)
     assert torch.equal(again.completion_ids, batch.completion_ids) and torch.equal(again.parent, batch.parent)
     assert grpo.tree_seed(0, 1, 0) != grpo.tree_seed(0, 2, 0) != grpo.tree_seed(1, 2, 0)
     # flat rollouts count their generated tokens too (every row token is generated)
     flat = _setup(tmp_path, "flat", dict(credit="prefix-gae"))
     assert flat.tree is None
-    fb, fshape = grpo.sample_rollout(flat, ids, mask, step=1)
+    fb, fshape = grpo.sample_rollout(flat, prompts, ids, mask, step=1)
     assert fb.batch_size == K * G
     assert fshape == {"rows": K * G, "generated_tokens": float(fb.completion_mask.sum()),
                       "row_tokens": float(fb.completion_mask.sum())}

@@ -168,8 +168,11 @@ def test_credit_overrides_resolve_to_the_named_methods(capsys):
 @pytest.mark.parametrize("name", list_credits())
 def test_every_credit_method_trains(name, tmp_path, capsys):
     out = tmp_path / name
+    # a method that needs the environment's state ids (anchor-state) trains on episodes (tests/test_recipe_env.py
+    # runs every turn method there); the others on the single-turn task
+    env = ["--env", "dial-walk", "--eval-size", "8"] if get_credit(name).advantage_kind.needs_states else []
     s = grpo.main(TINY + ["--credit", name, "--max-steps", "2", "--eval-every", "2", "--sft-steps", "0",
-                          "--output-dir", str(out), "--seed", "2"])
+                          "--output-dir", str(out), "--seed", "2"] + env)
     assert s["credit"] == name and f"credit {name}: {get_credit(name).summary()}" in capsys.readouterr().out
     rl = _rl(out / "metrics.jsonl")
     assert [r["step"] for r in rl] == [1, 2]

@@ -42,6 +42,23 @@ silently training plain GRPO. TRL's fused Liger GRPO loss (``use_liger_loss``, w
 ``_compute_loss``) and ``AsyncGRPOTrainer`` (its own packed loss and rollout-worker advantages, not
 a ``GRPOTrainer``) are refused with a ``ValueError`` that says why.
 
+Multi-turn environments (TRL's ``environment_factory`` / ``tools``) with per-turn credit
+(``credit="turn-grpo"``, ``"turn-index"``, ``"anchor-state"``, ``"prefix-turn"``)::
+
+    trainer = CreditTrainer(model=..., args=CreditConfig(..., credit="anchor-state"),
+                            train_dataset=..., environment_factory=MyEnv)
+
+The policy's turns are the runs of completion tokens outside TRL's ``tool_mask`` (tool results and
+padding get advantage 0). TRL 1.16 carries one scalar reward per completion to its advantage step;
+per-turn rewards and state ids come from the per-rollout environment instances TRL hands its
+reward functions (``environments``), by a creditlib convention: an environment may hold
+``turn_rewards`` (entry ``k``: the reward of the policy's turn ``k``, the first generation being
+turn 0) and ``state_ids`` (entry ``k``: an int id of the state before turn ``k``, ``-1`` unknown),
+both plain attributes (or properties: TRL exposes every public *method* as a tool), refilled by
+``reset()``. TRL's rewards (``reward_funcs`` and ``get_reward``) are the outcome reward, added to
+the last turn. See :meth:`CreditMixin._creditlib_turn_advantages` for the exact rules and
+``docs/trl.md`` ("Multi-turn environments and per-turn credit") for what TRL cannot carry.
+
 Tree rollouts (:mod:`creditlib.rl.tree`) through TRL's ``rollout_func``, with any credit method::
 
     trainer = CreditTrainer(..., args=CreditConfig(..., credit="prefix-gae", num_generations=8),
@@ -52,6 +69,8 @@ Tree rollouts (:mod:`creditlib.rl.tree`) through TRL's ``rollout_func``, with an
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -82,6 +101,89 @@ def _computes_own_advantages(method: CreditMethod) -> bool:
     """True when creditlib (not TRL) computes the advantages: any advantage kind but TRL's own group
     mean baseline (per-token kinds such as prefix TD or TreeRL, RLOO, registered kinds)."""
     return method.advantage_kind.name != "group" or method.baseline != "mean"
+
+
+def _is_turn_method(method: CreditMethod) -> bool:
+    """True for the turn kinds (``turn-grpo``, ``turn-index``, ``anchor-state``, ``prefix-turn``, or
+    a registered kind with ``turns=True``): advantages per policy turn, from turn ids, per-turn
+    rewards and (``needs_states``) state ids."""
+    return bool(getattr(method.advantage_kind, "turns", False))
+
+
+def _needs_states(method: CreditMethod) -> bool:
+    return bool(getattr(method.advantage_kind, "needs_states", False))
+
+
+#: the environment attributes creditlib reads (see CreditMixin._creditlib_turn_advantages)
+ENV_TURN_REWARDS = "turn_rewards"
+ENV_STATE_IDS = "state_ids"
+
+
+def _env_sequence(env, attr: str, row: int) -> Optional[list]:
+    """``env.<attr>`` as a list (``None`` when the environment has no such attribute, or it is None)."""
+    value = getattr(env, attr, None)
+    if value is None:
+        return None
+    where = f"environment {type(env).__name__} of row {row}"
+    if callable(value):
+        raise ValueError(
+            f"{where}: {attr} is a method; creditlib reads {attr} as a plain attribute or a property (a list), "
+            "because TRL exposes every public method of an environment to the model as a tool")
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{where}: {attr} must be one-dimensional (one entry per turn), got shape "
+                             f"{tuple(value.shape)}")
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{where}: {attr} must be a list (one entry per turn), got {type(value).__name__}")
+    return list(value)
+
+
+def _check_turn_rewards(values: list, env, row: int, turns: int) -> list:
+    """Floats, finite; entries past the row's ``turns`` policy turns must be 0 (then dropped)."""
+    where = f"environment {type(env).__name__} of row {row}"
+    out = []
+    for k, v in enumerate(values):
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numbers.Real: numpy floats too
+            raise ValueError(f"{where}: turn_rewards[{k}] must be a number, got {v!r}")
+        v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"{where}: turn_rewards[{k}] = {v} is not finite")
+        out.append(v)
+    if turns > 0 and any(v != 0.0 for v in out[turns:]):
+        raise ValueError(
+            f"{where}: turn_rewards has {len(out)} entries {_short(out)} but the row has {turns} policy turn(s) "
+            "(runs of completion tokens outside TRL's tool mask); entry k must be the reward of the policy's "
+            "turn k, one entry per turn (several tool calls in one turn add into one entry; did reset() clear "
+            "the list?)")
+    return out
+
+
+def _short(values: list, n: int = 8) -> str:
+    return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ...]"
+
+
+def _n_turns(turn_ids: torch.Tensor) -> torch.Tensor:
+    """``K_i`` (int64 ``[B]``): turns per row of ``turn_ids [B, T]`` (0 for a row without a valid token)."""
+    if turn_ids.shape[1] == 0:
+        return torch.zeros(turn_ids.shape[0], dtype=torch.int64, device=turn_ids.device)
+    return (turn_ids.max(dim=1).values + 1).clamp(min=0)
+
+
+def _check_state_ids(values: list, env, row: int) -> list:
+    where = f"environment {type(env).__name__} of row {row}"
+    out = []
+    for k, v in enumerate(values):
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < -1:  # numpy ints too
+            raise ValueError(f"{where}: state_ids[{k}] must be an int >= -1 (an id of the state before turn "
+                             f"{k}, -1 unknown), got {v!r}; map states to ints with a stable hash shared by "
+                             "every process")
+        out.append(int(v))
+    return out
 
 
 def _reconcile(cfg, method: CreditMethod) -> None:
@@ -140,8 +242,10 @@ class CreditConfig(GRPOConfig):
     Every ``GRPOConfig`` field keeps its meaning. ``credit`` selects a
     :class:`~creditlib.credit.CreditMethod` from the registry (``creditlib.credit.list_credits()``:
     ``grpo``, ``clamp``, ``grpo-lambda``, ``grpo-lambda-norm``, ``gspo``, ``prefix-gae``,
-    ``prefix-gae-clamp``, ``prefix-gae-lambda``, ``entropy-80-20``, and any method registered with
-    :func:`creditlib.credit.register_credit`: that is how to change a method's parameters).
+    ``prefix-gae-clamp``, ``prefix-gae-lambda``, ``entropy-80-20``, the turn methods ``turn-grpo``,
+    ``turn-index``, ``anchor-state``, ``prefix-turn`` (multi-turn environments: see the module
+    docstring), and any method registered with :func:`creditlib.credit.register_credit`: that is
+    how to change a method's parameters).
 
     The method's choices that TRL already has are written into TRL's fields here:
     ``entropy_quantile`` sets ``top_entropy_quantile`` (left at 1.0 or equal, else ``ValueError``)
@@ -156,7 +260,8 @@ class CreditConfig(GRPOConfig):
         default="grpo-lambda",
         metadata={"help": "Credit-assignment method of creditlib's registry (creditlib.credit.list_credits()): "
                           "grpo, clamp, grpo-lambda, grpo-lambda-norm, gspo, prefix-gae, prefix-gae-clamp, "
-                          "prefix-gae-lambda, entropy-80-20, or a registered name."},
+                          "prefix-gae-lambda, entropy-80-20, turn-grpo, turn-index, anchor-state, prefix-turn, "
+                          "or a registered name."},
     )
     activation_checkpointing: Optional[bool] = field(default=None, metadata={"help": _CHECKPOINTING_HELP})
     gradient_checkpointing: Optional[bool] = field(
@@ -276,9 +381,12 @@ class CreditMixin:
     """A creditlib credit method on top of any ``trl.GRPOTrainer`` (sub)class: put it first in the bases.
 
     The method comes from the trainer's ``args``: a :class:`CreditConfig` (``credit`` = a registry
-    name) or a :class:`GRPOLambdaConfig`. Overrides ``_calculate_rewards`` (keeps the rewards),
-    ``_generate_and_score_completions`` (advantages and clamp), ``_compute_loss`` and
-    ``_get_per_token_logps_and_entropies`` (the log-ratio style), each calling ``super()``.
+    name) or a :class:`GRPOLambdaConfig`. Overrides ``_calculate_rewards`` (keeps the rewards and
+    the per-rollout environments), ``_generate_and_score_completions`` (advantages and clamp;
+    per-turn advantages for the turn methods), ``_compute_loss`` and
+    ``_get_per_token_logps_and_entropies`` (the log-ratio style), each calling ``super()``. These
+    four private methods of TRL's ``GRPOTrainer`` are the whole override surface (tested with trl
+    1.16.0, transformers 5.24.0).
 
     Attributes:
         credit_method: the :class:`~creditlib.credit.CreditMethod` in use.
@@ -336,8 +444,18 @@ class CreditMixin:
         self.credit_method: CreditMethod = method
         self.trace_style: Optional[DecayStyle] = method.trace
         self.clamp_min: Optional[float] = method.clamp_min
+        if _needs_states(method) and not kwargs.get("environment_factory"):
+            raise ValueError(
+                f"credit method {method.name!r} needs state_ids (an id of the environment state before each "
+                "turn), and TRL's GRPOTrainer carries nothing but one scalar reward per completion to its "
+                "advantage step: creditlib reads them from the environments of environment_factory=..., each "
+                f"holding a `{ENV_STATE_IDS}` list (entry k: an int id of the state before the policy's turn k, "
+                "-1 unknown). Pass environment_factory, or use a turn method without states (turn-grpo, "
+                "turn-index, prefix-turn)")
         self._creditlib_state: Optional[_TraceState] = None
         self._creditlib_rewards: Optional[torch.Tensor] = None
+        self._creditlib_envs: Optional[list] = None
+        self._creditlib_warned_turn_rewards = False
         super().__init__(*args, **kwargs)
         if self.accelerator.is_main_process:  # once per run: which credit method this trainer applies
             print(f"creditlib: {type(self).__name__} trains with credit method {method.summary()}", flush=True)
@@ -346,10 +464,13 @@ class CreditMixin:
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._creditlib_rewards = rewards_per_func  # [N, n_funcs], gathered over processes
+        # the per-rollout environment instances TRL handed its reward functions (this process's rows)
+        self._creditlib_envs = getattr(self, "environments", None)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         self._creditlib_rewards = None
+        self._creditlib_envs = None
         with warnings.catch_warnings():
             # TRL 1.16's generation wrapper reads `model.is_gradient_checkpointing` and toggles
             # `gradient_checkpointing_disable/enable` on every rollout: transformers 5 deprecated those
@@ -358,12 +479,17 @@ class CreditMixin:
             output = super()._generate_and_score_completions(inputs)
         method = self.credit_method
         mode = "train" if self.model.training else "eval"
-        if _computes_own_advantages(method):
+        if _is_turn_method(method):
+            adv, valid = self._creditlib_turn_advantages(output, mode)  # [B, T]; bool [B, T]
+        elif _computes_own_advantages(method):
             adv, valid = self._creditlib_advantages(output, mode)  # [B] or [B, T]; bool like adv
         else:
             adv = output["advantages"]  # [B]: TRL's group-relative advantage
             valid = torch.ones_like(adv, dtype=torch.bool)  # [B]
+        if not _is_turn_method(method):
+            self._warn_unread_turn_rewards()
         self._creditlib_rewards = None
+        self._creditlib_envs = None
         if self.clamp_min is not None:
             below = ((adv < self.clamp_min) & valid).float().sum()
             frac = (below / valid.sum().clamp(min=1)).reshape(1)
@@ -372,8 +498,9 @@ class CreditMixin:
         output["advantages"] = adv
         return output
 
-    def _creditlib_advantages(self, output: dict, mode: str):
-        """RLOO ``[B]`` or prefix-tree GAE ``[B, T]`` advantages (before the clamp) of this process's rows."""
+    def _creditlib_outcome(self, mode: str):
+        """``(rewards [N], group_ids [N])`` over all processes: TRL's weighted reward sum (0 for the
+        unscorable rows, which become groups of one, outside every other baseline, as in TRL)."""
         rewards_per_func = self._creditlib_rewards  # [N, n_funcs], N = rows over all processes
         if rewards_per_func is None:
             raise RuntimeError(
@@ -391,6 +518,12 @@ class CreditMixin:
         group_ids = torch.arange(n, device=device) // group_size  # [N]
         # Unscorable rows become groups of one (advantage 0, outside every other baseline), as in TRL.
         group_ids = torch.where(unscorable, n + torch.arange(n, device=device), group_ids)  # [N]
+        return rewards, group_ids
+
+    def _creditlib_advantages(self, output: dict, mode: str):
+        """RLOO ``[B]`` or prefix-tree GAE ``[B, T]`` advantages (before the clamp) of this process's rows."""
+        rewards, group_ids = self._creditlib_outcome(mode)  # [N], [N]
+        n = rewards.shape[0]
         ids = output["completion_ids"]  # [B, T] local rows, right-padded
         cmask = output["completion_mask"].bool()  # [B, T]
         b, t = ids.shape
@@ -413,6 +546,118 @@ class CreditMixin:
             adv = adv[rows]  # [B]
             return adv, torch.ones_like(adv, dtype=torch.bool)
         return adv[rows, :t].to(torch.float32), cmask
+
+    # ------------------------------------------------------------------ turns (multi-turn environments)
+    def _creditlib_turn_advantages(self, output: dict, mode: str):
+        """Per-token ``[B, T]`` advantages of a turn method (before the clamp) for this process's rows.
+
+        What each input is, on TRL 1.16's environment / tool path:
+
+        * **turns**: ``turn_ids = F.turn_ids_from_mask(completion_mask * tool_mask)`` ``[B, T]``:
+          each maximal run of policy tokens (outside TRL's tool mask) is one turn, ``k = 0`` the
+          first generation; tool results and padding get ``-1`` (and advantage 0). Without tools
+          (no ``tool_mask``) every completion is one turn.
+        * **outcome reward** ``R_i``: TRL's weighted sum of its reward functions (an environment's
+          ``get_reward`` included), added to the last turn. Unscorable rows (every reward function
+          returned None) get 0 and a group of their own, as in the other methods.
+        * **per-turn rewards** ``turn_rewards [B, K]``: ``env.turn_rewards`` of each row's
+          environment (``k``: the reward of the policy's turn ``k``; shorter lists are padded with
+          0, a missing attribute is all zeros). Nonzero entries past the row's ``K_i`` turns raise
+          ``ValueError`` (one entry per turn), except on a row with no policy token left
+          (TRL's ``mask_truncated_completions``): its per-turn rewards are added to its outcome
+          reward, so its return still enters its group's baselines as in TRL.
+        * **state ids** ``state_ids [B, K]`` (``anchor-state``): ``env.state_ids`` (``k``: an int
+          id of the state before turn ``k``, ``-1`` unknown; entries past ``K_i`` are ignored). An
+          environment without the attribute raises ``ValueError``.
+
+        Groups are TRL's (``num_generations`` consecutive rows) over all processes: the rows and
+        the environment lists are gathered, so a group may span processes (state ids must then
+        mean the same state in every process).
+        """
+        method = self.credit_method.replace(clamp_min=None)  # the clamp is applied (and logged) by the caller
+        kind = method.advantage_kind
+        rewards, group_ids = self._creditlib_outcome(mode)  # [N], [N]
+        n = rewards.shape[0]
+        ids = output["completion_ids"]  # [B, T] local rows, right-padded
+        cmask = output["completion_mask"].bool()  # [B, T]
+        tool = output.get("tool_mask")  # [B, T] int (1: model token) or None
+        pmask = cmask if tool is None else cmask & tool.bool()  # [B, T] policy tokens (TRL's loss mask)
+        b, t = ids.shape
+        acc = self.accelerator
+        rows = slice(acc.process_index * b, (acc.process_index + 1) * b)
+        turns = _n_turns(F.turn_ids_from_mask(pmask)).tolist()  # [B] K_i
+        envs = self._creditlib_envs
+        if envs is not None and len(envs) != b:
+            raise RuntimeError(f"creditlib: {len(envs)} environments for {b} completions (tested with trl 1.16)")
+        k_local = max([1] + turns)
+        tr = torch.zeros(b, k_local, dtype=torch.float64, device=ids.device)  # [B, K] per-turn rewards
+        st = torch.full((b, k_local), -1, dtype=torch.int64, device=ids.device)  # [B, K] state ids
+        fold = torch.zeros(b, dtype=torch.float64, device=ids.device)  # [B] folded into R_i (rows with K_i = 0)
+        needs_states = _needs_states(method)
+        for i in range(b):
+            env = envs[i] if envs is not None else None
+            k_i = turns[i]
+            values = _env_sequence(env, ENV_TURN_REWARDS, i) if env is not None else None
+            if values is not None:
+                values = _check_turn_rewards(values, env, i, k_i)
+                if k_i == 0:
+                    fold[i] = math.fsum(values)
+                elif values[:k_i]:
+                    tr[i, :min(k_i, len(values))] = torch.tensor(values[:k_i], dtype=torch.float64)
+            if needs_states:
+                states = _env_sequence(env, ENV_STATE_IDS, i) if env is not None else None
+                if states is None:
+                    what = ("no environment (environment_factory)" if env is None else
+                            f"environment {type(env).__name__} of row {i} has no `{ENV_STATE_IDS}` attribute")
+                    raise ValueError(
+                        f"credit method {method.name!r} needs state_ids: {what}. TRL 1.16 carries only one "
+                        "scalar reward per completion to the advantage step; creditlib reads the states from "
+                        f"each rollout's environment: give it a `{ENV_STATE_IDS}` list (a plain attribute, "
+                        "refilled by reset(); entry k: an int id of the state before the policy's turn k, -1 "
+                        "unknown)")
+                states = _check_state_ids(states, env, i)[:k_i]
+                if states:
+                    st[i, :len(states)] = torch.tensor(states, dtype=torch.int64)
+        # every row of the group, over all processes
+        all_mask = acc.gather(acc.pad_across_processes(pmask.to(torch.uint8), dim=1)).bool()  # [N, T']
+        all_ids = acc.gather(acc.pad_across_processes(ids, dim=1)) if kind.needs_tokens else None  # [N, T']
+        all_tr = acc.gather(acc.pad_across_processes(tr, dim=1, pad_index=0))  # [N, K']
+        all_fold = acc.gather(fold)  # [N]
+        if all_mask.shape[0] != n:
+            raise RuntimeError(f"creditlib: {all_mask.shape[0]} completions but {n} rewards")
+        turn_ids = F.turn_ids_from_mask(all_mask)  # [N, T'] int64, -1 outside the policy's turns
+        extra = {}
+        if needs_states:
+            extra["state_ids"] = acc.gather(acc.pad_across_processes(st, dim=1, pad_index=-1))  # [N, K']
+        total = rewards.to(torch.float64) + all_fold.to(rewards.device)  # [N]
+        adv = method.advantages(total, all_mask, tokens=all_ids, group_ids=group_ids, turn_ids=turn_ids,
+                                turn_rewards=all_tr.to(rewards.device), **extra)  # [N, T'], 0 off the turns
+        k_all = _n_turns(turn_ids).to(torch.float32)  # [N] K_i
+        self._metrics[mode]["creditlib/turns_mean"].append(k_all.mean().item())
+        return adv[rows, :t].to(torch.float32), pmask
+
+    def _warn_unread_turn_rewards(self) -> None:
+        """Once per run: a non-turn method does not read the environments' per-turn rewards."""
+        envs = self._creditlib_envs
+        if self._creditlib_warned_turn_rewards or not envs:
+            return
+        for i, env in enumerate(envs):
+            values = getattr(env, ENV_TURN_REWARDS, None)
+            if values is None or callable(values):
+                continue
+            try:
+                nonzero = any(float(v) != 0.0 for v in values)
+            except (TypeError, ValueError):
+                nonzero = True
+            if nonzero:
+                self._creditlib_warned_turn_rewards = True
+                warnings.warn(
+                    f"creditlib: the environments hold per-turn rewards ({type(env).__name__}.{ENV_TURN_REWARDS}), "
+                    f"which credit method {self.credit_method.name!r} does not read: it trains on TRL's outcome "
+                    "reward only (reward_funcs / get_reward). Use a turn method (turn-grpo, turn-index, "
+                    "anchor-state, prefix-turn) or add the per-turn rewards into get_reward.", UserWarning,
+                    stacklevel=3)
+                return
 
     # ------------------------------------------------------------------ the log-ratio style
     def _trace_active(self) -> bool:

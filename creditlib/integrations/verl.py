@@ -23,6 +23,30 @@ credit-method estimator under ``"creditlib"``:
   ``verl.*`` module), and raises a ``ValueError`` saying so when verl has not loaded them (verl's
   V1 trainer fetches no response ids for its advantage step).
 
+Turn-level methods (``turn-grpo``, ``turn-index``, ``anchor-state``, ``prefix-turn``: the
+method's ``advantage_kind.turns``) credit each turn of a multi-turn rollout. The estimator reads
+their inputs from the batch's ``non_tensor_batch`` (passed as ``non_tensor_batch=``, or that of the
+verl ``compute_advantage`` call that invoked it), one entry per sample (see :data:`TURN_KEYS`):
+
+==================  =================================================================================
+key                 what
+==================  =================================================================================
+``turn_rewards``    creditlib's name: the reward after each turn, a list per sample (``[]``: none)
+``turn_scores``     verl's name for the same (its agent loop writes ``extra_fields["turn_scores"]``);
+                    read when ``turn_rewards`` is absent
+``state_ids``       ``anchor-state`` only: the environment state before each turn (an int, a string
+                    or a tuple, e.g. the observation text; ``-1`` / ``None``: unknown)
+``turn_ids``        optional per-token turn ids (``-1`` off the policy's tokens); also read from
+                    ``data.batch["turn_ids"]``. Default: each run of ``response_mask`` is a turn (verl
+                    masks tool responses and observations out of ``response_mask``)
+==================  =================================================================================
+
+Lists shorter than the row's turn count are padded (reward 0, state unknown); entries for turns
+the row does not have (e.g. cut off by verl's ``response_length``) are a ``ValueError`` unless
+they are 0 / unknown. The outcome reward is the row's summed ``token_level_rewards``, added to
+its last turn; the groups are the prompt ``uid``. Absent inputs for a turn method are a
+``ValueError`` naming the key and what writes it; other methods never read ``non_tensor_batch``.
+
 verl's V1 trainer with several outputs per session (``compute_advantage_for_multi_trajectories``)
 applies its "final output of each session" rule to its built-in ``grpo`` only and hands registered
 estimators every output as a trajectory; the group estimators here apply the same rule (the final
@@ -58,6 +82,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -77,6 +102,7 @@ __all__ = [
     "grpo_lambda_advantage",
     "credit_advantage",
     "CREDIT_NAME",
+    "TURN_KEYS",
     "credit_from_env",
     "make_credit_estimator",
     "make_policy_loss",
@@ -104,6 +130,14 @@ ENV_VARS = {
 }
 _DEFAULTS = {"style": "recent", "gamma": 1.0, "lam": 0.99, "eps": 0.0, "clamp_min": -0.1}
 _DEFAULT_CREDIT = "prefix-gae"  # of the "creditlib" estimator when CREDITLIB_CREDIT is unset
+
+#: The ``non_tensor_batch`` keys the turn-level methods read, first present key first: creditlib's
+#: names, then verl's own where verl has one (``turn_scores``, written by verl's agent loop).
+TURN_KEYS = {
+    "turn_rewards": ("turn_rewards", "turn_scores"),
+    "state_ids": ("state_ids",),
+    "turn_ids": ("turn_ids",),
+}
 _FROM_ENV = object()  # sentinel: read the parameter from the environment at call time
 
 
@@ -451,6 +485,207 @@ def _responses_from_verl(bs: int, T: int) -> Optional[torch.Tensor]:
     return None if data is None else data.batch["responses"]
 
 
+# ----------------------------------------------------------------------------- turn-level inputs
+_NTB_HINT = ("verl's legacy trainer (trainer.use_v1=False) keeps the rollout's non_tensor_batch up to "
+             "compute_advantage; verl 0.9.1's default V1 trainer fetches only 'uid' for its advantage step")
+
+
+def _data_from_verl(bs: int, T: int) -> Any:
+    """The ``data`` (a ``DataProto``) of the verl ``compute_advantage`` call that invoked the estimator:
+    its ``batch["response_mask"]`` is ``[bs, T]`` (``None`` when not called from verl)."""
+    def fits(data) -> bool:
+        batch = getattr(data, "batch", None)
+        try:
+            m = batch["response_mask"] if batch is not None and "response_mask" in batch.keys() else None
+        except Exception:  # noqa: BLE001 - not a DataProto-like object
+            return False
+        return isinstance(m, torch.Tensor) and tuple(m.shape) == (bs, T)
+
+    return _verl_local("data", fits)
+
+
+def _column(col: Any, key: str, bs: int) -> list:
+    """The ``bs`` per-sample entries of ``non_tensor_batch[key]``: an object array of sequences (verl's
+    layout for ragged lists), a 2-D array (rows), a list, or a 2-D tensor."""
+    import numpy as np
+
+    if isinstance(col, torch.Tensor):
+        col = col.detach().cpu().numpy()
+    if isinstance(col, (list, tuple)):
+        rows = list(col)
+    elif isinstance(col, np.ndarray) and col.ndim in (1, 2):
+        rows = [col[i] for i in range(col.shape[0])]
+    else:
+        raise ValueError(f"non_tensor_batch[{key!r}] must hold one sequence per sample (a numpy object array of "
+                         f"lists, a 2-D array or a list), got {type(col).__name__} "
+                         f"{getattr(col, 'shape', '')}".rstrip())
+    if len(rows) != bs:
+        raise ValueError(f"non_tensor_batch[{key!r}] has {len(rows)} entries, expected one per sample ({bs})")
+    return rows
+
+
+def _sequence(entry: Any, key: str, row: int, fix: str) -> list:
+    """One sample's entry of a per-turn column as a list (``None`` is a ``ValueError``: the row's
+    rollout wrote nothing for the key)."""
+    import numpy as np
+
+    if entry is None:
+        raise ValueError(f"non_tensor_batch[{key!r}][{row}] is None: the rollout of row {row} wrote no {key} "
+                         f"({fix})")
+    if isinstance(entry, torch.Tensor):
+        entry = entry.detach().cpu().numpy()
+    if isinstance(entry, np.ndarray):
+        if entry.ndim != 1:
+            raise ValueError(f"non_tensor_batch[{key!r}][{row}] must be 1-D (one entry per turn), got shape "
+                             f"{entry.shape}")
+        entry = entry.tolist()
+    if not isinstance(entry, (list, tuple)):
+        raise ValueError(f"non_tensor_batch[{key!r}][{row}] must be a sequence with one entry per turn, got "
+                         f"{type(entry).__name__} {entry!r}")
+    return list(entry)
+
+
+def _turn_ids_input(mask: torch.Tensor, turn_ids: Any, data: Any, ntb: Optional[Mapping[str, Any]]
+                    ) -> Tuple[torch.Tensor, str]:
+    """int64 ``[bs, T]`` turn ids and where they came from: ``turn_ids=``, ``data.batch["turn_ids"]``,
+    ``non_tensor_batch["turn_ids"]`` (per-sample sequences over the response tokens, padded with -1),
+    or the runs of ``response_mask``."""
+    import numpy as np
+
+    bs, T = mask.shape
+    source = "turn_ids"
+    if turn_ids is None and data is not None:
+        try:
+            if "turn_ids" in data.batch.keys():
+                turn_ids, source = data.batch["turn_ids"], "data.batch['turn_ids']"
+        except Exception:  # noqa: BLE001 - a batch without keys()
+            pass
+    if turn_ids is None and ntb is not None and "turn_ids" in ntb:
+        source = "non_tensor_batch['turn_ids']"
+        rows = _column(ntb["turn_ids"], "turn_ids", bs)
+        ids = torch.full((bs, T), -1, dtype=torch.long)  # [bs, T]
+        for i, e in enumerate(rows):
+            seq = _sequence(e, "turn_ids", i, "write its per-token turn ids, -1 off the policy's tokens")
+            if len(seq) > T:
+                raise ValueError(f"{source}[{i}] has {len(seq)} entries, more than the {T} response positions")
+            try:
+                ids[i, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}[{i}] must hold integers, got {seq[:8]!r}") from None
+        turn_ids = ids
+    if turn_ids is None:
+        return F.turn_ids_from_mask(mask), "response_mask"  # [bs, T]: each run of policy tokens is a turn
+    if not isinstance(turn_ids, torch.Tensor):
+        turn_ids = torch.as_tensor(np.asarray(turn_ids))
+    if turn_ids.dtype.is_floating_point or turn_ids.dtype == torch.bool or tuple(turn_ids.shape) != (bs, T):
+        raise ValueError(f"{source} must be an integer tensor [bs, T] = [{bs}, {T}], got {turn_ids.dtype} "
+                         f"{tuple(turn_ids.shape)}")
+    turn_ids = turn_ids.to(device=mask.device, dtype=torch.long)  # [bs, T]
+    bad = (turn_ids >= 0) != mask  # [bs, T]
+    if bool(bad.any()):
+        i, t = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{source} must be >= 0 exactly on the response_mask tokens (the policy's), -1 elsewhere: "
+                         f"row {i}, position {t} has turn id {int(turn_ids[i, t])} and response_mask "
+                         f"{int(mask[i, t])}")
+    return turn_ids, source
+
+
+def _missing(what: str, keys: Tuple[str, ...], ntb: Optional[Mapping[str, Any]], method: CreditMethod,
+             writes: str) -> ValueError:
+    names = " or ".join(f"non_tensor_batch[{k!r}]" for k in keys)
+    if ntb is None:
+        where = ("no non_tensor_batch was given: pass non_tensor_batch= (verl's DataProto.non_tensor_batch), or "
+                 "call the estimator through verl's compute_advantage")
+    else:
+        where = f"the batch's non_tensor_batch has no such key (its keys: {sorted(ntb)})"
+    return ValueError(f"credit method {method.name!r} (advantage={method.advantage_kind.name!r}) credits turns and "
+                      f"needs {what}: {names}, one list per sample; {writes}. Here {where}. {_NTB_HINT}.")
+
+
+def _turn_inputs(method: CreditMethod, mask: torch.Tensor, ntb: Optional[Mapping[str, Any]], data: Any,
+                 turn_ids: Any, turn_rewards_key: Optional[str], dtype: torch.dtype
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(turn_ids [bs, T], turn_rewards [bs, K], state_ids [bs, K] or None)`` of a verl batch."""
+    import numbers
+
+    kind = method.advantage_kind
+    bs, T = mask.shape
+    ids, ids_source = _turn_ids_input(mask, turn_ids, data, ntb)  # [bs, T]
+    n_turns = (ids.max(dim=-1).values + 1).clamp(min=0).tolist()  # [bs] K_i
+    K = max([1] + n_turns)
+    cut = (f"row {{row}} has {{k}} turns in {ids_source} (verl cuts responses at rollout.response_length, "
+           "which can drop the last turns)")
+
+    # per-turn rewards
+    keys = (turn_rewards_key,) if turn_rewards_key else TURN_KEYS["turn_rewards"]
+    key = next((k for k in keys if ntb is not None and k in ntb), None)
+    if key is None:
+        raise _missing("per-turn rewards", keys, ntb, method,
+                       "verl's agent loop writes AgentLoopOutput.extra_fields['turn_scores'] ([] when it has none); "
+                       "your own agent loop can write extra_fields['turn_rewards'] = [r_0, ..., r_(K-1)] ([] for "
+                       "an outcome reward only, which comes from token_level_rewards)")
+    if key == "turn_rewards" and turn_rewards_key is None and "turn_scores" in ntb:
+        def scores_something(e) -> bool:  # verl's turn_scores hold more than [] / zeros / None
+            try:
+                return e is not None and any(float(v) != 0 for v in _sequence(e, "turn_scores", 0, ""))
+            except (TypeError, ValueError):
+                return True
+
+        scored = [i for i, e in enumerate(_column(ntb["turn_scores"], "turn_scores", bs)) if scores_something(e)]
+        if scored:
+            raise ValueError(f"non_tensor_batch has both 'turn_rewards' and verl's 'turn_scores' (nonzero in row "
+                             f"{scored[0]}): pass turn_rewards_key= to say which holds the per-turn rewards")
+    rewards = torch.zeros(bs, K, dtype=torch.float64)  # [bs, K]
+    for i, e in enumerate(_column(ntb[key], key, bs)):
+        seq = _sequence(e, key, i, "write [] for a row without per-turn rewards")
+        try:
+            vals = [float(v) for v in seq]
+        except (TypeError, ValueError):
+            raise ValueError(f"non_tensor_batch[{key!r}][{i}] must hold numbers (one reward per turn), got "
+                             f"{seq[:8]!r}") from None
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"non_tensor_batch[{key!r}][{i}] holds a non-finite reward: {vals}")
+        k_i = n_turns[i]
+        extra = [k for k in range(k_i, len(vals)) if vals[k] != 0]
+        if extra:
+            raise ValueError(f"non_tensor_batch[{key!r}][{i}] gives {len(vals)} per-turn rewards (turn {extra[0]}: "
+                             f"{vals[extra[0]]}) but " + cut.format(row=i, k=k_i))
+        rewards[i, : min(len(vals), k_i)] = torch.tensor(vals[:k_i], dtype=torch.float64)
+
+    # state ids (anchor-state)
+    states = None
+    if kind.needs_states:
+        skey = TURN_KEYS["state_ids"][0]
+        if ntb is None or skey not in ntb:
+            raise _missing("state ids", (skey,), ntb, method,
+                           "the environment state before each turn (an int, a string or a tuple, e.g. the "
+                           "observation text; -1 or None: unknown). verl produces none: write them from your agent "
+                           "loop, AgentLoopOutput.extra_fields['state_ids'] = [s_0, ..., s_(K-1)]")
+        codes: Dict[Any, int] = {}
+        states = torch.full((bs, K), -1, dtype=torch.long)  # [bs, K]
+        for i, e in enumerate(_column(ntb[skey], skey, bs)):
+            seq = _sequence(e, skey, i, "write [] when no state is known")
+            for k, v in enumerate(seq):
+                if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+                    v = v.item()  # numpy scalar
+                if v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v == -1):
+                    continue  # unknown
+                if isinstance(v, bool) or not isinstance(v, (numbers.Integral, str, bytes, tuple)):
+                    raise ValueError(f"non_tensor_batch[{skey!r}][{i}][{k}] must be an int, a string or a tuple "
+                                     f"(-1 or None: unknown), got {type(v).__name__} {v!r}")
+                if isinstance(v, numbers.Integral) and v < -1:
+                    raise ValueError(f"non_tensor_batch[{skey!r}][{i}][{k}] = {v}: integer state ids are >= 0 "
+                                     "(-1: unknown)")
+                if k >= n_turns[i]:
+                    raise ValueError(f"non_tensor_batch[{skey!r}][{i}] gives a state for turn {k} but "
+                                     + cut.format(row=i, k=n_turns[i]))
+                try:
+                    states[i, k] = codes.setdefault(v, len(codes))  # equal ids -> equal codes, batch-wide
+                except TypeError:
+                    raise ValueError(f"non_tensor_batch[{skey!r}][{i}][{k}] is not hashable: {v!r}") from None
+    return ids, rewards.to(device=mask.device, dtype=dtype), None if states is None else states.to(mask.device)
+
+
 def credit_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -462,6 +697,9 @@ def credit_advantage(
     responses: Optional[torch.Tensor] = None,
     method: Any = None,
     boundary: Optional[torch.Tensor] = None,
+    non_tensor_batch: Optional[Mapping[str, Any]] = None,
+    turn_ids: Any = None,
+    turn_rewards_key: Optional[str] = None,
     **unused: Any,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The advantages of a creditlib credit method, as a verl advantage estimator.
@@ -471,6 +709,14 @@ def credit_advantage(
     (``advantage="prefix_td"``, from the response token ids) or the group / RLOO advantage
     broadcast over the tokens, clamp included. The method's ``scale`` decides the division by the
     group std (its epsilon is creditlib's 1e-4; verl's ``epsilon`` is not used).
+
+    Turn-level methods (``method.advantage_kind.turns``) give every policy token of turn ``k`` its
+    turn's advantage ``A[i, k]`` (:func:`creditlib.functional.turn_credit`): the turns are the runs
+    of ``response_mask`` (or ``turn_ids``), the reward after turn ``k`` is
+    ``non_tensor_batch["turn_rewards"][i][k]`` (else verl's ``"turn_scores"``) plus ``R_i`` on the
+    last turn, and ``anchor-state`` compares turns that start from equal
+    ``non_tensor_batch["state_ids"][i][k]``. Tool responses and padding (0 in ``response_mask``)
+    get 0. The module docstring lists the keys and their layout.
 
     Args:
         token_level_rewards: float ``[bs, T]``.
@@ -483,13 +729,24 @@ def credit_advantage(
         method: a :class:`~creditlib.credit.CreditMethod` or a registered name; default:
             ``CREDITLIB_CREDIT`` (unset: ``"prefix-gae"``).
         boundary: optional bool ``[bs, T]`` step ends (step-level prefix TD).
+        non_tensor_batch: verl's ``DataProto.non_tensor_batch`` (turn-level methods only); default:
+            that of the verl ``compute_advantage`` call that invoked this function.
+        turn_ids: optional int ``[bs, T]`` turn of each response token (-1 off ``response_mask``);
+            default: ``data.batch["turn_ids"]``, ``non_tensor_batch["turn_ids"]``, or the runs of
+            ``response_mask``.
+        turn_rewards_key: the ``non_tensor_batch`` key of the per-turn rewards; default: the first
+            of :data:`TURN_KEYS` ``["turn_rewards"]`` present.
 
     Returns:
-        ``(advantages, returns)``, both float ``[bs, T]``, 0 on padding.
+        ``(advantages, returns)``, both float ``[bs, T]``, 0 on padding (and on tool responses for
+        turn-level methods).
 
     Raises:
         ValueError: bad inputs, or a prefix method without token ids (verl's V1 trainer loads none
-            for its advantage step), or a prefix method on verl V1 sessions with several outputs.
+            for its advantage step), or a per-token or turn-level method on verl V1 sessions with
+            several outputs, or a turn-level method without its per-turn rewards (or, for
+            ``anchor-state``, state ids) in ``non_tensor_batch``: the message names the key and
+            what writes it.
     """
     _check_estimator_inputs(token_level_rewards, response_mask, index)
     if method is None:
@@ -508,7 +765,7 @@ def credit_advantage(
                          "verl does not pass to advantage estimators")
     sessions = None if unused.get("_final_outputs") else _sessions_from_verl(bs)
     if sessions is not None:
-        if kind.per_token:
+        if kind.per_token or kind.turns:
             raise ValueError(f"credit method {method.name!r} gives per-token advantages, which cannot be broadcast "
                              "to the other outputs of a verl V1 session (several outputs per session)")
         return _per_session(lambda rows: credit_advantage(
@@ -527,9 +784,16 @@ def credit_advantage(
                     "through verl's compute_advantage with data.batch['responses'] loaded (verl's legacy trainer, "
                     "trainer.use_v1=False, does; verl's default V1 trainer does not fetch response ids for its "
                     "advantage step)")
+        turns: Dict[str, Any] = {}
+        if kind.turns:
+            data = _data_from_verl(bs, T) if non_tensor_batch is None or turn_ids is None else None
+            ntb = non_tensor_batch if non_tensor_batch is not None else getattr(data, "non_tensor_batch", None)
+            t_ids, t_rewards, states = _turn_inputs(method, mask, ntb, data, turn_ids, turn_rewards_key,
+                                                    scores.dtype)  # [bs, T], [bs, K], [bs, K] or None
+            turns = dict(turn_ids=t_ids, turn_rewards=t_rewards, state_ids=states)
         adv = method.advantages(scores, mask, tokens=responses if kind.needs_tokens else None, group_ids=ids,
-                                boundary=boundary)  # [bs, T] (per-token kinds) or [bs]
-        if not kind.per_token:
+                                boundary=boundary, **turns)  # [bs, T] (per-token and turn kinds) or [bs]
+        if adv.dim() == 1:
             adv = adv.unsqueeze(-1) * mask.to(adv.dtype)  # [bs, T]
     return adv, adv
 
@@ -582,14 +846,18 @@ def _core_algos():
                           f"import failed: {e}") from e
 
 
-def make_credit_estimator(method: Any) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
-    """A verl advantage estimator bound to one credit method (a :class:`CreditMethod` or a name)."""
+def make_credit_estimator(method: Any, *, turn_rewards_key: Optional[str] = None
+                          ) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """A verl advantage estimator bound to one credit method (a :class:`CreditMethod` or a name);
+    ``turn_rewards_key`` (turn-level methods) names the ``non_tensor_batch`` key of the per-turn
+    rewards (default: ``"turn_rewards"``, else verl's ``"turn_scores"``)."""
     method = get_credit(method)
 
     def estimator(token_level_rewards, response_mask, index=None, epsilon=1e-6, norm_adv_by_std_in_grpo=None,
-                  config=None, responses=None, **unused):
+                  config=None, responses=None, non_tensor_batch=None, turn_ids=None, **unused):
         return credit_advantage(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo,
-                                config, responses=responses, method=method)
+                                config, responses=responses, method=method, non_tensor_batch=non_tensor_batch,
+                                turn_ids=turn_ids, turn_rewards_key=turn_rewards_key)
 
     estimator.__doc__ = f"Advantages of credit method {method.name!r} (see credit_advantage)."
     estimator._creditlib = True

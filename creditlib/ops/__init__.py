@@ -23,6 +23,12 @@ tests that hold the fast forms to the definition.
     ``naive.py``         the brute-force definition (``treerl_advantage_reference``);
     ``vectorised.py``    the vectorised form. Tests: ``test_tree_credit.py``.
 
+``turns/`` -- turn and step credit for agents (``turn_credit``: turn-grpo, turn-index, anchor-state,
+    prefix-turn; ``turn_ids_from_mask``, ``turn_returns``, ``implicit_process_rewards``):
+    ``naive.py``         plain loops over rows and turns (the definitions);
+    ``vectorised.py``    segment sums and one gather (no Python loop over tokens, rows or groups);
+    ``_check.py``        the one place their inputs are validated. Tests: ``test_turn_credit.py``.
+
 ``entropy.py`` -- the entropy-selected tokens (``entropy_mask``) and their definition
     (``entropy_mask_naive``). Tests: ``test_entropy_mask.py``.
 

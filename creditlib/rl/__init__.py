@@ -17,6 +17,11 @@ live here:
 * :mod:`~creditlib.rl.loop` -- run-loop helpers: start point (resume / init-from), signals, summary
 * :mod:`~creditlib.rl.policy` -- :class:`CompletionPolicy`, the policy as TorchRL's GRPOLoss scores it
 * :mod:`~creditlib.rl.tree` -- tree rollouts: :class:`TreeSpec`, :func:`sample_tree` (``--tree-roots`` in the recipe)
+* :mod:`~creditlib.rl.env` -- the environment protocol (:class:`Environment`: ``reset`` / ``step``), its
+  safety guard and registry (``register_env``), the :class:`StepScorer` process-reward hook
+* :mod:`~creditlib.rl.envs` -- bundled environments: ``dial-walk`` (with a process reward) and ``calculator`` (tool use)
+* :mod:`~creditlib.rl.multiturn` -- multi-turn rollouts: :func:`rollout_episodes` -> :class:`EpisodeBatch`,
+  :func:`evaluate_episodes`
 
 Layering: ``rl`` is built on :mod:`creditlib.eval` (file and benchmark loading, answer checking
 with its time limit, the ``generate`` / vLLM sampling core) and never the other way round.
@@ -31,7 +36,9 @@ require("rl", "creditlib.rl")  # names the extra before any submodule fails on a
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from .config import RecipeConfig, load_config, parse_args
 from .data import Example, MathSource, SyntheticSource, build_source
+from .env import Environment, EnvSpec, Reset, Step, StepScorer, get_env, list_envs, register_env
 from .distributed import DistInfo, finish, init_distributed, shard_model
+from .multiturn import EpisodeBatch, evaluate_episodes, rollout_episodes
 from .metrics import MetricsLogger, plot_metrics, read_metrics, summary_table
 from .registry import DatasetSpec, get_dataset, list_datasets, register_dataset
 from .model import NonFiniteError, completion_logprobs, tiny_qwen2
@@ -47,6 +54,8 @@ __all__ = [
     "register_dataset", "get_dataset", "list_datasets", "DatasetSpec",
     "tiny_qwen2", "completion_logprobs", "NonFiniteError",
     "HFRollout", "VLLMRollout", "RolloutBatch",
+    "Environment", "Reset", "Step", "StepScorer", "EnvSpec", "register_env", "get_env", "list_envs",
+    "EpisodeBatch", "rollout_episodes", "evaluate_episodes",
     "SafeReward", "reward_for_dataset",
     "optimizer_step", "sft_warmup", "evaluate",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "CheckpointError",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["RecipeConfig", "parse_args", "load_config", "config_to_dict", "build_parser", "resolve_credit", "credit_help",
-           "INHERIT", "CREDIT_OPTIONS", "tree_spec", "check_tree"]
+           "INHERIT", "CREDIT_OPTIONS", "tree_spec", "check_tree", "check_env"]
 
 
 def _f(default, help: str, group: str, choices=None):
@@ -37,7 +37,7 @@ def _f(default, help: str, group: str, choices=None):
 INHERIT = "method"
 #: The options that override a field of the credit method (default :data:`INHERIT`).
 CREDIT_OPTIONS = ("advantage_scale", "advantage_baseline", "clamp_min", "trace_style", "lam", "gamma", "trace_eps",
-                  "normalize", "entropy_quantile", "gae_gamma", "gae_lambda")
+                  "normalize", "entropy_quantile", "gae_gamma", "gae_lambda", "turn_gamma", "omega")
 
 
 @dataclass
@@ -136,6 +136,26 @@ class RecipeConfig:
                               "past the leaf's own fork point.", "tree")
     tree_segment_len: int = _f(4, "Tree rollouts: segment length S of --tree-select segment (>= --tree-min-gap).",
                                "tree")
+    tree_pipeline: bool = _f(True, "Tree rollouts with --tree-select segment: fork while the parent is still decoding "
+                                   "(one decode pass; exactly the trees of the two-round sampler, at about 0.7-0.9x "
+                                   "a flat group's wall time). entropy and uniform forks need the whole leaf and "
+                                   "always decode in rounds; --no-tree-pipeline decodes segment trees in rounds too.",
+                             "tree")
+
+    # ------------------------------------------------------------------ multi-turn environments
+    env: str = _f("", "Multi-turn environment (creditlib.rl.env's registry, listed above): every episode is one row, "
+                      "the policy's turns trained, the environment's answers masked; rewards, per-turn rewards and "
+                      "state ids come from the environment. Empty = single-turn --dataset.", "env")
+    max_turns: int = _f(0, "Multi-turn: turn limit of an episode (an episode still running is cut and counted as "
+                           "truncated; 0 = the environment's default).", "env")
+    max_turn_tokens: int = _f(0, "Multi-turn: tokens the policy may write in one turn (0 = the environment's default).",
+                              "env")
+    env_timeout: float = _f(5.0, "Multi-turn: seconds an environment's reset or step may take; one that raises or runs "
+                                 "past this ends that episode with reward 0 (counted as failed_episodes; the run goes "
+                                 "on).", "env")
+    process_coef: float = _f(0.0, "Multi-turn: weight of the environment's process reward (a score of every turn, "
+                                  "e.g. dial-walk: 1 when the move brought the dial closer to the target), added to "
+                                  "the per-turn rewards (0 = outcome and environment rewards only).", "env")
 
     # ------------------------------------------------------------------ credit assignment
     credit: str = _f("grpo-lambda", "Credit-assignment method, a name from creditlib.credit's registry (listed "
@@ -160,6 +180,10 @@ class RecipeConfig:
     gae_gamma: float = _f(INHERIT, "Prefix-tree methods: GAE gamma over the prefix TD error.", "credit")
     gae_lambda: float = _f(INHERIT, "Prefix-tree methods: GAE lambda over the prefix TD error (1 = the RLOO "
                                     "advantage with a prefix-conditioned baseline).", "credit")
+    turn_gamma: float = _f(INHERIT, "Turn methods (turn-grpo, turn-index, anchor-state): discount of later turns' "
+                                    "rewards in a turn's return G_k = sum_k' turn_gamma^(k'-k) r_k'.", "credit")
+    omega: float = _f(INHERIT, "anchor-state (GiGPO): weight of the state-group advantage beside the episode's, >= 0.",
+                      "credit")
 
     # ------------------------------------------------------------------ algorithm
     clip_eps: float = _f(0.2, "PPO clip range epsilon.", "algo")
@@ -191,7 +215,7 @@ class RecipeConfig:
                      "log_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lam", "gamma", "trace_eps", "gae_gamma", "gae_lambda", "sft_target_accuracy"):
+        for name in ("lam", "gamma", "trace_eps", "gae_gamma", "gae_lambda", "turn_gamma", "sft_target_accuracy"):
             v = getattr(self, name)
             if v != INHERIT and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
@@ -223,11 +247,12 @@ class RecipeConfig:
             if ch and getattr(self, f.name) not in ch:
                 raise ValueError(f"{f.name} must be one of {list(ch)}, got {getattr(self, f.name)!r}")
         check_tree(self)
+        check_env(self)
         if self.rollout == "vllm" and not self.model:
             raise ValueError("--rollout vllm needs --model NAME_OR_PATH (the embedded model has no checkpoint vLLM can load)")
         from .registry import get_dataset  # an unknown --dataset: ValueError with "did you mean"
 
-        if get_dataset(self.dataset).embedded and self.model:
+        if get_dataset(self.dataset).embedded and self.model and not self.env:
             raise ValueError(f"--model with --dataset {self.dataset}: that task has its own tokenizer and model; "
                              "pass --dataset gsm8k|math|PATH with a real model")
         resolve_credit(self)  # unknown --credit name ("did you mean"), or an override the method cannot take
@@ -336,12 +361,14 @@ def build_parser(prog: Optional[str] = None, description: Optional[str] = None,
               "credit": "credit assignment (--credit NAME; each option below overrides the method's value, "
                         f"'{INHERIT}' = keep it)",
               "algo": "PPO update", "reward": "reward",
-              "tree": "tree rollouts (off unless --tree-roots M > 0; the leaves per prompt must equal --group-size)"}
+              "tree": "tree rollouts (off unless --tree-roots M > 0; the leaves per prompt must equal --group-size)",
+              "env": "multi-turn environments (off unless --env NAME)"}
     for f in dataclasses.fields(RecipeConfig):
         g = f.metadata["group"]
         if g not in groups:
             groups[g] = p.add_argument_group(titles.get(g, g), credit_help() if g == "credit" else
-                                             _dataset_help() if g == "data" else None)
+                                             _dataset_help() if g == "data" else
+                                             _env_help() if g == "env" else None)
         default = defaults.get(f.name, f.default)
         tp, optional = _base_type(f.name)
         flag = "--" + f.name.replace("_", "-")
@@ -377,7 +404,8 @@ def parse_args(argv: Optional[list] = None, defaults: Optional[dict] = None, pro
         parser.error(str(e))
 
 
-TREE_OPTIONS = ("tree_forks", "tree_branches", "tree_depth", "tree_select", "tree_min_gap", "tree_segment_len")
+TREE_OPTIONS = ("tree_forks", "tree_branches", "tree_depth", "tree_select", "tree_min_gap", "tree_segment_len",
+                "tree_pipeline")
 
 
 def tree_spec(cfg: RecipeConfig):
@@ -420,6 +448,49 @@ def check_tree(cfg: RecipeConfig) -> None:
                          "full tempered distribution (its old log-probs are of that distribution); use --top-p 1")
 
 
+ENV_OPTIONS = ("max_turns", "max_turn_tokens", "process_coef")
+
+
+def check_env(cfg: RecipeConfig) -> None:
+    """Refuse ``--env`` combinations the run cannot honour, with a ``ValueError`` naming the option:
+    an unknown environment ("did you mean"), ``--env`` with ``--dataset`` / ``--model`` / a tree /
+    ``--rollout vllm``, multi-turn options without ``--env``, a negative count or weight, a
+    process-reward weight for an environment without a process reward, and a credit method that
+    needs state ids (``anchor-state``) without an environment to give them."""
+    for name in ("max_turns", "max_turn_tokens"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0 = the environment's default), got {v!r}")
+    if not (math.isfinite(cfg.process_coef) and cfg.process_coef >= 0):
+        raise ValueError(f"process_coef must be a finite number >= 0, got {cfg.process_coef!r}")
+    if not cfg.env_timeout > 0:
+        raise ValueError(f"env_timeout must be > 0 seconds, got {cfg.env_timeout!r}")
+    if not cfg.env:
+        set_ = [f"--{k.replace('_', '-')}" for k in ENV_OPTIONS if getattr(cfg, k) != _FIELDS[k].default]
+        if set_:
+            raise ValueError(f"{', '.join(set_)} shape multi-turn episodes, which are off: add --env NAME")
+        if getattr(resolve_credit(cfg).advantage_kind, "needs_states", False):
+            raise ValueError(f"--credit {cfg.credit} needs the environment's state ids (anchor groups): add --env NAME "
+                             "(a single-turn --dataset has none)")
+        return
+    from .env import get_env  # an unknown --env: ValueError with "did you mean"
+
+    spec = get_env(cfg.env)
+    if cfg.dataset != _FIELDS["dataset"].default:
+        raise ValueError(f"--env {cfg.env} with --dataset {cfg.dataset}: the environment brings its own problems; "
+                         "give one of the two")
+    if cfg.model and spec.embedded:
+        raise ValueError(f"--model with --env {cfg.env}: that environment runs with the embedded model and its "
+                         "character tokenizer")
+    if cfg.tree_roots:
+        raise ValueError(f"--tree-roots with --env {cfg.env}: tree rollouts are single-turn; use one of the two")
+    if cfg.rollout != "hf":
+        raise ValueError(f"--rollout {cfg.rollout} with --env {cfg.env}: multi-turn rollouts run on transformers "
+                         "(--rollout hf)")
+    if cfg.process_coef > 0 and spec.process_reward is None:
+        raise ValueError(f"--process-coef {cfg.process_coef:g}: --env {cfg.env} has no process reward")
+
+
 def config_to_dict(cfg: RecipeConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -429,6 +500,15 @@ def _dataset_help() -> str:
     from .registry import describe_datasets
 
     return "registered tasks and datasets (--dataset NAME): " + describe_datasets()
+
+
+def _env_help() -> str:
+    """The registered environments with their descriptions (for ``--help``; owner: creditlib.rl.env)."""
+    try:
+        from .env import get_env, list_envs
+    except ImportError:  # pragma: no cover - the rl extra is missing
+        return ""
+    return "registered environments (--env NAME): " + "; ".join(f"{n}: {get_env(n).description}" for n in list_envs())
 
 
 def credit_help() -> str:
@@ -460,7 +540,8 @@ def resolve_credit(cfg: RecipeConfig):
     method = get_credit(cfg.credit)
     changes = {}
     for opt, fld in (("advantage_scale", "scale"), ("advantage_baseline", "baseline"), ("clamp_min", "clamp_min"),
-                     ("entropy_quantile", "entropy_quantile"), ("gae_gamma", "gae_gamma"), ("gae_lambda", "gae_lam")):
+                     ("entropy_quantile", "entropy_quantile"), ("gae_gamma", "gae_gamma"), ("gae_lambda", "gae_lam"),
+                     ("turn_gamma", "turn_gamma"), ("omega", "omega")):
         v = getattr(cfg, opt)
         if v != INHERIT:
             changes[fld] = v

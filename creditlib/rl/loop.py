@@ -117,7 +117,8 @@ def run_folder(cfg, info=None, root: str | os.PathLike = "runs", now: Optional[f
     name = [None]
     if info is None or info.main:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-        name[0] = str(_claim(Path(root), f"{_slug(cfg.credit)}-{_task_name(cfg.dataset)}-{stamp}"))
+        task = getattr(cfg, "env", "") or cfg.dataset  # --env NAME: the environment is the task
+        name[0] = str(_claim(Path(root), f"{_slug(cfg.credit)}-{_task_name(task)}-{stamp}"))
     if info is not None and info.enabled:
         import torch.distributed as dist
 
@@ -342,7 +343,7 @@ def write_summary(name: str, cfg, out: Path, model, tokenizer, full_state_dict: 
     tokenizer.save_pretrained(final)
     recs = read_metrics(out / "metrics.jsonl")
     rl = [r for r in recs if r.get("phase") == "rl"]
-    png = plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{name} (--credit {cfg.credit}) on {cfg.dataset}") if cfg.plot else None
+    png = plot_metrics(out / "metrics.jsonl", out / "metrics.png", f"{name} (--credit {cfg.credit}) on {getattr(cfg, 'env', '') or cfg.dataset}") if cfg.plot else None
     first, last = rl[:10], rl[-10:]
     before = state.get("acc_before")
     init = state.get("acc_init")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 __all__ = ["NonFiniteError", "tiny_qwen2", "load_causal_lm", "resolve_device", "resolve_dtype", "completion_logits",
@@ -108,7 +110,7 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 4,
-                        return_entropy: bool = False):
+                        return_entropy: bool = False, attention_mask: Optional[torch.Tensor] = None):
     """Log-probs of the completion tokens under ``model`` (tempered), differentiable.
 
     Args:
@@ -117,12 +119,16 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         temperature: logits are divided by it, matching the sampling distribution.
         chunk: rows per log-softmax chunk (bounds the ``[chunk, T, V]`` float32 buffer on large vocabularies).
         return_entropy: also return the per-token entropy of the tempered policy (``[B, T]``, no gradient).
+        attention_mask: ``[B, T]`` the completion positions the model attends to, when they differ
+            from the scored ones (multi-turn rows: the environment's observations are attended to,
+            never scored; :class:`creditlib.rl.multiturn.EpisodeBatch`). Default: ``completion_mask``.
     Returns:
         ``[B, T]`` log-probs (float32, float64 for a float64 model; 0 at masked positions); with
         ``return_entropy``, ``(logp, entropy)``.
     """
     B = prompt_ids.shape[0]
-    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, T, V]
+    attn = completion_mask if attention_mask is None else attention_mask  # [B, T]
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, attn)  # [B, T, V]
     dtype = torch.promote_types(logits.dtype, torch.float32)  # half models: float32; float64 stays float64
     rows, ents = [], []
     for s in range(0, B, chunk):

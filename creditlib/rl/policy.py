@@ -45,6 +45,9 @@ class CompletionPolicy(TensorDictModuleBase):
         temperature: the sampling temperature (> 0).
         mask_key: the tokens of the loss (``dist.mask``).
         entropy: ``forward`` also writes the per-token entropy.
+        attention_key: key of a bool ``[B, T]`` mask of the completion positions the model attends
+            to when they differ from the scored ``("masks", "response")`` (multi-turn rows: the
+            environment's observations are context, never scored); ``None``: the response mask.
         on_policy: when the tensordict holds no ``("log_probs", "response")``, ``get_dist`` writes the
             current log-probs there, detached, as the sampling policy's: the importance ratio is 1 in
             value and the gradient is the policy gradient. Right only for **one** update on freshly
@@ -53,7 +56,7 @@ class CompletionPolicy(TensorDictModuleBase):
     """
 
     def __init__(self, model, temperature: float = 1.0, *, mask_key=("masks", "response"), entropy: bool = False,
-                 on_policy: bool = False):
+                 on_policy: bool = False, attention_key=None):
         super().__init__()
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
@@ -62,20 +65,24 @@ class CompletionPolicy(TensorDictModuleBase):
         self.mask_key = mask_key
         self.entropy = bool(entropy)
         self.on_policy = bool(on_policy)
-        self.in_keys = [("tokens", "prompt"), ("masks", "prompt"), ("tokens", "response"), mask_key]
+        self.attention_key = attention_key
+        self.in_keys = [("tokens", "prompt"), ("masks", "prompt"), ("tokens", "response"), mask_key] + (
+            [attention_key] if attention_key is not None else [])
         self.out_keys = [("log_probs", "response")] + (["entropy"] if entropy else [])
 
     def _inputs(self, td):
+        resp_mask = td.get(("masks", "response"))  # [B, T] the scored completion tokens
+        attn = resp_mask if self.attention_key is None else td.get(self.attention_key)  # [B, T] attended to
         return (td.get(("tokens", "prompt")), td.get(("masks", "prompt")), td.get(("tokens", "response")),
-                td.get(("masks", "response")))
+                resp_mask, attn)
 
     def get_dist(self, tensordict, **kwargs):
         """``LLMMaskedCategorical`` over the completion positions: logits ``[B, T, V]`` (tempered;
         float32, or float64 for a float64 model), mask ``tensordict[mask_key]`` ``[B, T]``."""
         from torchrl.modules.distributions import LLMMaskedCategorical
 
-        prompt, prompt_mask, resp, resp_mask = self._inputs(tensordict)
-        logits = completion_logits(self.model, prompt, prompt_mask, resp, resp_mask)  # [B, T, V]
+        prompt, prompt_mask, resp, resp_mask, attn = self._inputs(tensordict)
+        logits = completion_logits(self.model, prompt, prompt_mask, resp, attn)  # [B, T, V]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature  # [B, T, V]
         mask = tensordict.get(self.mask_key)  # [B, T] bool
         dist = LLMMaskedCategorical(logits=logits, mask=mask & resp_mask)
@@ -85,9 +92,9 @@ class CompletionPolicy(TensorDictModuleBase):
         return dist
 
     def forward(self, tensordict):
-        prompt, prompt_mask, resp, resp_mask = self._inputs(tensordict)
+        prompt, prompt_mask, resp, resp_mask, attn = self._inputs(tensordict)
         out = completion_logprobs(self.model, prompt, prompt_mask, resp, resp_mask, self.temperature,
-                                  return_entropy=self.entropy)  # [B, T] (and [B, T])
+                                  return_entropy=self.entropy, attention_mask=attn)  # [B, T] (and [B, T])
         if self.entropy:
             tensordict.set(("log_probs", "response"), out[0])
             tensordict.set("entropy", out[1])

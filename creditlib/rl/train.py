@@ -19,7 +19,8 @@ import torch
 from .distributed import DistInfo, all_reduce_sum, reshard
 from .model import NonFiniteError
 
-__all__ = ["make_optimizer", "optimizer_step", "sft_warmup", "evaluate", "all_finite", "clip_grad_norm", "NonFiniteError"]
+__all__ = ["make_optimizer", "optimizer_step", "sft_warmup", "evaluate", "evaluate_env", "all_finite", "clip_grad_norm",
+           "NonFiniteError"]
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
@@ -156,6 +157,58 @@ def evaluate(rollout, source, examples: List, reward, info: DistInfo, device: to
                       for j in range(min(want, len(sb.texts)))]
     totals = all_reduce_sum(totals, info)
     res = {"accuracy": float(totals[0]) / n, "samples": shown if info.main else []}
+    if samples > 0:
+        res["sampled_accuracy"] = float(totals[1]) / (n * samples)
+        res[f"pass_at_{samples}"] = float(totals[2]) / n
+    return res
+
+
+@torch.no_grad()
+def evaluate_env(model, tokenizer, source, examples: List, info: DistInfo, device: torch.device, *, max_turns: int,
+                 max_turn_tokens: int, timeout: float, temperature: float = 1.0, samples: int = 0,
+                 log_samples: int = 0, batch_size: int = 256) -> Dict:
+    """:func:`evaluate` for a multi-turn environment: episodes instead of completions.
+
+    ``accuracy`` is the greedy success rate (the episode's outcome reward > 0 and it did not fail),
+    one episode per example (:func:`creditlib.rl.multiturn.rollout_episodes` with the source's
+    ``make_env``); with ``samples = k > 0``, ``k`` sampled episodes per example at ``temperature``
+    give ``sampled_accuracy`` and ``pass_at_k``. Also ``mean_turns`` and ``failed_episodes`` of the
+    greedy episodes. ``samples`` (the list) holds the first ``log_samples`` transcripts of the main
+    rank, as :func:`evaluate` does. Every rank runs the same number of rollouts.
+    """
+    from .multiturn import rollout_episodes
+
+    n = len(examples) - len(examples) % info.world_size
+    if n == 0:
+        raise ValueError(f"need at least {info.world_size} held-out examples, got {len(examples)}")
+    mine = examples[info.rank:n:info.world_size]
+    kw = dict(max_turns=max_turns, max_turn_tokens=max_turn_tokens, timeout=timeout, device=device,
+              add_special_tokens=source.add_special_tokens)
+    totals = torch.zeros(5, dtype=torch.float64)  # [greedy wins, sampled wins, prompts with a win, turns, failed]
+    shown: List[Dict] = []
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
+        b = rollout_episodes(model, tokenizer, source.make_env, chunk, 1, greedy=True, **kw)  # [k] episodes
+        won = ((b.rewards > 0) & ~b.failed).double()  # [k]
+        totals[0] += float(won.sum())
+        totals[3] += float(b.num_turns.sum())
+        totals[4] += float(b.failed.sum())
+        want = max(0, log_samples - sum(1 for s in shown if s["kind"] == "greedy"))
+        shown += [{"kind": "greedy", "prompt": e.prompt, "completion": t, "answer": e.answer, "reward": float(w)}
+                  for e, t, w in list(zip(chunk, b.texts, won.tolist()))[:want]]
+        if samples > 0:
+            sb = rollout_episodes(model, tokenizer, source.make_env, chunk, samples, temperature=temperature,
+                                  **kw)  # [k * samples], the episodes of one example together
+            ws = ((sb.rewards > 0) & ~sb.failed).double().reshape(len(chunk), samples)  # [k, samples]
+            totals[1] += float(ws.sum())
+            totals[2] += float((ws > 0).any(-1).sum())
+            want = max(0, log_samples - sum(1 for s in shown if s["kind"] == "sampled"))
+            shown += [{"kind": "sampled", "prompt": chunk[j // samples].prompt, "completion": sb.texts[j],
+                       "answer": chunk[j // samples].answer, "reward": float(ws.reshape(-1)[j])}
+                      for j in range(min(want, len(sb.texts)))]
+    totals = all_reduce_sum(totals, info)
+    res = {"accuracy": float(totals[0]) / n, "mean_turns": float(totals[3]) / n, "failed_episodes": float(totals[4]),
+           "samples": shown if info.main else []}
     if samples > 0:
         res["sampled_accuracy"] = float(totals[1]) / (n * samples)
         res[f"pass_at_{samples}"] = float(totals[2]) / n

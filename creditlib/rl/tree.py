@@ -46,11 +46,25 @@ keep every row a fair sample (a continuation is always sampled from the policy g
 The counts are in :attr:`TreeRollout.fallback` and are logged (``logging`` logger
 ``creditlib.rl.tree``, INFO).
 
-KV-cache reuse: not done. The fork prefixes of a round have different lengths per row, and the
-transformers cache is one rectangular tensor per layer aligned on the batch's left padding, with
-only batch-wide ``crop``; reusing each parent's cache would mean re-aligning every row's keys and
-values to a new padding, which ``generate`` does not offer. ``benchmarks/test_bench_tree.py``
-measures the prefill share of a round (the most that reuse could save).
+KV-cache reuse across rounds: not done. The fork prefixes of a round have different lengths per
+row, and the transformers cache is one rectangular tensor per layer aligned on the batch's left
+padding, with only batch-wide ``crop``; reusing each parent's cache would mean re-aligning every
+row's keys and values to a new padding, which ``generate`` does not offer.
+``benchmarks/test_bench_tree.py`` measures the prefill share of a round (the most that reuse could
+save).
+
+Pipelined segment trees (``sample_tree(..., pipeline=True)``, ``select="segment"``): the fork
+positions ``k = s + j S`` of a leaf are known before it ends. Position ``k`` is confirmed when the
+leaf draws token ``k`` and it is neither an EOS nor at the cap (then the leaf draws ``k + 1``, so
+``k <= n - 2``). At that step the leaf's KV-cache row holds exactly ``prompt + o[:k]`` (token ``k``
+is fed at the next step), so the ``Bf`` branches join the decode batch at once as copies of that
+row (same padding, same positions: no mask surgery), drawing their token ``k`` from the leaf's
+logits of that step with their own generators, and from then on decode beside it. Every node keeps
+its seed and slot, and each leaf's forks are checked against :func:`select_forks` after it ends:
+the forks of a leaf too short for ``N`` positions (the fallbacks) are sampled by one more decode
+call. The tree is the two-round sampler's up to floating point (the branch's cache rows come from
+the incremental decode in a batch, not from one prefill), in at most ``T`` sequential decode steps
+when no fallback is needed, at any depth (two rounds: about ``T + (T - k)`` at depth 1).
 """
 
 from __future__ import annotations
@@ -258,6 +272,10 @@ class CallableBackend:
             raise ValueError("eos_ids must name at least one end-of-sequence id")
         self.temperature = _check_temperature(temperature)
 
+    def step_decoder(self) -> "_SeqStepDecoder":
+        """A step-wise decoder over the sequences (what ``sample_tree(..., pipeline=True)`` runs on)."""
+        return _SeqStepDecoder(self)
+
     def sample(self, requests, max_new_tokens, seeds) -> List[Continuation]:
         _check_requests(requests, max_new_tokens, seeds)
         R = len(requests)
@@ -384,6 +402,14 @@ class TransformersBackend:
         if decode == "loop" and self.synced:
             raise ValueError("decode='loop' does not support synced=True (FSDP): use decode='generate'")
         self.decode = decode
+
+    def step_decoder(self) -> "_KVStepDecoder":
+        """The step-wise decoder of ``decode="loop"`` (the model's forward over a ``DynamicCache``,
+        cache rows selected and copied between steps): what ``sample_tree(..., pipeline=True)`` runs on."""
+        if self.decode != "loop":
+            raise ValueError(f"pipeline=True needs TransformersBackend(decode='loop') (its own decode loop over "
+                             f"the KV cache), got decode={self.decode!r}")
+        return _KVStepDecoder(self)
 
     def sample(self, requests, max_new_tokens, seeds) -> List[Continuation]:
         _check_requests(requests, max_new_tokens, seeds)
@@ -694,7 +720,7 @@ def _log_fallback(fallback: Dict[str, int], spec: TreeSpec, K: int) -> None:
 
 def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, spec: TreeSpec, *,
                 max_new_tokens: int, seed: Optional[int] = None, group_size: Optional[int] = None,
-                tokenizer=None, pad_id: Optional[int] = None) -> TreeRollout:
+                tokenizer=None, pad_id: Optional[int] = None, pipeline: bool = False) -> TreeRollout:
     """Sample ``spec.leaves`` rows per prompt, batched: one backend call per round for all prompts.
 
     Args:
@@ -707,6 +733,18 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
             ``spec.leaves``.
         tokenizer: decodes ``texts`` when given (and supplies the pad id).
         pad_id: pad id of the returned tensors (default: the tokenizer's, else the first EOS id).
+        pipeline: decode the branches beside their parent (``select="segment"`` only; a backend with
+            ``step_decoder()``: :class:`TransformersBackend` with ``decode="loop"``, or
+            :class:`CallableBackend`). A segment fork ``k = s + j S`` is known once the parent has
+            drawn token ``k`` (not an EOS, ``k + 1 < max_new_tokens``): the ``Bf`` branches then join
+            the parent's decode batch at once, with copies of its KV-cache rows (which hold
+            ``prompt + o[:k]`` at that moment) and their token ``k`` drawn from the parent's logits of
+            that step with their own generators. Same seeds, slots and fork rule (fallbacks
+            included: forks of leaves too short for ``N`` positions run in a further call), so the
+            same tree as ``pipeline=False`` up to floating point (the cache rows are computed step by
+            step in a batch instead of by one prefill; in float64 the tokens are equal). A depth-1
+            tree then takes about ``max_new_tokens`` sequential decode steps instead of
+            ``T + (T - k)``.
     Returns:
         a :class:`TreeRollout` of ``K * spec.leaves`` rows.
     """
@@ -714,12 +752,25 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
     if not isinstance(backend, TreeBackend):
         raise ValueError(f"backend must implement TreeBackend (sample(requests, max_new_tokens, seeds), eos_ids), "
                          f"got {type(backend).__name__}")
+    if not isinstance(pipeline, bool):
+        raise ValueError(f"pipeline must be a bool, got {pipeline!r}")
+    if pipeline:
+        if spec.select != "segment" and spec.depth > 0:
+            raise ValueError(f"pipeline=True needs select='segment' (fork positions known while the parent "
+                             f"decodes), got select={spec.select!r}")
+        if not callable(getattr(backend, "step_decoder", None)):
+            raise ValueError(f"pipeline=True needs a backend with step_decoder() (TransformersBackend with "
+                             f"decode='loop', or CallableBackend), got {type(backend).__name__}")
     prompts = _prompts(prompt_ids, prompt_mask)
     K = len(prompts)
     if pad_id is None:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         pad_id = int(backend.eos_ids[0]) if pad_id is None else int(pad_id)
     fallback = {"forks": 0, "relaxed_gap": 0, "at_own_fork": 0}
+    if pipeline:
+        every = _sample_tree_pipelined(backend, prompts, spec, max_new_tokens, seed, fallback)
+        _log_fallback(fallback, spec, K)
+        return _assemble(every, prompts, spec, pad_id, fallback, tokenizer)
     # round 0: the roots of every prompt, one call
     reqs, caps, seeds, meta = [], [], [], []
     for k in range(K):
@@ -779,6 +830,239 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
     _log_fallback(fallback, spec, K)
     return _assemble(every, prompts, spec, pad_id, fallback, tokenizer)
 
+
+
+# ----------------------------------------------------------------------------- pipelined segment trees
+class _StepDecoder(Protocol):
+    """What the pipelined sampler needs from a backend: a step-wise decoder over a batch of rows.
+
+    ``prefill(requests) -> [R, V]`` next-token logits of each request (token-id lists), starting a
+    new batch; ``select(rows)`` keeps (and copies: ``rows`` may repeat) rows of the batch, in that
+    order; ``step(tokens [R]) -> [R, V]`` appends one token to each row and returns the next logits.
+    Used as a context manager (eval mode, no grad)."""
+
+    def prefill(self, requests: List[List[int]]) -> torch.Tensor: ...
+
+    def select(self, rows: List[int]) -> None: ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class _SeqStepDecoder:
+    """:class:`CallableBackend`'s step decoder: the token sequences themselves."""
+
+    def __init__(self, backend: "CallableBackend"):
+        self.fn = backend.next_logits
+        self.seqs: List[List[int]] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def _logits(self) -> torch.Tensor:
+        logits = self.fn(self.seqs)  # [R, V]
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(self.seqs):
+            raise ValueError(f"next_logits must return a [R, V] tensor for R = {len(self.seqs)} sequences, got "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}")
+        return logits
+
+    def prefill(self, requests):
+        self.seqs = [list(map(int, r)) for r in requests]
+        return self._logits()
+
+    def select(self, rows):
+        self.seqs = [list(self.seqs[i]) for i in rows]
+
+    def step(self, tokens):
+        for s, t in zip(self.seqs, tokens.tolist()):
+            s.append(int(t))
+        return self._logits()
+
+
+class _KVStepDecoder:
+    """:class:`TransformersBackend`'s step decoder: the model's forward over a ``DynamicCache``
+    (the same calls as ``decode="loop"``). ``select`` indexes the cache's batch dimension, so a row
+    copied from its parent carries the parent's keys and values, padding and positions included."""
+
+    def __init__(self, backend: "TransformersBackend"):
+        self.model, self.pad_id = backend.model, backend.pad_id
+        self.dev = next(self.model.parameters()).device
+        self.ck = _cache_kwarg(self.model)
+        self.cache = None
+        self.amask: Optional[torch.Tensor] = None  # [R, L] 1 = real token
+
+    def __enter__(self):
+        self._was_training = self.model.training
+        self.model.eval()
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._grad.__exit__(*exc)
+        self.model.train(self._was_training)
+        self.cache = self.amask = None
+        return False
+
+    def prefill(self, requests):
+        from transformers import DynamicCache
+
+        from ..generation import left_pad
+
+        reqs = [tuple(int(t) for t in r) for r in requests]
+        first: Dict[tuple, int] = {}
+        inv = torch.tensor([first.setdefault(r, len(first)) for r in reqs], dtype=torch.long,
+                           device=self.dev)  # [R] request -> its unique prefix
+        ids, amask = left_pad(list(first), self.pad_id, self.dev)  # [U, L]
+        pos = (amask.cumsum(-1) - 1).clamp_min(0)  # [U, L]
+        self.cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=amask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.ck: self.cache})
+        if len(first) < len(reqs):  # identical requests: one prefill, copied cache rows
+            self.cache.batch_select_indices(inv)
+        self.amask = amask.index_select(0, inv)  # [R, L]
+        return out.logits[:, -1].index_select(0, inv)  # [R, V]
+
+    def select(self, rows):
+        idx = torch.tensor(rows, dtype=torch.long, device=self.dev)  # [R']
+        self.cache.batch_select_indices(idx)
+        self.amask = self.amask.index_select(0, idx)  # [R', L]
+
+    def step(self, tokens):
+        self.amask = torch.cat([self.amask, self.amask.new_ones(self.amask.shape[0], 1)], 1)  # [R, L + 1]
+        out = self.model(input_ids=tokens.to(self.dev)[:, None], attention_mask=self.amask,
+                         position_ids=self.amask.sum(-1, keepdim=True) - 1, use_cache=True, **{self.ck: self.cache})
+        return out.logits[:, -1]  # [R, V]
+
+
+class _Node:
+    """A node of a pipelined tree while it decodes: ``tokens`` / ``lps`` / ``ents`` hold the whole
+    completion so far (the first ``fork`` copied from the parent); ``forks``: its confirmed fork
+    positions, in pick order."""
+
+    __slots__ = ("prompt", "slot", "parent", "fork", "depth", "tokens", "lps", "ents", "forks", "gen")
+
+    def __init__(self, prompt, slot, parent, fork, depth, tokens, lps, ents, seed):
+        self.prompt, self.slot, self.parent, self.fork, self.depth = prompt, slot, parent, fork, depth
+        self.tokens, self.lps, self.ents, self.forks = tokens, lps, ents, []
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def leaf(self) -> "_Leaf":
+        return _Leaf(self.prompt, self.slot, self.parent, self.fork, self.depth, list(self.tokens),
+                     torch.tensor(self.lps, dtype=torch.float32), torch.tensor(self.ents, dtype=torch.float32))
+
+
+def _child_slot(spec: TreeSpec, parent_slot: int, parent_depth: int, j: int, b: int) -> int:
+    """The slot the two-round sampler gives branch ``b`` of fork ``j`` of a leaf: every leaf of a round
+    has ``F = forks * branches`` children, in the order of the leaves (slots) of that round, so round
+    ``d`` starts at slot ``base_d = roots * sum_{e<d} F^e``."""
+    F = spec.forks * spec.branches
+    base = [spec.roots * sum(F ** e for e in range(d)) for d in (parent_depth, parent_depth + 1)]
+    return base[1] + (parent_slot - base[0]) * F + j * spec.branches + b
+
+
+def _pipelined_call(dec, nodes: List[_Node], prompts: List[List[int]], spec: TreeSpec, T: int, seed: int,
+                    eos: set, temperature: float) -> List[_Node]:
+    """Decode ``nodes`` (each continues ``prompt + tokens``) in one loop; a node of depth ``< spec.depth``
+    spawns the ``Bf`` branches of its fork ``j`` (position ``k = fork + (j + 1) S``) as soon as it
+    has drawn token ``k`` (not an EOS, ``k + 1 < T``: so it will draw ``k + 1`` and ``k <= len - 2``).
+    The branches are drawn from the node's logits of that step with their own generators, their
+    cache rows are copies of the node's (which hold ``prompt + o[:k]`` at that moment) and from the
+    next step on they decode in the same batch. Returns every node that ended (spawned ones included)."""
+    N, Bf, S = spec.forks, spec.branches, spec.segment_len
+    logits = dec.prefill([prompts[x.prompt] + x.tokens for x in nodes])  # [R, V]
+    live = list(nodes)
+    finished: List[_Node] = []
+
+    def record(xs, lp, ent, gens):
+        tok = _draw(lp, gens)  # [n] cpu
+        tlp = lp.gather(1, tok.to(lp.device)[:, None]).squeeze(1).float().cpu().tolist()
+        tl, te = tok.tolist(), ent.float().cpu().tolist()
+        alive = []
+        for r, x in enumerate(xs):
+            x.tokens.append(tl[r])
+            x.lps.append(tlp[r])
+            x.ents.append(te[r])
+            if tl[r] in eos or len(x.tokens) >= T:
+                finished.append(x)
+            else:
+                alive.append(r)
+        return tl, alive
+
+    while True:
+        lp, ent = _tempered(logits, temperature)  # [n, V], [n]
+        tl, keep = record(live, lp, ent, [x.gen for x in live])
+        kids, par = [], []
+        for r in keep:
+            x = live[r]
+            k = len(x.tokens) - 1  # the position just drawn
+            if x.depth < spec.depth and len(x.forks) < N and k == x.fork + (len(x.forks) + 1) * S:
+                j = len(x.forks)
+                x.forks.append(k)
+                for b in range(Bf):
+                    slot = _child_slot(spec, x.slot, x.depth, j, b)
+                    kids.append(_Node(x.prompt, slot, x.slot, k, x.depth + 1, x.tokens[:k], x.lps[:k], x.ents[:k],
+                                      node_seed(seed, x.prompt, slot)))
+                    par.append(r)
+        rows, feed = list(keep), [tl[r] for r in keep]
+        if kids:
+            pi = torch.tensor(par, dtype=torch.long, device=lp.device)  # [n_kids]
+            ktl, kalive = record(kids, lp.index_select(0, pi), ent.index_select(0, pi), [c.gen for c in kids])
+            rows += [par[i] for i in kalive]
+            feed += [ktl[i] for i in kalive]
+            live = [live[r] for r in keep] + [kids[i] for i in kalive]
+        else:
+            live = [live[r] for r in keep]
+        if not live:
+            return finished
+        if rows != list(range(len(tl))):
+            dec.select(rows)
+        logits = dec.step(torch.tensor(feed, dtype=torch.long))  # [n', V]
+
+
+def _sample_tree_pipelined(backend, prompts: List[List[int]], spec: TreeSpec, T: int, seed: int,
+                           fallback: Dict[str, int]) -> List[_Leaf]:
+    """The tree of :func:`sample_tree` with ``select="segment"``, its forks decoded beside their parent
+    (:func:`_pipelined_call`). After a call, every leaf that forks is passed through
+    :func:`select_forks` (the same rule, and the same fallback counts, as the two-round sampler): its
+    online forks must be its first picks; the rest (forks of leaves too short for ``N`` positions)
+    are sampled by a further call, whose own branches again run online."""
+    pending = [_Node(k, m, -1, 0, 0, [], [], [], node_seed(seed, k, m)) for k in range(len(prompts))
+               for m in range(spec.roots)]
+    leaves: List[_Leaf] = []
+    eos = set(int(e) for e in backend.eos_ids)
+    with backend.step_decoder() as dec:
+        while pending:
+            done = _pipelined_call(dec, pending, prompts, spec, T, seed, eos, backend.temperature)
+            leaves.extend(x.leaf() for x in done)
+            forking = sorted((x for x in done if x.depth < spec.depth), key=lambda x: (x.prompt, x.slot))
+            pending = []
+            if not forking:
+                continue
+            Tm = max(len(x.tokens) for x in forking)
+            ent = torch.zeros(len(forking), Tm)  # [R, Tm]
+            for r, x in enumerate(forking):
+                ent[r, :len(x.tokens)] = torch.tensor(x.ents, dtype=torch.float32)
+            starts = torch.tensor([x.fork for x in forking], dtype=torch.long)  # [R]
+            lens = torch.tensor([len(x.tokens) for x in forking], dtype=torch.long)  # [R]
+            pos, stage = select_forks(ent, starts, lens, spec)  # [R, N] each
+            fallback["forks"] += pos.numel()
+            fallback["relaxed_gap"] += int((stage == 1).sum())
+            fallback["at_own_fork"] += int((stage == 2).sum())
+            for r, x in enumerate(forking):
+                picks = pos[r].tolist()
+                if picks[:len(x.forks)] != x.forks:
+                    raise RuntimeError(f"pipelined tree: the online forks {x.forks} of a leaf are not its first "
+                                       f"picks {picks} (internal error)")
+                for j in range(len(x.forks), spec.forks):
+                    kf = picks[j]
+                    for b in range(spec.branches):
+                        slot = _child_slot(spec, x.slot, x.depth, j, b)
+                        pending.append(_Node(x.prompt, slot, x.slot, kf, x.depth + 1, x.tokens[:kf], x.lps[:kf],
+                                             x.ents[:kf], node_seed(seed, x.prompt, slot)))
+    return leaves
 
 
 # ----------------------------------------------------------------------------- vLLM (never run here)
