@@ -14,7 +14,16 @@ that measures, in one run and interleaved,
   (``seg``) and pipelined (``seg_pipe``: ``sample_tree(..., pipeline=True)``, the branches decode
   beside their root): ``time_ratio_segment`` and ``time_ratio_segment_pipelined`` over the same
   flat group of 8, ``token_ratio_segment`` (generated tokens over the flat group's; the same for
-  both, which sample the same tree) and ``pipelined_over_two_round`` (``seg_pipe`` over ``seg``).
+  both, which sample the same tree) and ``pipelined_over_two_round`` (``seg_pipe`` over ``seg``);
+* the default entropy tree pipelined (``tree_pipe``: ``sample_tree(..., pipeline=True)`` with
+  ``TreeSpec()``, speculative forks: the branches of each root's current pick decode beside it and
+  are dropped when a later token beats the pick): ``time_ratio_pipelined`` over the flat group,
+  ``entropy_pipelined_over_two_round`` (over ``tree``), the wasted work (``spec_spawned_rows_per_root``,
+  ``spec_dropped_rows_per_root``, ``spec_wasted_token_share``: tokens decoded by dropped rows over
+  the tree's generated tokens), ``spec_late_spawns`` (branches started after their fork position,
+  the fallbacks at a root's own fork point) and ``entropy_same_tree`` (pipelined == two-round);
+  ``time_ratio_pipelined_late``: the same tree with ``spawn_delay=T`` (every branch starts when its
+  root ends: the two-round tree in one decode loop, no second prefill, no row wasted).
 
 Policy: the bundled task's tokenizer and a tiny Qwen2 (the recipe's shape), warmed up with a few
 supervised steps on worked solutions so completions end with EOS near the task's length (a random
@@ -83,13 +92,15 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
     tree, flat = TreeSpec(), TreeSpec(roots=8, depth=0)
     seg = TreeSpec(roots=2, forks=1, branches=3, select="segment", segment_len=seg_len)
     assert tree.leaves == flat.leaves == seg.leaves == 8
-    kinds = ["tree", "flat", "seg", "seg_pipe", "tree_gen", "flat_gen"] + (["generate"] if tokenizer is not None
-                                                                        else [])
+    kinds = ["tree", "tree_pipe", "tree_pipe_late", "flat", "seg", "seg_pipe", "tree_gen", "flat_gen"]
+    kinds += ["generate"] if tokenizer is not None else []
     res = {k: [] for k in kinds + ["prefill", "round2"]}
     res.update({f"{k}_tokens": 0 for k in kinds})
     res["fork_pos"] = []
     res["seg_fallback"] = 0  # forks at the root's own fork point (roots too short for segment_len)
     res["seg_same_tree"] = []
+    res["tree_same"] = []
+    res["spec"] = {"spawned_rows": 0, "dropped_rows": 0, "dropped_tokens": 0, "late_spawns": 0, "trees": 0}
     for r in range(rounds):
         P = prompts[r]
         ids, mask = left_pad(P, pad)  # [K, P]
@@ -99,6 +110,11 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
             if kind == "generate":
                 g = generate_tokens(model, tokenizer, ids, mask, 8, max_new_tokens=T, temperature=TEMP)
                 n = int(g.completion_mask.sum())
+            elif kind.startswith("tree_pipe"):  # late: every branch starts when its root ends (no waste)
+                out = sample_tree(be["loop"], ids, mask, tree, max_new_tokens=T, seed=r, pipeline=True,
+                                  spawn_delay=T if kind == "tree_pipe_late" else 0)
+                n = out.generated_tokens
+                segs[kind] = out
             elif kind.startswith("seg"):
                 out = sample_tree(be["loop"], ids, mask, seg, max_new_tokens=T, seed=r, pipeline=kind == "seg_pipe")
                 n = out.generated_tokens
@@ -116,6 +132,11 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
         # pipelined and two-round: the same tree (float32: up to a rare last-bit tie of the Gumbel argmax)
         res["seg_same_tree"].append(torch.equal(segs["seg"].completion_ids, segs["seg_pipe"].completion_ids))
         res["seg_fallback"] += segs["seg"].fallback["at_own_fork"]
+        res["tree_same"].append(torch.equal(tr.completion_ids, segs["tree_pipe"].completion_ids)
+                                and torch.equal(tr.completion_ids, segs["tree_pipe_late"].completion_ids))
+        for key in ("spawned_rows", "dropped_rows", "dropped_tokens", "late_spawns"):
+            res["spec"][key] += segs["tree_pipe"].pipeline_stats[key]
+        res["spec"]["trees"] += len(P) * 2  # roots: 2 per prompt, each forks once
         # the tree's second round again, split: one prefill forward of its (distinct) requests vs the
         # round's decode-loop call (which prefills each distinct prefix once)
         req, caps = [], []
@@ -138,7 +159,7 @@ def _measure(model, prompts, T: int, rounds: int, *, tokenizer=None, pad_id=None
 
 def _ratios(res, rounds: int, K: int) -> dict:
     med = {k: statistics.median(v) for k, v in res.items()
-           if isinstance(v, list) and v and k not in ("fork_pos", "seg_same_tree")}
+           if isinstance(v, list) and v and k not in ("fork_pos", "seg_same_tree", "tree_same")}
     same = res["seg_same_tree"]
     info = {"token_ratio": res["tree_tokens"] / res["flat_tokens"],
             "time_ratio": med["tree"] / med["flat"],
@@ -148,6 +169,14 @@ def _ratios(res, rounds: int, K: int) -> dict:
             "pipelined_over_two_round": med["seg_pipe"] / med["seg"],
             "segment_fallback_forks": res["seg_fallback"],
             "segment_same_tree": f"{sum(same)}/{len(same)}",
+            "time_ratio_pipelined": med["tree_pipe"] / med["flat"],
+            "entropy_pipelined_over_two_round": med["tree_pipe"] / med["tree"],
+            "time_ratio_pipelined_late": med["tree_pipe_late"] / med["flat"],
+            "entropy_same_tree": f"{sum(res['tree_same'])}/{len(res['tree_same'])}",
+            "spec_spawned_rows_per_root": res["spec"]["spawned_rows"] / res["spec"]["trees"],
+            "spec_dropped_rows_per_root": res["spec"]["dropped_rows"] / res["spec"]["trees"],
+            "spec_wasted_token_share": res["spec"]["dropped_tokens"] / res["tree_pipe_tokens"],
+            "spec_late_spawns": res["spec"]["late_spawns"],
             "time_ratio_generate_decoder": med["tree_gen"] / med["flat_gen"],
             "loop_speedup_flat": med["flat_gen"] / med["flat"],
             "prefill_share": med["prefill"] / med["round2"],

@@ -70,7 +70,8 @@ from creditlib.rl.config import (CREDIT_OPTIONS, INHERIT, RecipeConfig, config_t
 from creditlib.rl.data import Example, MathSource, SyntheticSource, build_source
 from creditlib.rl.distributed import (DistInfo, all_reduce_dict_mean, barrier, finish, init_distributed,
                                       shard_model)
-from creditlib.rl.loop import (StartPoint, StopSignals, choose_threads, clear_run_folder, init_weights,
+from creditlib.rl.loop import (TINY_MODEL_PARAMS, StartPoint, StopSignals, choose_threads, clear_run_folder,
+                               init_weights,
                                learning_rate, nonfinite_message, read_run_info, run_folder, set_threads,
                                start_point, write_run_info, write_summary)
 from creditlib.rl.metrics import MetricsLogger, make_reporter
@@ -226,7 +227,7 @@ def _build(cfg: RecipeConfig, name: str, device: torch.device, info: DistInfo, o
     say(f"{name}: {count_parameters(model):,}-parameter {type(model).__name__} on {device} (x{info.world_size}), "
         + (f"environment {cfg.env!r}" if env else f"dataset {cfg.dataset!r}") + f", {len(heldout)} held-out prompts -> {out}\n"
         f"credit {cfg.credit}{f' with {over}' if over else ''}: {method.summary()}\n"
-        f"rollout: {_rollout_summary(cfg, tree, source)}")
+        f"rollout: {_rollout_summary(cfg, tree, source, _pipelined(cfg, tree, tree_backend, model))}")
     if start.kind == "resume":
         say(f"resumed from {start.path} (RL step {state['step']}, data position {state['position']})")
     return Recipe(cfg=cfg, name=name, info=info, device=device, out=out, model=model, tokenizer=tokenizer,
@@ -246,7 +247,21 @@ def max_turn_tokens(cfg: RecipeConfig, source) -> int:
     return cfg.max_turn_tokens or source.max_turn_tokens
 
 
-def _rollout_summary(cfg: RecipeConfig, tree: Optional[TreeSpec], source=None) -> str:
+def tree_pipelined(cfg: RecipeConfig, tree: TreeSpec, backend: TransformersBackend, n_params: int) -> bool:
+    """``--tree-pipeline``: fork while the parent decodes (exactly the same trees, one decode pass).
+    ``auto``: segment trees always; entropy / uniform trees (speculative forks, some branch rows
+    dropped) on models of at least ``TINY_MODEL_PARAMS`` parameters, whose decode steps cost about
+    the same whatever the rows. Needs the backend's own decode loop (not ``synced`` FSDP)."""
+    if cfg.tree_pipeline == "off" or backend.decode != "loop":
+        return False
+    return cfg.tree_pipeline == "on" or tree.select == "segment" or n_params >= TINY_MODEL_PARAMS
+
+
+def _pipelined(cfg: RecipeConfig, tree: Optional[TreeSpec], backend, model) -> Optional[bool]:
+    return None if tree is None else tree_pipelined(cfg, tree, backend, count_parameters(model))
+
+
+def _rollout_summary(cfg: RecipeConfig, tree: Optional[TreeSpec], source=None, pipelined=None) -> str:
     if cfg.env:
         return (f"{cfg.group_size} episodes per prompt against --env {cfg.env} (at most {max_turns(cfg, source)} turns "
                 f"of {max_turn_tokens(cfg, source)} tokens; environment answers masked"
@@ -255,14 +270,15 @@ def _rollout_summary(cfg: RecipeConfig, tree: Optional[TreeSpec], source=None) -
         return f"{cfg.group_size} independent completions per prompt ({cfg.rollout})"
     return (f"a tree of {tree.leaves} leaves per prompt: {tree.roots} root(s), {tree.depth} round(s) of {tree.forks} "
             f"fork(s) x {tree.branches} branch(es) at {tree.select} positions (min gap {tree.min_gap}"
-            + (f", segment {tree.segment_len}" + (", pipelined" if cfg.tree_pipeline else "")
-               if tree.select == "segment" else "") + ")")
+            + (f", segment {tree.segment_len}" if tree.select == "segment" else "")
+            + (", forks while the parent decodes" if pipelined is True else "") + ")")
 
 
 # ==================================================================== one rollout
 #: per-step rollout counts summed over ranks (the rest of the rollout metrics are averaged)
 SUMMED = ("rows", "generated_tokens", "row_tokens", "fallback_relaxed_gap", "fallback_at_own_fork", "episodes",
-          "failed_episodes", "truncated_episodes")
+          "failed_episodes", "truncated_episodes", "pipeline_spawned_rows", "pipeline_dropped_rows",
+          "pipeline_dropped_tokens", "pipeline_late_spawns")
 
 
 def tree_seed(seed: int, step: int, rank: int) -> int:
@@ -291,15 +307,17 @@ def sample_rollout(r: Recipe, examples: List[Example], prompt_ids: torch.Tensor,
         batch = r.rollout.rollout(prompt_ids, prompt_mask, G)  # completion ids / mask [B, T]
         n = float(batch.completion_mask.sum())
         return batch, {"rows": float(batch.batch_size), "generated_tokens": n, "row_tokens": n}
-    # segment trees fork while the parent decodes (one pass, the same trees); entropy / uniform decode in rounds
-    pipeline = r.cfg.tree_pipeline and r.tree.select == "segment" and r.tree_backend.decode == "loop"
+    # forks join the decode batch while their parent decodes (one pass, the same trees): --tree-pipeline
+    pipeline = tree_pipelined(r.cfg, r.tree, r.tree_backend, count_parameters(r.model))
     tree = sample_tree(r.tree_backend, prompt_ids, prompt_mask, r.tree, max_new_tokens=max_new_tokens(r.cfg, r.source),
                        seed=tree_seed(r.cfg.seed, step, r.info.rank), group_size=G, tokenizer=r.tokenizer,
                        pipeline=pipeline)
     dev = r.device
     tree = replace(tree, prompt_ids=tree.prompt_ids.to(dev), prompt_mask=tree.prompt_mask.to(dev),  # [B, P]
                    completion_ids=tree.completion_ids.to(dev), completion_mask=tree.completion_mask.to(dev))  # [B, T]
-    return tree, {k: float(v) for k, v in tree.summary().items()}
+    counts = {k: float(v) for k, v in tree.summary().items()}
+    counts.update({f"pipeline_{k}": float(v) for k, v in tree.pipeline_stats.items()})  # speculative rows dropped, ...
+    return tree, counts
 
 
 # ==================================================================== one RL step
@@ -521,7 +539,8 @@ def finish_run(r: Recipe, state: Dict, end: Dict, t_start: float) -> Dict:
                "generated_tokens": end["generated_tokens"], "tree": None if r.tree is None else r.tree.leaves,
                "env": cfg.env or None, "failed_episodes": end["failed_episodes"]}
     if info.main:
-        rows = [("credit method", r.method.summary()), ("rollout", _rollout_summary(cfg, r.tree, r.source)),
+        rows = [("credit method", r.method.summary()),
+                ("rollout", _rollout_summary(cfg, r.tree, r.source, _pipelined(cfg, r.tree, r.tree_backend, r.model))),
                 ("generated tokens (RL rollouts)", f"{end['generated_tokens']:,.0f}")]
         if r.env is not None:
             rows.append(("failed episodes (environment error or hang; reward 0)", f"{end['failed_episodes']:.0f}"))

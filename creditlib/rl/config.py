@@ -136,11 +136,14 @@ class RecipeConfig:
                               "past the leaf's own fork point.", "tree")
     tree_segment_len: int = _f(4, "Tree rollouts: segment length S of --tree-select segment (>= --tree-min-gap).",
                                "tree")
-    tree_pipeline: bool = _f(True, "Tree rollouts with --tree-select segment: fork while the parent is still decoding "
-                                   "(one decode pass; exactly the trees of the two-round sampler, at about 0.7-0.9x "
-                                   "a flat group's wall time). entropy and uniform forks need the whole leaf and "
-                                   "always decode in rounds; --no-tree-pipeline decodes segment trees in rounds too.",
-                             "tree")
+    tree_pipeline: str = _f("auto", "Tree rollouts: fork while the parent is still decoding (one decode pass; exactly "
+                                    "the trees of the two-round sampler). 'on', 'off', or 'auto': on for --tree-select "
+                                    "segment (its forks are known as the parent decodes: 0.8-0.9x a flat group's wall "
+                                    "time) and for entropy / uniform forks on models of 20M parameters or more (their "
+                                    "forks are speculative: branches of a pick that a later token displaces are "
+                                    "dropped, which a decoder bound by reading its weights absorbs: 0.97-1.0x flat at "
+                                    "SmolLM2-135M's shape vs 1.3x in two rounds; on a tiny model the dropped rows cost "
+                                    "what they save).", "tree", ("auto", "on", "off"))
 
     # ------------------------------------------------------------------ multi-turn environments
     env: str = _f("", "Multi-turn environment (creditlib.rl.env's registry, listed above): every episode is one row, "

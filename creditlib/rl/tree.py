@@ -53,18 +53,32 @@ row's keys and values to a new padding, which ``generate`` does not offer.
 ``benchmarks/test_bench_tree.py`` measures the prefill share of a round (the most that reuse could
 save).
 
-Pipelined segment trees (``sample_tree(..., pipeline=True)``, ``select="segment"``): the fork
-positions ``k = s + j S`` of a leaf are known before it ends. Position ``k`` is confirmed when the
-leaf draws token ``k`` and it is neither an EOS nor at the cap (then the leaf draws ``k + 1``, so
-``k <= n - 2``). At that step the leaf's KV-cache row holds exactly ``prompt + o[:k]`` (token ``k``
-is fed at the next step), so the ``Bf`` branches join the decode batch at once as copies of that
-row (same padding, same positions: no mask surgery), drawing their token ``k`` from the leaf's
-logits of that step with their own generators, and from then on decode beside it. Every node keeps
-its seed and slot, and each leaf's forks are checked against :func:`select_forks` after it ends:
-the forks of a leaf too short for ``N`` positions (the fallbacks) are sampled by one more decode
-call. The tree is the two-round sampler's up to floating point (the branch's cache rows come from
-the incremental decode in a batch, not from one prefill), in at most ``T`` sequential decode steps
-when no fallback is needed, at any depth (two rounds: about ``T + (T - k)`` at depth 1).
+Pipelined trees (``sample_tree(..., pipeline=True)``, any ``select``): the whole tree in one decode
+loop, every branch decoding beside its parent. The final fork positions of a leaf of length ``n``
+are :func:`select_forks` over its allowed positions ``s + min_gap <= k <= n - 2``. While the leaf
+decodes, position ``k`` is confirmed allowed once it has drawn token ``k`` and that token is
+neither an EOS nor at the cap (so it will draw ``k + 1``); after every step the sampler runs
+:func:`select_forks` on the confirmed part of each live leaf (all leaves at once), and the
+selection at the leaf's last step is its final one. Each pick ``j`` of the current selection
+(stage 0 or 1; the own-fork-point fallback only once the leaf has ended) has ``Bf`` branch rows
+keyed by ``(k, j)``: their slots are the two-round sampler's (``_child_slot``: leaf, rank ``j``,
+branch), so their seeds and tokens are final the moment they start. When the selection moves (a
+later token of higher entropy, a higher ``"uniform"`` key, a pick that changes rank), the rows
+whose ``(k, j)`` is no longer selected are dropped with their subtrees (wasted work, no sequential
+cost) and the new picks get new rows. A branch's token ``k`` is drawn from the leaf's stored
+log-probs of step ``k``; its cache row is a copy of the leaf's, which holds ``prompt + o[:j]``
+(``j >= k``), with the columns of ``o[k:j]`` masked out (a hole): the next position is the count
+of real tokens, so it continues exactly as a prefill of ``prompt + o[:k]`` would. ``"uniform"``
+keys are drawn ``torch.rand(T)`` once per leaf (``rand(T)[:n] == rand(n)`` for torch's CPU
+generator, the two-round sampler's ``rand(n)``). With ``forks=1`` the pick is the running
+arg-max, so its branches start at the very step that draws it; with ``forks > 1`` a pick that
+changes rank is re-spawned later (with a hole). Children fork the same way (any depth). The
+tree is the two-round sampler's (tokens, slots, parents, fork positions, fallback counts) up to
+floating point (in float64 the tokens are equal), in about ``T`` sequential decode steps when no
+leaf needs the own-fork-point fallback (whose branches start when the leaf ends). The price: a
+live forking leaf keeps its ``[V]`` log-probs of the steps it may still fork at (with
+``min_gap == 1`` or segment forks only its current picks' and its own fork point's; with a larger
+``min_gap`` every step's) and the dropped rows' decode work (:attr:`TreeRollout.pipeline_stats`).
 """
 
 from __future__ import annotations
@@ -532,6 +546,10 @@ class TreeRollout:
     spec: TreeSpec = field(default_factory=TreeSpec)
     fallback: Dict[str, int] = field(default_factory=dict)  # too-short leaves: relaxed_gap, at_own_fork
     texts: List[str] = field(default_factory=list)
+    #: ``pipeline=True`` only: decode_steps (model forward calls), spawned_rows / dropped_rows (branch
+    #: rows started / abandoned when a leaf's picks moved), dropped_tokens (tokens those decoded),
+    #: late_spawns (branch rows started after their fork position: cache rows with a hole)
+    pipeline_stats: Dict[str, int] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -684,7 +702,7 @@ def select_forks(entropies: torch.Tensor, starts: torch.Tensor, lengths: torch.T
 
 
 def _assemble(leaves: List[_Leaf], prompts: List[List[int]], spec: TreeSpec, pad_id: int,
-              fallback: Dict[str, int], tokenizer=None) -> TreeRollout:
+              fallback: Dict[str, int], tokenizer=None, stats: Optional[Dict[str, int]] = None) -> TreeRollout:
     """Rows in (prompt, slot) order -> :class:`TreeRollout`."""
     from ..generation import left_pad
 
@@ -708,7 +726,8 @@ def _assemble(leaves: List[_Leaf], prompts: List[List[int]], spec: TreeSpec, pad
     fork = torch.tensor([x.fork for x in leaves], dtype=torch.long)  # [B]
     depth = torch.tensor([x.depth for x in leaves], dtype=torch.long)  # [B]
     texts = tokenizer.batch_decode(ids.masked_fill(~mask, pad_id), skip_special_tokens=True) if tokenizer else []
-    return TreeRollout(pids, pmask, ids, mask, lp, ent, gid, parent, fork, depth, spec, dict(fallback), texts)
+    return TreeRollout(pids, pmask, ids, mask, lp, ent, gid, parent, fork, depth, spec, dict(fallback), texts,
+                       dict(stats or {}))
 
 
 def _log_fallback(fallback: Dict[str, int], spec: TreeSpec, K: int) -> None:
@@ -720,7 +739,8 @@ def _log_fallback(fallback: Dict[str, int], spec: TreeSpec, K: int) -> None:
 
 def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, spec: TreeSpec, *,
                 max_new_tokens: int, seed: Optional[int] = None, group_size: Optional[int] = None,
-                tokenizer=None, pad_id: Optional[int] = None, pipeline: bool = False) -> TreeRollout:
+                tokenizer=None, pad_id: Optional[int] = None, pipeline: bool = False,
+                spawn_delay: int = 0) -> TreeRollout:
     """Sample ``spec.leaves`` rows per prompt, batched: one backend call per round for all prompts.
 
     Args:
@@ -733,18 +753,25 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
             ``spec.leaves``.
         tokenizer: decodes ``texts`` when given (and supplies the pad id).
         pad_id: pad id of the returned tensors (default: the tokenizer's, else the first EOS id).
-        pipeline: decode the branches beside their parent (``select="segment"`` only; a backend with
+        pipeline: decode the whole tree in one loop, every branch beside its parent (a backend with
             ``step_decoder()``: :class:`TransformersBackend` with ``decode="loop"``, or
-            :class:`CallableBackend`). A segment fork ``k = s + j S`` is known once the parent has
-            drawn token ``k`` (not an EOS, ``k + 1 < max_new_tokens``): the ``Bf`` branches then join
-            the parent's decode batch at once, with copies of its KV-cache rows (which hold
-            ``prompt + o[:k]`` at that moment) and their token ``k`` drawn from the parent's logits of
-            that step with their own generators. Same seeds, slots and fork rule (fallbacks
-            included: forks of leaves too short for ``N`` positions run in a further call), so the
-            same tree as ``pipeline=False`` up to floating point (the cache rows are computed step by
-            step in a batch instead of by one prefill; in float64 the tokens are equal). A depth-1
-            tree then takes about ``max_new_tokens`` sequential decode steps instead of
-            ``T + (T - k)``.
+            :class:`CallableBackend`; any ``select``). After every step each live leaf runs
+            :func:`select_forks` on its confirmed positions (``k`` is confirmed once token ``k`` is
+            drawn and is neither an EOS nor at the cap); the ``Bf`` branches of each current pick
+            decode in the same batch (cache rows copied from the leaf, cut to ``prompt + o[:k]``
+            by masking later columns out; token ``k`` drawn from the leaf's log-probs of step
+            ``k``) and are dropped when the pick moves. Same seeds, slots, fork rule and
+            fallbacks, so the same tree as ``pipeline=False`` up to floating point (in float64 the
+            tokens are equal), in about ``max_new_tokens`` sequential decode steps instead of
+            ``T + (T - k)`` per depth. :attr:`TreeRollout.pipeline_stats` counts the steps and the
+            wasted (dropped) rows.
+        spawn_delay: ``pipeline=True`` only: start a pick's branches once it lies this many
+            positions behind the leaf's newest token (``>= 0``; the branches then start with a
+            masked-out hole in their cache row). 0 (default): at once, the fewest sequential steps;
+            larger: fewer branch rows started and dropped (picks that are beaten within
+            ``spawn_delay`` tokens never get rows), up to ``spawn_delay`` more steps; ``>=
+            max_new_tokens``: every branch starts when its parent ends (the two-round tree in one
+            loop, no row wasted). The tree is the same for every value.
     Returns:
         a :class:`TreeRollout` of ``K * spec.leaves`` rows.
     """
@@ -754,10 +781,12 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
                          f"got {type(backend).__name__}")
     if not isinstance(pipeline, bool):
         raise ValueError(f"pipeline must be a bool, got {pipeline!r}")
+    if isinstance(spawn_delay, bool) or not isinstance(spawn_delay, Integral) or int(spawn_delay) < 0:
+        raise ValueError(f"spawn_delay must be an int >= 0, got {spawn_delay!r}")
+    if spawn_delay and not pipeline:
+        raise ValueError(f"spawn_delay={spawn_delay} needs pipeline=True (the two-round sampler starts every "
+                         "branch after its parent ends)")
     if pipeline:
-        if spec.select != "segment" and spec.depth > 0:
-            raise ValueError(f"pipeline=True needs select='segment' (fork positions known while the parent "
-                             f"decodes), got select={spec.select!r}")
         if not callable(getattr(backend, "step_decoder", None)):
             raise ValueError(f"pipeline=True needs a backend with step_decoder() (TransformersBackend with "
                              f"decode='loop', or CallableBackend), got {type(backend).__name__}")
@@ -768,9 +797,10 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
         pad_id = int(backend.eos_ids[0]) if pad_id is None else int(pad_id)
     fallback = {"forks": 0, "relaxed_gap": 0, "at_own_fork": 0}
     if pipeline:
-        every = _sample_tree_pipelined(backend, prompts, spec, max_new_tokens, seed, fallback)
+        stats: Dict[str, int] = {}
+        every = _sample_tree_pipelined(backend, prompts, spec, max_new_tokens, seed, fallback, stats, int(spawn_delay))
         _log_fallback(fallback, spec, K)
-        return _assemble(every, prompts, spec, pad_id, fallback, tokenizer)
+        return _assemble(every, prompts, spec, pad_id, fallback, tokenizer, stats)
     # round 0: the roots of every prompt, one call
     reqs, caps, seeds, meta = [], [], [], []
     for k in range(K):
@@ -832,18 +862,20 @@ def sample_tree(backend: TreeBackend, prompt_ids: torch.Tensor, prompt_mask: tor
 
 
 
-# ----------------------------------------------------------------------------- pipelined segment trees
+# ----------------------------------------------------------------------------- pipelined trees
 class _StepDecoder(Protocol):
     """What the pipelined sampler needs from a backend: a step-wise decoder over a batch of rows.
 
     ``prefill(requests) -> [R, V]`` next-token logits of each request (token-id lists), starting a
-    new batch; ``select(rows)`` keeps (and copies: ``rows`` may repeat) rows of the batch, in that
-    order; ``step(tokens [R]) -> [R, V]`` appends one token to each row and returns the next logits.
+    new batch; ``select(rows, keep=None)`` keeps (and copies: ``rows`` may repeat) rows of the
+    batch, in that order, row ``i`` cut to its first ``keep[i]`` real tokens (prompt included) when
+    ``keep[i]`` is not None; ``step(tokens [R]) -> [R, V]`` appends one token to each row and
+    returns the next logits.
     Used as a context manager (eval mode, no grad)."""
 
     def prefill(self, requests: List[List[int]]) -> torch.Tensor: ...
 
-    def select(self, rows: List[int]) -> None: ...
+    def select(self, rows: List[int], keep: Optional[List[Optional[int]]] = None) -> None: ...
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
@@ -872,8 +904,9 @@ class _SeqStepDecoder:
         self.seqs = [list(map(int, r)) for r in requests]
         return self._logits()
 
-    def select(self, rows):
-        self.seqs = [list(self.seqs[i]) for i in rows]
+    def select(self, rows, keep=None):
+        keep = keep or [None] * len(rows)
+        self.seqs = [list(self.seqs[i][:k]) if k is not None else list(self.seqs[i]) for i, k in zip(rows, keep)]
 
     def step(self, tokens):
         for s, t in zip(self.seqs, tokens.tolist()):
@@ -925,10 +958,16 @@ class _KVStepDecoder:
         self.amask = amask.index_select(0, inv)  # [R, L]
         return out.logits[:, -1].index_select(0, inv)  # [R, V]
 
-    def select(self, rows):
+    def select(self, rows, keep=None):
         idx = torch.tensor(rows, dtype=torch.long, device=self.dev)  # [R']
         self.cache.batch_select_indices(idx)
         self.amask = self.amask.index_select(0, idx)  # [R', L]
+        if keep is not None and any(k is not None for k in keep):
+            # a hole: the columns after the row's keep[i]-th real token are masked out; the next
+            # token's position is the count of real tokens (step), so positions go on from the cut
+            lim = torch.tensor([self.amask.shape[1] if k is None else int(k) for k in keep], dtype=torch.long,
+                               device=self.dev)  # [R']
+            self.amask = self.amask.masked_fill(self.amask.cumsum(-1) > lim[:, None], 0)  # [R', L]
 
     def step(self, tokens):
         self.amask = torch.cat([self.amask, self.amask.new_ones(self.amask.shape[0], 1)], 1)  # [R, L + 1]
@@ -939,15 +978,25 @@ class _KVStepDecoder:
 
 class _Node:
     """A node of a pipelined tree while it decodes: ``tokens`` / ``lps`` / ``ents`` hold the whole
-    completion so far (the first ``fork`` copied from the parent); ``forks``: its confirmed fork
-    positions, in pick order."""
+    completion so far (the first ``fork`` copied from the parent). A node that forks (``depth <
+    spec.depth``) also keeps ``entbuf`` (float32 ``[T]`` its entropies, for :func:`select_forks`),
+    ``keys`` (float32 ``[T]`` its ``"uniform"`` keys), ``steplp`` (position ``k`` -> the ``[V]``
+    log-probs it drew token ``k`` from: what a branch forked at ``k`` draws its token ``k`` from)
+    and ``groups`` (pick rank ``j`` -> ``(k, its Bf branch nodes)``: the branches now decoding)."""
 
-    __slots__ = ("prompt", "slot", "parent", "fork", "depth", "tokens", "lps", "ents", "forks", "gen")
+    __slots__ = ("prompt", "slot", "parent", "fork", "depth", "tokens", "lps", "ents", "gen", "entbuf", "keys",
+                 "steplp", "groups", "stage", "done", "dropped", "src", "keep")
 
     def __init__(self, prompt, slot, parent, fork, depth, tokens, lps, ents, seed):
         self.prompt, self.slot, self.parent, self.fork, self.depth = prompt, slot, parent, fork, depth
-        self.tokens, self.lps, self.ents, self.forks = tokens, lps, ents, []
+        self.tokens, self.lps, self.ents = tokens, lps, ents
         self.gen = torch.Generator().manual_seed(int(seed))
+        self.entbuf = self.keys = None
+        self.steplp: Dict[int, torch.Tensor] = {}
+        self.groups: Dict[int, tuple] = {}
+        self.stage: Optional[List[int]] = None  # the final selection's stages (set when the node ends)
+        self.done = self.dropped = False
+        self.src, self.keep = -1, None  # row of the decode batch its cache row is copied from; real tokens kept
 
     def leaf(self) -> "_Leaf":
         return _Leaf(self.prompt, self.slot, self.parent, self.fork, self.depth, list(self.tokens),
@@ -963,106 +1012,171 @@ def _child_slot(spec: TreeSpec, parent_slot: int, parent_depth: int, j: int, b: 
     return base[1] + (parent_slot - base[0]) * F + j * spec.branches + b
 
 
-def _pipelined_call(dec, nodes: List[_Node], prompts: List[List[int]], spec: TreeSpec, T: int, seed: int,
-                    eos: set, temperature: float) -> List[_Node]:
-    """Decode ``nodes`` (each continues ``prompt + tokens``) in one loop; a node of depth ``< spec.depth``
-    spawns the ``Bf`` branches of its fork ``j`` (position ``k = fork + (j + 1) S``) as soon as it
-    has drawn token ``k`` (not an EOS, ``k + 1 < T``: so it will draw ``k + 1`` and ``k <= len - 2``).
-    The branches are drawn from the node's logits of that step with their own generators, their
-    cache rows are copies of the node's (which hold ``prompt + o[:k]`` at that moment) and from the
-    next step on they decode in the same batch. Returns every node that ended (spawned ones included)."""
-    N, Bf, S = spec.forks, spec.branches, spec.segment_len
-    logits = dec.prefill([prompts[x.prompt] + x.tokens for x in nodes])  # [R, V]
-    live = list(nodes)
-    finished: List[_Node] = []
+class _Speculative:
+    """The pipelined sampler's state: every node made, the counters (:attr:`TreeRollout.pipeline_stats`)."""
 
-    def record(xs, lp, ent, gens):
-        tok = _draw(lp, gens)  # [n] cpu
+    def __init__(self, prompts: List[List[int]], spec: TreeSpec, T: int, seed: int, eos: set, delay: int = 0):
+        self.prompts, self.spec, self.T, self.seed, self.eos, self.delay = prompts, spec, T, seed, eos, delay
+        # gap never binds when min_gap == 1 or between segment positions (S >= min_gap apart): the picks
+        # are then the top N allowed positions by key, a position outside them never returns, and only
+        # the picks' (and the own fork point's) log-probs need keeping
+        self.prune = spec.min_gap == 1 or spec.select == "segment"
+        self.every: List[_Node] = []
+        self.stats = {"decode_steps": 0, "spawned_rows": 0, "dropped_rows": 0, "dropped_tokens": 0,
+                      "late_spawns": 0}
+
+    def node(self, prompt, slot, parent, fork, depth, tokens, lps, ents, entbuf) -> _Node:
+        x = _Node(prompt, slot, parent, fork, depth, tokens, lps, ents, node_seed(self.seed, prompt, slot))
+        if depth < self.spec.depth:
+            x.entbuf = torch.zeros(self.T) if entbuf is None else entbuf.clone()  # [T] float32
+            if self.spec.select == "uniform":  # rand(T)[:n] == rand(n): the two-round sampler's keys
+                g = torch.Generator().manual_seed(node_seed(self.seed, prompt, slot, salt=1))
+                x.keys = torch.rand(self.T, generator=g)  # [T]
+        self.every.append(x)
+        return x
+
+    def record(self, xs: List[_Node], lp: torch.Tensor, ent: torch.Tensor) -> None:
+        """Draw one token for each node of ``xs`` from its own generator (``lp`` ``[n, V]``, ``ent``
+        ``[n]``), append it, and mark the nodes that ended (EOS or cap)."""
+        tok = _draw(lp, [x.gen for x in xs])  # [n] cpu
         tlp = lp.gather(1, tok.to(lp.device)[:, None]).squeeze(1).float().cpu().tolist()
         tl, te = tok.tolist(), ent.float().cpu().tolist()
-        alive = []
         for r, x in enumerate(xs):
+            k = len(x.tokens)
             x.tokens.append(tl[r])
             x.lps.append(tlp[r])
             x.ents.append(te[r])
-            if tl[r] in eos or len(x.tokens) >= T:
-                finished.append(x)
-            else:
-                alive.append(r)
-        return tl, alive
+            if x.entbuf is not None:
+                x.entbuf[k] = te[r]
+                x.steplp[k] = lp[r].clone()  # [V] (a copy: a view would keep the whole [n, V] step alive)
+            x.done = tl[r] in self.eos or len(x.tokens) >= self.T
 
+    def drop(self, x: _Node) -> None:
+        if x.dropped:
+            return
+        x.dropped = True
+        self.stats["dropped_rows"] += 1
+        self.stats["dropped_tokens"] += len(x.tokens) - x.fork
+        x.steplp = {}
+        for _, kids in x.groups.values():
+            for c in kids:
+                self.drop(c)
+
+    def reconcile(self, xs: List[_Node]) -> List[tuple]:
+        """Run :func:`select_forks` on what each node of ``xs`` has confirmed (a live node's positions
+        up to its last drawn token: it will draw another; an ended node's whole length: final) and
+        make the decoding branches match it: a rank whose pick moved loses its branches (and their
+        subtrees), a pick without branches gets ``Bf`` new ones (slots of its rank) once it lies
+        ``delay`` positions behind the newest confirmed one (at once for ``delay=0``; every pick
+        of an ended node at once). Picks at the node's own fork point (stage 2) are taken only when
+        the node has ended. Returns the new branches as ``(node, parent, k)``."""
+        spec = self.spec
+        xs = [x for x in xs if not x.dropped]
+        if not xs:
+            return []
+        ent = torch.stack([x.entbuf for x in xs])  # [R, T]
+        keys = torch.stack([x.keys for x in xs]) if spec.select == "uniform" else None  # [R, T]
+        starts = torch.tensor([x.fork for x in xs], dtype=torch.long)  # [R]
+        lens = torch.tensor([len(x.tokens) + (0 if x.done else 1) for x in xs], dtype=torch.long)  # [R]
+        pos, stage = select_forks(ent, starts, lens, spec, keys)  # [R, N] each
+        new = []
+        for x, p_r, s_r in zip(xs, pos.tolist(), stage.tolist()):
+            if x.dropped:  # by an ancestor earlier in this loop
+                continue
+            last = len(x.tokens) - 1  # the newest confirmed position (of a live node)
+            want = {j: p for j, (p, s) in enumerate(zip(p_r, s_r)) if x.done or (s < 2 and last - p >= self.delay)}
+            for j in list(x.groups):
+                if want.get(j) != x.groups[j][0]:
+                    for c in x.groups.pop(j)[1]:
+                        self.drop(c)
+            for j, k in want.items():
+                if j in x.groups:
+                    continue
+                kids = [self.node(x.prompt, _child_slot(spec, x.slot, x.depth, j, b), x.slot, k, x.depth + 1,
+                                  x.tokens[:k], x.lps[:k], x.ents[:k], x.entbuf) for b in range(spec.branches)]
+                x.groups[j] = (k, kids)
+                new += [(c, x, k) for c in kids]
+                self.stats["spawned_rows"] += spec.branches
+                self.stats["late_spawns"] += spec.branches * (k < len(x.tokens) - 1)
+            if x.done:
+                x.stage = s_r
+            elif self.prune:
+                keep = {p for p, s in zip(p_r, s_r) if s < 2} | {x.fork}  # spawned or not yet (delay)
+                x.steplp = {k: v for k, v in x.steplp.items() if k in keep}
+        return new
+
+
+def _speculative_call(dec, st: _Speculative, roots: List[_Node], temperature: float) -> None:
+    """Decode the whole tree in one loop: the roots, and every branch beside its parent.
+
+    After each step, every forking node that drew a token runs :meth:`_Speculative.reconcile`; new
+    branches draw their token ``k`` at once from the parent's stored log-probs of step ``k`` with
+    their own generators (and, ending at once, may fork themselves in the same step), then join the
+    batch: their cache row is a copy of the row their prefix lies in, cut to ``prompt + o[:k]``
+    (``select(rows, keep)``: the columns after the ``len(prompt) + k``-th real token are masked
+    out, and the positions continue from the real tokens kept). Dropped branches leave the batch."""
+    logits = dec.prefill([st.prompts[x.prompt] + x.tokens for x in roots])  # [R, V]
+    st.stats["decode_steps"] += 1
+    live = list(roots)
+    D = st.spec.depth
     while True:
         lp, ent = _tempered(logits, temperature)  # [n, V], [n]
-        tl, keep = record(live, lp, ent, [x.gen for x in live])
-        kids, par = [], []
-        for r in keep:
-            x = live[r]
-            k = len(x.tokens) - 1  # the position just drawn
-            if x.depth < spec.depth and len(x.forks) < N and k == x.fork + (len(x.forks) + 1) * S:
-                j = len(x.forks)
-                x.forks.append(k)
-                for b in range(Bf):
-                    slot = _child_slot(spec, x.slot, x.depth, j, b)
-                    kids.append(_Node(x.prompt, slot, x.slot, k, x.depth + 1, x.tokens[:k], x.lps[:k], x.ents[:k],
-                                      node_seed(seed, x.prompt, slot)))
-                    par.append(r)
-        rows, feed = list(keep), [tl[r] for r in keep]
-        if kids:
-            pi = torch.tensor(par, dtype=torch.long, device=lp.device)  # [n_kids]
-            ktl, kalive = record(kids, lp.index_select(0, pi), ent.index_select(0, pi), [c.gen for c in kids])
-            rows += [par[i] for i in kalive]
-            feed += [ktl[i] for i in kalive]
-            live = [live[r] for r in keep] + [kids[i] for i in kalive]
-        else:
-            live = [live[r] for r in keep]
-        if not live:
-            return finished
-        if rows != list(range(len(tl))):
-            dec.select(rows)
-        logits = dec.step(torch.tensor(feed, dtype=torch.long))  # [n', V]
+        for r, x in enumerate(live):
+            x.src, x.keep = r, None
+        st.record(live, lp, ent)
+        spawned: List[_Node] = []
+        todo = [x for x in live if x.depth < D]
+        while todo:
+            new = st.reconcile(todo)
+            new = [(c, x, k) for c, x, k in new if not c.dropped]
+            todo = []
+            if new:
+                rows = torch.stack([x.steplp[k] for _, x, k in new])  # [s, V]
+                ents = torch.tensor([x.ents[k] for _, x, k in new], dtype=torch.float32)  # [s]
+                kids = [c for c, _, _ in new]
+                for c, x, k in new:
+                    c.src, c.keep = x.src, len(st.prompts[x.prompt]) + k
+                st.record(kids, rows, ents)
+                spawned += kids
+                todo = [c for c in kids if c.depth < D]
+        for x in st.every:  # ended nodes: their selection is final, their log-probs no longer needed
+            if x.done and x.steplp:
+                x.steplp = {}
+        nxt = [x for x in live + spawned if not x.done and not x.dropped]
+        if not nxt:
+            return
+        rows = [x.src for x in nxt]
+        keep = [x.keep for x in nxt]
+        if rows != list(range(len(live))) or any(k is not None for k in keep):
+            dec.select(rows, keep)
+        live = nxt
+        logits = dec.step(torch.tensor([x.tokens[-1] for x in live], dtype=torch.long))  # [n', V]
+        st.stats["decode_steps"] += 1
 
 
 def _sample_tree_pipelined(backend, prompts: List[List[int]], spec: TreeSpec, T: int, seed: int,
-                           fallback: Dict[str, int]) -> List[_Leaf]:
-    """The tree of :func:`sample_tree` with ``select="segment"``, its forks decoded beside their parent
-    (:func:`_pipelined_call`). After a call, every leaf that forks is passed through
-    :func:`select_forks` (the same rule, and the same fallback counts, as the two-round sampler): its
-    online forks must be its first picks; the rest (forks of leaves too short for ``N`` positions)
-    are sampled by a further call, whose own branches again run online."""
-    pending = [_Node(k, m, -1, 0, 0, [], [], [], node_seed(seed, k, m)) for k in range(len(prompts))
-               for m in range(spec.roots)]
-    leaves: List[_Leaf] = []
-    eos = set(int(e) for e in backend.eos_ids)
+                           fallback: Dict[str, int], stats: Dict[str, int], delay: int = 0) -> List[_Leaf]:
+    """The tree of :func:`sample_tree` (any ``select``), every branch decoded beside its parent
+    (:func:`_speculative_call`), in one decode loop. The branches that survive are exactly those of
+    each ended node's final :func:`select_forks` (its ``N`` picks in pick order, slots of the
+    two-round sampler); the fallback counts are those final selections'."""
+    st = _Speculative(prompts, spec, T, seed, set(int(e) for e in backend.eos_ids), delay)
+    roots = [st.node(k, m, -1, 0, 0, [], [], [], None) for k in range(len(prompts)) for m in range(spec.roots)]
     with backend.step_decoder() as dec:
-        while pending:
-            done = _pipelined_call(dec, pending, prompts, spec, T, seed, eos, backend.temperature)
-            leaves.extend(x.leaf() for x in done)
-            forking = sorted((x for x in done if x.depth < spec.depth), key=lambda x: (x.prompt, x.slot))
-            pending = []
-            if not forking:
-                continue
-            Tm = max(len(x.tokens) for x in forking)
-            ent = torch.zeros(len(forking), Tm)  # [R, Tm]
-            for r, x in enumerate(forking):
-                ent[r, :len(x.tokens)] = torch.tensor(x.ents, dtype=torch.float32)
-            starts = torch.tensor([x.fork for x in forking], dtype=torch.long)  # [R]
-            lens = torch.tensor([len(x.tokens) for x in forking], dtype=torch.long)  # [R]
-            pos, stage = select_forks(ent, starts, lens, spec)  # [R, N] each
-            fallback["forks"] += pos.numel()
-            fallback["relaxed_gap"] += int((stage == 1).sum())
-            fallback["at_own_fork"] += int((stage == 2).sum())
-            for r, x in enumerate(forking):
-                picks = pos[r].tolist()
-                if picks[:len(x.forks)] != x.forks:
-                    raise RuntimeError(f"pipelined tree: the online forks {x.forks} of a leaf are not its first "
-                                       f"picks {picks} (internal error)")
-                for j in range(len(x.forks), spec.forks):
-                    kf = picks[j]
-                    for b in range(spec.branches):
-                        slot = _child_slot(spec, x.slot, x.depth, j, b)
-                        pending.append(_Node(x.prompt, slot, x.slot, kf, x.depth + 1, x.tokens[:kf], x.lps[:kf],
-                                             x.ents[:kf], node_seed(seed, x.prompt, slot)))
-    return leaves
+        _speculative_call(dec, st, roots, backend.temperature)
+    kept = [x for x in st.every if not x.dropped]
+    for x in kept:
+        if x.depth < spec.depth:
+            if x.stage is None or sorted(x.groups) != list(range(spec.forks)):
+                raise RuntimeError("pipelined tree: a leaf ended without its final forks (internal error)")
+            fallback["forks"] += spec.forks
+            fallback["relaxed_gap"] += sum(s == 1 for s in x.stage)
+            fallback["at_own_fork"] += sum(s == 2 for s in x.stage)
+    if len(kept) != len(prompts) * spec.leaves:
+        raise RuntimeError(f"pipelined tree: {len(kept)} leaves for {len(prompts)} prompts of {spec.leaves} "
+                           "(internal error)")
+    stats.update(st.stats)
+    return [x.leaf() for x in kept]
 
 
 # ----------------------------------------------------------------------------- vLLM (never run here)
