@@ -81,6 +81,33 @@ def test_every_style_and_mask_matches_reference(both, eps):
                 _check(x, mask, both, eps, d, transpose)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_recent_tiles_full_empty_and_mixed_in_one_block(normalize):
+    """The AVX-512 ``recent`` kernel sorts each 16 x 16 tile into full (every row valid), empty and
+    mixed: rows of one 16-row block that end in different tiles (and left-padded, scattered and
+    all-valid rows beside them) give every kind in one block, against the float64 definition."""
+    g = torch.Generator().manual_seed(4242)
+    R, T = 40, 1000  # 2.5 blocks of 16 rows, 62.5 tiles of 16 columns
+    lens = torch.linspace(0, T, R).round().long()  # [R] rows ending in every tile, 0 and T included
+    right = torch.arange(T)[None, :] < lens[:, None]  # [R, T]
+    masks = {"right": right, "left": right.flip(-1).contiguous(),
+             "runs": torch.rand(R, T, generator=g) < 0.7,
+             "mixed": torch.where(torch.arange(R)[:, None] % 3 == 0, right, torch.ones(R, T, dtype=torch.bool))}
+    for name, mask in masks.items():
+        x = torch.randn(R, T, generator=g, dtype=torch.float64).masked_fill(~mask, float("nan"))  # [R, T]
+        mu = mask.view(torch.uint8)
+        for d in (0.5, 0.99, 1.0):
+            for transpose in (False, True):
+                sched = _sched(d, 0.0, False, normalize)
+                ref = trace_ops.reference_scan(x, mu, None, sched, transpose)  # [R, T] float64
+                scale = max(1.0, ref.abs().max().item())
+                for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+                    z = cpu.trace_scan(x.to(dtype), mu, None, sched, transpose)  # [R, T]
+                    err = (z.double() - ref).abs().max().item()
+                    assert err <= tol * scale, (name, d, transpose, dtype, err)
+                    assert bool((z[~mask] == 0).all()), (name, d, transpose, dtype)
+
+
 @pytest.mark.parametrize("both,eps", STYLES)
 def test_short_rows(both, eps):
     g = torch.Generator().manual_seed(7)

@@ -399,48 +399,59 @@ static void expand_row(const float* src, const uint8_t* m, int64_t T, float* out
 }
 
 // ------------------------------------------------------------------------------------ path (1)
-// "recent", no floor, padded float32 [R, T], any mask. NB blocks of 16 rows in lockstep (NB = 1 is
-// used: more blocks meant more concurrent memory streams and ran slower on the 2-core test machine).
+// "recent", no floor, padded float32 [R, T], any mask. NB blocks of 16 rows (NB = 1 is used: more
+// blocks meant more concurrent memory streams and ran slower, on Intel and on AMD Zen 4 alike).
+// Each 16-column tile of a block is one of three kinds, read from the mask of its 64-column group:
+// full (every live row valid in all 16 columns: the unmasked step), empty (no row valid: zeros are
+// stored, x is not read and the carries stay) or mixed (the masked step). Right-padded rows give
+// mixed tiles only between the shortest and the longest row of the block.
 // NORM (normalised "recent"): 1/N_k is read by *column* from `inv` (padded to T + 16), which is the
 // valid position only in rows whose valid tokens start at column 0 and are contiguous (no mask, right
 // padding). Any other row is detected on the fly (a valid token after a masked one; in reverse, a
 // masked one after a valid one): the block stops and returns false, and the caller redoes it with
 // GATHER, which counts each lane's valid tokens (in reverse: from its row's total) and gathers 1/N_k
-// per lane (one masked gather per step). Returns true when the block is done.
+// per lane (one masked gather per step; GATHER tiles always take the masked step). Returns true
+// when the block is done.
 template <int NB, bool MASKED, bool REV, bool NORM = false, bool GATHER = false>
 bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int64_t T, int64_t row0, Bad& bad,
                    const DMul<float>& dm, const float* inv = nullptr) {
   static_assert(!GATHER || (NORM && MASKED), "GATHER is the normalised, masked variant");
-  // R_t = c_t R_{t-1} + u_t with c_t = d (valid) or 1 (masked, u_t = 0) and d = hi + lo. The
-  // small part lo_t R_{t-1} is expanded one step back, lo_t (hi_{t-1} R_{t-2} + u_{t-1}) (dropping
-  // lo_t lo_{t-1} R_{t-2}, ~1e-16 relative), so only one FMA per step is on the carry chain.
-  const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo), vone = _mm512_set1_ps(1.0f);
-  const __m512 vlohi = _mm512_set1_ps(dm.lo * dm.hi);
-  __m512 R1[NB], R2[NB], U1[NB], H1[NB];
+  // R_t = c_t R_{t-1} + u_t with c_t = d (valid) or 1 (masked, u_t = 0) and d = hi + lo. The small
+  // part lo R_{t-1} is taken as lo W_t, W_t = R_{t-1} without its own small part (hi R_{t-2} + u_{t-1}
+  // after a valid step, R_{t-2} = R_{t-1} after a masked one; dropped: lo lo R_{t-2}, ~1e-16
+  // relative), so only one FMA per step is on the carry chain:
+  //   R_t = hi R_{t-1} + (lo W_t + u_t),   W_{t+1} = hi R_{t-1} + u_t   (valid)
+  //   R_t = R_{t-1},                       W_{t+1} = R_{t-1}            (masked)
+  // The masked step is two masked FMAs that pass R_{t-1} through in masked lanes: the masked
+  // lanes' input is never used (NaN/inf there cannot leak into a carry or an output).
+  const __m512 vhi = _mm512_set1_ps(dm.hi), vlo = _mm512_set1_ps(dm.lo);
+  __m512 R1[NB], W[NB];
   __m512i cnt[NB], nrow[NB];  // GATHER: valid tokens seen per lane; (REV) valid tokens per row
   const __m512i ione = _mm512_set1_epi32(1);
   const float* xr[NB][16];
   float* orow[NB][16];
   const uint8_t* mr[NB][16];
+  __mmask16 live[NB];
   for (int b = 0; b < NB; ++b) {
-    R1[b] = R2[b] = U1[b] = _mm512_setzero_ps();
-    H1[b] = vone;
+    R1[b] = W[b] = _mm512_setzero_ps();
     alignas(64) int32_t nv[16];
+    live[b] = 0;
     for (int l = 0; l < 16; ++l) {
       const int64_t r = row0 + 16 * b + l;
-      const bool live = r < R;
-      xr[b][l] = live ? x + r * T : nullptr;
-      orow[b][l] = live ? out + r * T : nullptr;
-      mr[b][l] = (live && MASKED) ? m + r * T : nullptr;
-      nv[l] = (GATHER && REV && live) ? static_cast<int32_t>(analyse_row(m + r * T, T).count) : 0;
+      const bool lv = r < R;
+      if (lv) live[b] = static_cast<__mmask16>(live[b] | (1u << l));
+      xr[b][l] = lv ? x + r * T : nullptr;
+      orow[b][l] = lv ? out + r * T : nullptr;
+      mr[b][l] = (lv && MASKED) ? m + r * T : nullptr;
+      nv[l] = (GATHER && REV && lv) ? static_cast<int32_t>(analyse_row(m + r * T, T).count) : 0;
     }
     cnt[b] = _mm512_setzero_si512();
     nrow[b] = _mm512_load_si512(nv);
   }
   const int64_t ntiles = (T + 15) / 16;
   __mmask16 seen = 0, viol = 0;  // NORM && MASKED: lanes that saw a masked (REV: valid) token; misfits
-  alignas(64) float buf[NB][16][16];
   alignas(64) float mbuf[NB][16][16];  // transposed mask bytes of the current 64 columns
+  uint64_t colall[NB], colany[NB];     // columns of the current 64 where every live row / some row is valid
   int64_t mgroup = -1;
   __m512i bytesel[4];
   for (int q = 0; q < 4; ++q) bytesel[q] = _mm512_set1_epi32(0xff << (8 * q));
@@ -449,33 +460,85 @@ bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int6
     const int64_t c0 = tile * 16;
     const int64_t w = std::min<int64_t>(16, T - c0);
     const __mmask16 wm = count_mask(w);
+    const bool newgroup = MASKED && (REV ? (c0 >> 6) != mgroup : (c0 & 63) == 0);
     for (int b = 0; b < NB; ++b) {
-      __m512 v[16];
-      for (int l = 0; l < 16; ++l)
-        v[l] = xr[b][l] ? _mm512_maskz_loadu_ps(wm, xr[b][l] + c0) : _mm512_setzero_ps();
-      transpose16(v);
-      for (int c = 0; c < 16; ++c) _mm512_store_ps(buf[b][c], v[c]);
-      if (MASKED && (REV ? (c0 >> 6) != mgroup : (c0 & 63) == 0)) {
+      if (newgroup) {
         // mask bytes of 64 columns: one cache line per row, transposed as 4-byte words, so that
         // word k of lane l holds columns 4k..4k+3 of row l
         const int64_t g0 = c0 & ~int64_t(63);
         const int64_t gw = std::min<int64_t>(64, T - g0);
         const __mmask64 gm = gw >= 64 ? ~__mmask64(0) : ((__mmask64(1) << gw) - 1);
         __m512 v[16];
-        for (int l = 0; l < 16; ++l)
-          v[l] = mr[b][l] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi8(gm, mr[b][l] + g0)) : _mm512_setzero_ps();
+        uint64_t all = ~uint64_t(0), any = 0;
+        for (int l = 0; l < 16; ++l) {
+          if (mr[b][l]) {
+            const __m512i mv = _mm512_maskz_loadu_epi8(gm, mr[b][l] + g0);
+            const uint64_t bits = _mm512_test_epi8_mask(mv, mv);
+            all &= bits;
+            any |= bits;
+            v[l] = _mm512_castsi512_ps(mv);
+          } else {
+            v[l] = _mm512_setzero_ps();
+          }
+        }
+        colall[b] = live[b] ? all : 0;
+        colany[b] = any;
         transpose16(v);
         for (int k = 0; k < 16; ++k) _mm512_store_ps(mbuf[b][k], v[k]);
         if (b == NB - 1) mgroup = c0 >> 6;
       }
-    }
+      // tile kind: columns (c0 & 63) .. +15 of the group (a tile of fewer than 16 columns is mixed)
+      bool full = !MASKED, empty = false;
+      if (MASKED && !GATHER) {
+        const unsigned sh = static_cast<unsigned>(c0 & 63);
+        full = ((colall[b] >> sh) & 0xffffu) == 0xffffu;
+        empty = ((colany[b] >> sh) & 0xffffu) == 0;
+      }
+      if (empty) {  // no valid token: outputs 0, the carry passes, W = R (as after a masked step)
+        W[b] = R1[b];
+        if (NORM) {
+          if (REV) viol |= seen;
+          else seen = static_cast<__mmask16>(0xffff);
+        }
+        const __m512 z = _mm512_setzero_ps();
+        for (int l = 0; l < 16; ++l)
+          if (orow[b][l]) _mm512_mask_storeu_ps(orow[b][l] + c0, wm, z);
+        continue;
+      }
+      __m512 v[16];  // the tile, transposed in registers: v[c] = column c0 + c of the 16 rows
+      for (int l = 0; l < 16; ++l)
+        v[l] = xr[b][l] ? _mm512_maskz_loadu_ps(wm, xr[b][l] + c0) : _mm512_setzero_ps();
+      transpose16(v);
+      if (full) {
+        if (NORM && MASKED) {  // every live lane valid in all 16 columns
+          if (REV) {
+            viol |= static_cast<__mmask16>(~live[b] & seen);
+            seen |= live[b];
+          } else {
+            viol |= static_cast<__mmask16>(live[b] & seen);
+            seen |= static_cast<__mmask16>(~live[b]);
+          }
+        }
+        __m512 r = R1[b], wv = W[b];
 #pragma GCC unroll 16
-    for (int cc = 0; cc < 16; ++cc) {
-      const int c = REV ? 15 - cc : cc;
-      for (int b = 0; b < NB; ++b) {
-        __m512 xv = _mm512_load_ps(buf[b][c]);
-        if (NORM && REV && !GATHER) xv = _mm512_mul_ps(xv, _mm512_set1_ps(inv[c0 + c]));  // y_t / N_t
-        if (MASKED) {
+        for (int cc = 0; cc < 16; ++cc) {
+          const int c = REV ? 15 - cc : cc;
+          __m512 xv = v[c];
+          if (NORM && REV) xv = _mm512_mul_ps(xv, _mm512_set1_ps(inv[c0 + c]));  // y_t / N_t
+          const __m512 t1 = _mm512_fmadd_ps(vlo, wv, xv);
+          wv = _mm512_fmadd_ps(vhi, r, xv);
+          r = _mm512_fmadd_ps(vhi, r, t1);
+          v[c] = (NORM && !REV) ? _mm512_mul_ps(r, _mm512_set1_ps(inv[c0 + c])) : r;
+        }
+        R1[b] = r;
+        W[b] = wv;
+      } else {
+        __m512 r = R1[b], wv = W[b];
+#pragma GCC unroll 16
+        for (int cc = 0; cc < 16; ++cc) {
+          const int c = REV ? 15 - cc : cc;
+          __m512 xv = v[c];
+          if (NORM && REV && !GATHER) xv = _mm512_mul_ps(xv, _mm512_set1_ps(inv[c0 + c]));  // y_t / N_t
           const int64_t col = (c0 & 63) + c;
           const __mmask16 k = _mm512_test_epi32_mask(_mm512_load_si512(mbuf[b][col >> 2]), bytesel[col & 3]);
           if (GATHER) cnt[b] = _mm512_mask_add_epi32(cnt[b], k, cnt[b], ione);
@@ -492,34 +555,19 @@ bool recent_blocks(const float* x, const uint8_t* m, float* out, int64_t R, int6
               seen |= static_cast<__mmask16>(~k);
             }
           }
-          const __m512 u = _mm512_maskz_mov_ps(k, xv);  // masked inputs never enter (NaN-safe)
-          const __m512 h = _mm512_mask_blend_ps(k, vone, vhi);
-          const __m512 lo = _mm512_maskz_mov_ps(k, vlo);
-          const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(lo, H1[b]), R2[b], _mm512_fmadd_ps(lo, U1[b], u));
-          const __m512 r = _mm512_fmadd_ps(h, R1[b], v);
-          R2[b] = R1[b];
-          R1[b] = r;
-          U1[b] = u;
-          H1[b] = h;
+          const __m512 t1 = _mm512_fmadd_ps(vlo, wv, xv);
+          wv = _mm512_mask_fmadd_ps(r, k, vhi, xv);  // masked lanes: R_{t-1}
+          r = _mm512_mask_fmadd_ps(r, k, vhi, t1);   // masked lanes: R_{t-1}
           __m512 zo = r;
           if (NORM && !REV && !GATHER) zo = _mm512_mul_ps(r, _mm512_set1_ps(inv[c0 + c]));  // z_t / N_t
           if (GATHER && !REV)  // z_t / N_k with k = (valid tokens up to t) - 1
             zo = _mm512_mul_ps(r, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, _mm512_sub_epi32(cnt[b], ione), inv, 4));
-          _mm512_store_ps(buf[b][c], _mm512_maskz_mov_ps(k, zo));
-        } else {
-          const __m512 v = _mm512_fmadd_ps(vlohi, R2[b], _mm512_fmadd_ps(vlo, U1[b], xv));
-          const __m512 r = _mm512_fmadd_ps(vhi, R1[b], v);
-          R2[b] = R1[b];
-          R1[b] = r;
-          U1[b] = xv;
-          _mm512_store_ps(buf[b][c], (NORM && !REV) ? _mm512_mul_ps(r, _mm512_set1_ps(inv[c0 + c])) : r);
+          v[c] = _mm512_maskz_mov_ps(k, zo);
         }
+        R1[b] = r;
+        W[b] = wv;
       }
-    }
-    if (NORM && MASKED && !GATHER && viol) return false;  // a row that is not right-padded: redo with GATHER
-    for (int b = 0; b < NB; ++b) {
-      __m512 v[16];
-      for (int c = 0; c < 16; ++c) v[c] = _mm512_load_ps(buf[b][c]);
+      if (NORM && MASKED && !GATHER && viol) return false;  // a row that is not right-padded: redo with GATHER
       transpose16(v);
       for (int l = 0; l < 16; ++l)
         if (orow[b][l]) _mm512_mask_storeu_ps(orow[b][l] + c0, wm, v[l]);
