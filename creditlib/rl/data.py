@@ -61,16 +61,21 @@ class _Source:
             s = self.tokenizer(e.solution, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             rows.append(p + s)
             labs.append([-100] * len(p) + s)
-        L = max(len(r) for r in rows)
-        pad = pad_token_id(self.tokenizer)
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)  # [K, L]
-        attn = torch.zeros((len(rows), L), dtype=torch.long)  # [K, L]
-        labels = torch.full((len(rows), L), -100, dtype=torch.long)  # [K, L]
-        for i, (r, lab) in enumerate(zip(rows, labs)):
-            ids[i, :len(r)] = torch.as_tensor(r)
-            attn[i, :len(r)] = 1
-            labels[i, :len(r)] = torch.as_tensor(lab)
-        return ids.to(device), attn.to(device), labels.to(device)
+        return pad_sft_rows(rows, labs, pad_token_id(self.tokenizer), device)
+
+
+def pad_sft_rows(rows: List[List[int]], labels: List[List[int]], pad_id: int, device=None):
+    """Right-pad supervised rows: ``ids [K, L]`` (``pad_id``), ``attn [K, L]`` (1 on real tokens) and
+    ``labels [K, L]`` (-100 on the padding), from token lists and their label lists."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [K, L]
+    attn = torch.zeros((len(rows), L), dtype=torch.long)  # [K, L]
+    out = torch.full((len(rows), L), -100, dtype=torch.long)  # [K, L]
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        ids[i, :len(r)] = torch.as_tensor(r)
+        attn[i, :len(r)] = 1
+        out[i, :len(r)] = torch.as_tensor(lab)
+    return ids.to(device), attn.to(device), out.to(device)
 
 
 class SyntheticSource(_Source):

@@ -441,13 +441,6 @@ def encode_demonstrations(tokenizer, make_env: Callable[[], Environment], exampl
                              f"{err}") from None
         rows.append(row)
         labs.append(lab)
-    L = max(len(r) for r in rows)
-    pad = pad_token_id(tokenizer)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)  # [K, L]
-    attn = torch.zeros((len(rows), L), dtype=torch.long)  # [K, L]
-    labels = torch.full((len(rows), L), -100, dtype=torch.long)  # [K, L]
-    for i, (r, lab) in enumerate(zip(rows, labs)):
-        ids[i, :len(r)] = torch.as_tensor(r)
-        attn[i, :len(r)] = 1
-        labels[i, :len(r)] = torch.as_tensor(lab)
-    return ids.to(device), attn.to(device), labels.to(device)
+    from .data import pad_sft_rows
+
+    return pad_sft_rows(rows, labs, pad_token_id(tokenizer), device)  # ids, attn, labels [K, L]
