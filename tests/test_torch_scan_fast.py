@@ -1,10 +1,10 @@
-"""The pure-PyTorch trace's right-padded fast scan (issue 18, section 3) and its word-level mask check.
+"""The pure-PyTorch trace's right-padded fast scan (issue 18, section 3) and its right-padding mask check.
 
 ``_padded_scan`` folds the chunk carries into one ``addcmul_`` as ``d^(t+1) cumsum(d^(-C k) e_k)``,
 which holds only while ``T (-ln d)`` stays inside the dtype's range (``FAST_MAX_EXP``); past it the
 float64-carry scan takes over. These tests pin both sides of that limit to the plain recurrence,
-prove which scan ran, feed non-finite and huge padding through the row-by-row zeroing, and hold the
-bucket-count right-padding check to a bytewise one on hand-made corrupt words.
+prove which scan ran, feed non-finite and huge padding through the zeroing of the padding, and hold
+the right-padding check (on the mask bytes) to a plain one on hand-made masks.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ Plan (all O(T) time and memory, no T x T matrix, no Python loop over time steps,
    ``baddbmm_`` adds each carry times ``d^(i+1)`` to its chunk. Powers of ``d`` in float64, then cast.
 
    Fast paths for ``recent`` without a floor (no compaction): right-padded rows
-   (:func:`_recent_padded`: the padding is zeroed in the output, row by row for a few rows;
+   (:func:`_recent_padded`: the padding is zeroed in the output, one view per row for a few rows;
    backward, only the chunk holding each row's end is redone masked; while ``T (-ln d)`` stays in
    the dtype's range, :func:`_padded_scan` folds the carries into one ``addcmul_`` as
-   ``d^(t+1) cumsum(d^(-C k) e_k)``, no float64 carry ever formed at full size) and any other
+   ``d^(t+1) cumsum(d^(-C k) e_k)``, carries in the compute dtype, none formed at full size) and any other
    mask (:func:`_recent_runs`: all-valid chunks as above, all-masked chunks pass the carry on, the
    chunks where runs start or end token by token).
    Both reveal a NaN/inf input through their carries and then leave it to the general path.
@@ -283,75 +283,36 @@ def _sequence(x: torch.Tensor, valid: Optional[torch.Tensor], cd: torch.dtype) -
     return torch.where(valid, mean.expand_as(xc), zero).to(x.dtype)
 
 
-_ONES8 = 0x0101010101010101  # eight bytes of 1
-
-
-# A right padded row of 0/1 bytes read as little-endian int64 words: full words _ONES8, at most one
-# partial word _PARTIAL[k] (k low bytes of 1, k = 1..7), then zero words.
-_PARTIAL = [_ONES8 >> (8 * (8 - k)) for k in range(1, 8)]  # [7] k = 1..7
-
-
-@functools.lru_cache(maxsize=16)
-def _word_buckets(R: int, device):
-    """``(bounds, zero, A)`` for :func:`_right_padded`: int64 ``bounds`` ``[R, 18]``, ascending
-    values whose lower bounds in a negated word row split the words ``w`` into 19 buckets, from
-    ``w > 0x0101..01``, ``w == 0x0101..01``, the gap below it, ``w == _PARTIAL[6]``, ... down to
-    ``w == 0`` and ``w < 0`` (even buckets: values no 0/1-byte prefix word takes); ``zero`` ``[R, 1]``;
-    ``A`` int64 ``[19, 3]`` maps bucket sizes to (forbidden words, partial words, valid bytes)."""
-    vals = [_ONES8] + _PARTIAL[::-1]  # [8] descending: 0x0101..01, then k = 7..1 bytes of 1
-    bounds = []
-    for v in vals:
-        bounds += (-v, -v + 1)  # nw < -v counts w > v; nw < -v + 1 counts w >= v
-    bounds += (0, 1)  # w > 0, w >= 0
-    A = torch.zeros(19, 3, dtype=torch.int64)
-    A[0::2, 0] = 1  # forbidden buckets
-    A[3:16:2, 1] = 1  # partial words
-    A[1:18:2, 2] = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1, 0])  # bytes of 1 per word of each allowed bucket
-    return (torch.tensor(bounds, dtype=torch.int64, device=device).repeat(R, 1),
-            torch.zeros(R, 1, dtype=torch.int64, device=device), A.to(device))
+_ONES8 = 0x0101010101010101  # eight bytes of 1 (a full 8-token word of a 0/1 mask read as int64)
 
 
 def _right_padded(mask_u8: torch.Tensor) -> Optional[torch.Tensor]:
     """Row lengths (int64 ``[R]``) when every byte is 0 or 1 and each row's valid tokens form a
     prefix (right padding), else ``None``.
 
-    When the mask is laid out for it, reads it as int64 words of 8 bytes (three passes over 1/8 of
-    the elements; bytewise comparisons cost several times more here): a right padded row is some
-    full words ``0x0101..01``, at most one partial word (``k`` low bytes of 1), then zero words. So
-    its words never increase (one comparison of neighbours, reduced as bytes: a bool ``any`` along
-    a dim is slower here) down to a last word ``>= 0`` (so no negation overflows), and in the
-    negated, ascending row one binary search per bucket bound
-    counts the words of each value class (:func:`_word_buckets`): none may be a value no such word
-    takes, at most one may be partial, and the counts give the length. One host sync in all.
+    Bytes that never increase along a row from a first byte ``<= 1`` are all 0 or 1 and their ones
+    form a prefix, so it takes ``m[:, 1:] > m[:, :-1]`` reduced by a uint8 ``amax`` (a bool ``any``
+    cost ten times more on the Zen 4 of docs/benchmarks.md) and the first column's ``amax``. The
+    length is one binary search per row in the ascending row ``1 - m`` (at its first 1). Three byte
+    passes in all (any layout, no word alignment needed), one host sync.
     """
     R, T = mask_u8.shape
-    if T == 0:
+    if T == 0 or R == 0:
         return torch.zeros(R, dtype=torch.int64, device=mask_u8.device)
-    if mask_u8.is_contiguous() and T % 8 == 0 and mask_u8.storage_offset() % 8 == 0:
-        w = mask_u8.view(torch.int64)  # [R, W] words, W = T / 8
-        W = w.shape[1]
-        bounds, zero, A = _word_buckets(R, w.device)
-        q = torch.searchsorted(w.neg(), bounds)  # [R, 18] exact counts when the row is sorted
-        sizes = torch.diff(q, dim=-1, prepend=zero, append=zero + W)  # [R, 19] words per bucket
-        S = sizes @ A  # [R, 3] forbidden words, partial words, valid bytes
-        # a negative last word: its negation may overflow (-2^63), so the row is not sorted as read
-        bad = (S[:, 0] != 0) | (S[:, 1] > 1) | (w[:, -1] < 0)  # [R]
-        if W > 1:  # some word above its predecessor (as bytes: 0 or 1)
-            bad = bad.any() | torch.gt(w[:, 1:], w[:, :-1]).view(torch.uint8).max().bool()
-        if bool(bad.any()):
-            return None
-        return S[:, 2]  # [R]
-    if not bool((mask_u8[:, 0] <= 1).all()):
+    top = mask_u8[:, 0].amax()  # [] uint8, <= 1 for 0/1 first bytes
+    if T > 1:  # an increase anywhere counts as 2 (0 or 2; a bool tensor is reduced as its bytes)
+        inc = torch.gt(mask_u8[:, 1:], mask_u8[:, :-1]).view(torch.uint8).amax()  # []
+        top = torch.maximum(top, inc.mul_(2))
+    pad = torch.rsub(mask_u8, 1)  # [R, T] uint8 0...0 1...1 when right padded
+    lens = torch.searchsorted(pad, torch.ones(R, 1, dtype=torch.uint8, device=mask_u8.device))  # [R, 1]
+    if int(top) > 1:
         return None
-    # bytes that never increase along a row from a first byte <= 1 are all 0 or 1
-    if T > 1 and bool((mask_u8[:, 1:] > mask_u8[:, :-1]).any()):
-        return None
-    return torch.count_nonzero(mask_u8, dim=-1)  # [R] int64
+    return lens.view(R)  # [R] int64
 
 
 # Up to this many rows, and from this length on, the padding of right-padded rows is zeroed row by
-# row (one small call per row with padding, a few microseconds each) instead of multiplying the
-# whole [R, T] output by a float mask (two passes).
+# row (one view per row, all zeroed by one ``_foreach_zero_``) instead of multiplying the whole
+# [R, T] output by a float mask (two passes).
 ROW_LOOP_MAX = 256
 ROW_LOOP_MIN_T = 1024
 
@@ -385,12 +346,13 @@ def _padded_tables_cached(d: float, n: int, C: int, dtype: torch.dtype, device, 
 
 
 def _make_padded_tables(d: float, n: int, C: int, dtype: torch.dtype, device, reverse: bool):
-    """``(ak, pt)`` for :func:`_padded_scan`: ``ak`` float64 ``[n]`` the chunk factors ``d^(-C k)``
-    (reverse ``d^(C k)``), ``pt`` ``[n-1, C]`` in ``dtype`` the position factors ``d^(C k + i + 1)``
-    (reverse, for chunk ``k = 0..n-2``: ``d^-(C k + i)``). Powers of ``d`` in float64, then cast."""
+    """``(ak, pt)`` for :func:`_padded_scan`, both in ``dtype``: ``ak`` ``[n]`` the chunk factors
+    ``d^(-C k)`` (reverse ``d^(C k)``), ``pt`` ``[n-1, C]`` the position factors ``d^(C k + i + 1)``
+    (reverse, for chunk ``k = 0..n-2``: ``d^-(C k + i)``). Powers of ``d`` in float64, then cast
+    (each factor within one rounding of the exact power; :data:`FAST_MAX_EXP` keeps them normal)."""
     base = torch.tensor(d, dtype=torch.float64, device=device)
     k = torch.arange(n, dtype=torch.float64, device=device)  # [n]
-    ak = torch.pow(base, (C * k) if reverse else (-C * k))  # [n]
+    ak = torch.pow(base, (C * k) if reverse else (-C * k)).to(dtype)  # [n]
     t = torch.arange((n - 1) * C, dtype=torch.float64, device=device)  # [(n-1) C] positions C k + i
     pt = torch.pow(base, -t if reverse else t + 1).to(dtype).view(n - 1, C)  # [n-1, C]
     return ak, pt
@@ -411,15 +373,18 @@ def _padded_scan(x: torch.Tensor, lens: Optional[torch.Tensor], d: float, revers
     in ``(0, 1)``, or ``T (-ln d)`` beyond :data:`FAST_MAX_EXP`). Returns ``(z, probe)`` as
     :func:`_scan`; the outputs at padded positions are left for the caller to zero.
 
-    One chunked matmul gives the local scans; their chunk totals (read straight from it as float64)
-    ``e_k`` give ``X_k = sum_{j<=k} d^(-C j) e_j`` by one cumsum (reverse: the suffix sums of
+    One chunked matmul gives the local scans; their chunk totals (read straight from it) ``e_k``
+    give ``X_k = sum_{j<=k} d^(-C j) e_j`` by one cumsum in the compute dtype (reverse: the suffix sums of
     ``d^(C j) e_j``), and one fused ``addcmul_`` adds ``d^(t+1) X_{k-1}`` (reverse:
     ``d^-t X_{k+1}``) to every position ``t`` of chunk ``k``: the carry ``d^(i+1) s_{k-1}`` with
     ``s_k = d^(C k) X_k`` never formed. Forward the scan is causal (padding reaches only padded
     outputs); reverse, the chunks after a row's end are dropped from ``X`` and the chunk holding it
     is redone with its padding zeroed, so padding is never read into a valid position.
-    ``probe`` (float32/64 ``[R, n]``, the cast ``X``) is all finite exactly when every input read
-    is finite and nothing left the dtype's range.
+    ``X`` is held in the compute dtype (float32 for float32 input): each product ``d^(-C j) e_j``
+    and each ``X_k`` is rounded once, so the error stays within the output's own rounding bound
+    ``eps sum_j d^(t-j) |x_j|`` (a float64 ``X`` cast to float32 gave the same bound with one
+    rounding fewer). ``probe`` (``[R, n]``, ``X``) is all finite exactly when every input read is
+    finite and nothing left the dtype's range.
     """
     R, T = x.shape
     C = CHUNK
@@ -430,7 +395,7 @@ def _padded_scan(x: torch.Tensor, lens: Optional[torch.Tensor], d: float, revers
     if n * C != T:
         x = torch.nn.functional.pad(x, (0, n * C - T))  # [R, n*C] zeros at the end change nothing
     M = _decay_matrix(d, C, dt, dev, reverse)  # [C, C]
-    ak, pt = _padded_tables(d, n, C, dt, dev, reverse)  # [n] float64, [n-1, C]
+    ak, pt = _padded_tables(d, n, C, dt, dev, reverse)  # [n], [n-1, C]
     local = x.view(R, n, C) @ M  # [R, n, C] scan inside each chunk
     if reverse:
         if lens is not None:
@@ -440,29 +405,25 @@ def _padded_scan(x: torch.Tensor, lens: Optional[torch.Tensor], d: float, revers
             xb = x.view(R * n, C).index_select(0, at).mul_(inside)  # [R, C] that chunk, padding zeroed
             local.view(R * n, C).index_copy_(0, at, xb @ M)  # redo it
             keep = torch.arange(n, device=dev) * C < lens[:, None]  # [R, n] chunks with a valid token
-            ak = torch.where(keep, ak, torch.zeros((), dtype=torch.float64, device=dev))  # [R, n]
-        X = (local[:, :, 0] * ak).flip(-1).cumsum_(-1).flip(-1)  # [R, n] float64 suffix sums
-        Xc = X.to(dt)  # [R, n]
-        local[:, :-1, :].addcmul_(Xc[:, 1:, None], pt)  # += d^-t X_{k+1}
+            ak = torch.where(keep, ak, torch.zeros((), dtype=dt, device=dev))  # [R, n]
+        X = (local[:, :, 0] * ak).flip(-1).cumsum_(-1).flip(-1)  # [R, n] suffix sums
+        local[:, :-1, :].addcmul_(X[:, 1:, None], pt)  # += d^-t X_{k+1}
     else:
-        X = (local[:, :, -1] * ak).cumsum_(-1)  # [R, n] float64
-        Xc = X.to(dt)  # [R, n]
-        local[:, 1:, :].addcmul_(Xc[:, :-1, None], pt)  # += d^(t+1) X_{k-1}
-    return local.view(R, n * C)[:, :T], Xc
+        X = torch.cumsum(local[:, :, -1] * ak, dim=-1)  # [R, n]
+        local[:, 1:, :].addcmul_(X[:, :-1, None], pt)  # += d^(t+1) X_{k-1}
+    return local.view(R, n * C)[:, :T], X
 
 
 def _zero_padding(z: torch.Tensor, lens) -> None:
     """Zero ``z[r, lens[r]:]`` in place for a contiguous ``z`` ``[R, T]`` (``lens`` a list of ints):
-    one ``split`` of the flat view into valid and padded pieces, then one ``zero_`` per row with
-    padding (about two microseconds each)."""
+    one ``split`` of the flat view into valid and padded pieces, then one ``_foreach_zero_`` over
+    the padded pieces (one call, not one per row)."""
     R, T = z.shape
     sizes = []
     for n in lens:
         sizes += (n, T - n)
     pieces = z.view(-1).split(sizes)  # 2R views: row r's valid part, then its padding
-    for r, n in enumerate(lens):
-        if n < T:
-            pieces[2 * r + 1].zero_()
+    torch._foreach_zero_(pieces[1::2])  # R views, some empty
 
 
 def _recent_padded(x: torch.Tensor, lens: Optional[torch.Tensor], mask_u8: Optional[torch.Tensor],
@@ -498,7 +459,7 @@ def _recent_padded(x: torch.Tensor, lens: Optional[torch.Tensor], mask_u8: Optio
         res = _scan(y, d, transpose, scan_lens)
     z, probe = res
     z = z.contiguous()  # [R, T]
-    if not bool(torch.isfinite(probe.sum())):
+    if not math.isfinite(float(probe.sum())):  # one reduction, one host sync
         return None
     if inv is not None and not transpose:
         z.mul_(inv)
@@ -619,7 +580,7 @@ def trace_scan(x: torch.Tensor, mask_u8: Optional[torch.Tensor], cu_seqlens: Opt
         if (min(lens_list) == T) if lens_list is not None else bool((lens == T).all()):
             mask_u8, lens, lens_list = None, None, None  # all valid
     elif mask_u8 is not None and lens is None and bool(mask_u8.all()):
-        mask_u8 = None  # all valid, with bytes other than 1 or not readable as words
+        mask_u8 = None  # all valid, with bytes other than 1
     if lens is None and mask_u8 is not None:
         if _odd_bytes(mask_u8):
             # bytes other than 0/1 (a uint8 tensor viewed as bool): canonicalise once, so that every
