@@ -357,7 +357,7 @@ def test_study_tasks_register_one_call_each_and_switch_the_heldout_split(monkeyp
     assert calls == list(T.STUDY_DATASETS)  # one call per task
     tok = build_char_tokenizer()
     expect = {"walk": 13, "early": 26, "late": 26, "long": 66}
-    for name in T.STUDY_DATASETS:
+    for name in T.DECISION_DATASETS:  # (the credit-bottleneck tasks: tests/test_study_tasks.py)
         spec = registry.get_dataset(name)
         assert spec.embedded
         cfg = load_config(overrides={"dataset": name, "num_ops": 10 if name == "walk" else 8, "eval_size": 16})

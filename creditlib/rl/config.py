@@ -106,6 +106,9 @@ class RecipeConfig:
     # ------------------------------------------------------------------ warm-up
     sft_steps: int = _f(400, "Maximum supervised warm-up steps (0 = none). Real path: needs a 'solution' field.", "sft")
     sft_target_accuracy: float = _f(0.45, "Stop warm-up once validation accuracy reaches this (leaves headroom for RL; 0 = run all steps).", "sft")
+    sft_target_window: int = _f(1, "Stop warm-up once the MEAN of the last N validation accuracies reaches "
+                                   "--sft-target-accuracy (a moving average, so one lucky evaluation does not stop "
+                                   "it; 1 = the latest accuracy alone).", "sft")
     sft_eval_every: int = _f(25, "Check validation accuracy every N warm-up steps.", "sft")
     sft_batch_size: int = _f(64, "Warm-up batch size (sequences).", "sft")
     sft_lr: float = _f(1e-3, "Warm-up learning rate (AdamW).", "sft")
@@ -207,7 +210,7 @@ class RecipeConfig:
     def validate(self) -> "RecipeConfig":
         """Raise ``ValueError`` naming the first bad option."""
         pos = ["max_steps", "prompts_per_step", "group_size", "eval_size", "num_ops", "save_every", "eval_every",
-               "sft_batch_size", "sft_eval_every", "ppo_epochs", "keep_checkpoints"]
+               "sft_batch_size", "sft_eval_every", "sft_target_window", "ppo_epochs", "keep_checkpoints"]
         for name in pos:
             v = getattr(self, name)
             if name == "max_steps" and v == 0:

@@ -71,17 +71,31 @@ def sft_warmup(model, source, cfg, info: DistInfo, device: torch.device,
     """Supervised warm-up: cross-entropy on worked solutions until validation accuracy reaches
     ``cfg.sft_target_accuracy`` (checked every ``cfg.sft_eval_every`` steps) or ``cfg.sft_steps``.
 
-    Stopping at a target accuracy leaves the same headroom for RL whatever the seed; ``say`` (the
-    main rank's ``print``) announces where and why the warm-up stopped.
-    Returns ``{"sft_steps", "sft_val_accuracy", "position", "reached_target"}`` (position: next
-    training example).
+    The stopping rule is a moving average: with ``W = cfg.sft_target_window`` and validation
+    accuracies ``a_1 .. a_k`` so far, the warm-up stops at the first evaluation ``k`` where
+
+        mean(a_{k-W+1} .. a_k) >= sft_target_accuracy        (only once k >= W)
+
+    ``W = 1`` is the latest accuracy alone; ``W > 1`` keeps one lucky evaluation (a spike on a
+    small validation set) from stopping it. The evaluation at the last step (``cfg.sft_steps``)
+    applies the same rule. Stopping at a target accuracy leaves the same headroom for RL whatever
+    the seed; ``say`` (the main rank's ``print``) announces where and why the warm-up stopped.
+    Returns ``{"sft_steps", "sft_val_accuracy", "sft_val_mean", "position", "reached_target"}``
+    (``sft_val_accuracy``: the last validation accuracy; ``sft_val_mean``: the mean of the last
+    ``min(W, evaluations)`` of them, NaN with no evaluation; position: next training example).
     """
+    import math
+
     from tqdm.auto import tqdm
 
+    window = int(getattr(cfg, "sft_target_window", 1))
+    if window < 1:
+        raise ValueError(f"cfg.sft_target_window must be a positive integer, got {window!r}")
     reshard(model)  # FSDP2: the optimizer must hold the sharded parameters (evaluation leaves the root unsharded)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     model.train()
     pos, acc, step, reached = 0, float("nan"), 0, False
+    accs: List[float] = []  # validation accuracies so far, in order
     bar = tqdm(total=cfg.sft_steps, desc="SFT warm-up", disable=not (progress and info.main), dynamic_ncols=True)
     for step in range(1, cfg.sft_steps + 1):
         exs, pos = source.next_batch(pos, cfg.sft_batch_size)  # global batch
@@ -91,10 +105,16 @@ def sft_warmup(model, source, cfg, info: DistInfo, device: torch.device,
         rec = {"phase": "sft", "step": step, "loss": float(loss.detach())}
         bar.update(1)
         if step % cfg.sft_eval_every == 0 or step == cfg.sft_steps:
-            acc = validate()
+            acc = float(validate())
+            if math.isnan(acc):
+                raise ValueError(f"validate() returned NaN at warm-up step {step}; expected an accuracy in [0, 1]")
+            accs.append(acc)
             rec["val_accuracy"] = acc
+            if window > 1:
+                rec["val_accuracy_mean"] = sum(accs[-window:]) / len(accs[-window:])
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val_acc=f"{acc:.2f}")
-            if cfg.sft_target_accuracy > 0 and acc >= cfg.sft_target_accuracy:
+            if (cfg.sft_target_accuracy > 0 and len(accs) >= window
+                    and sum(accs[-window:]) / window >= cfg.sft_target_accuracy):
                 reached = True
                 log(rec)
                 break
@@ -104,14 +124,21 @@ def sft_warmup(model, source, cfg, info: DistInfo, device: torch.device,
         bar.refresh()
     bar.close()
     del opt
+    mean = sum(accs[-window:]) / len(accs[-window:]) if accs else float("nan")
     if say is not None:
+        if window > 1:
+            what = f"the mean validation accuracy of the last {min(window, len(accs))} evaluations {mean:.3f} (latest {acc:.3f})"
+        else:
+            what = f"validation accuracy {acc:.3f}"
         if reached:
-            say(f"SFT warm-up: validation accuracy {acc:.3f} reached the target {cfg.sft_target_accuracy:g} at step "
+            say(f"SFT warm-up: {what} reached the target {cfg.sft_target_accuracy:g} at step "
                 f"{step} (of at most {cfg.sft_steps}); warm-up done")
         else:
-            say(f"SFT warm-up: {step} steps, validation accuracy {acc:.3f}"
-                + (f" (target {cfg.sft_target_accuracy:g} not reached)" if cfg.sft_target_accuracy > 0 else ""))
-    return {"sft_steps": step, "sft_val_accuracy": acc, "position": pos, "reached_target": reached}
+            say(f"SFT warm-up: {step} steps, {what}"
+                + (f" (target {cfg.sft_target_accuracy:g} not reached"
+                   + (f" by the mean of {window} evaluations" if window > 1 else "") + ")"
+                   if cfg.sft_target_accuracy > 0 else ""))
+    return {"sft_steps": step, "sft_val_accuracy": acc, "sft_val_mean": mean, "position": pos, "reached_target": reached}
 
 
 @torch.no_grad()
