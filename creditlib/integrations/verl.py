@@ -471,17 +471,23 @@ def _per_session(score_rows: Callable[[torch.Tensor], torch.Tensor], sessions: l
     return adv, adv
 
 
-def _responses_from_verl(bs: int, T: int) -> Optional[torch.Tensor]:
-    """``data.batch["responses"]`` of the verl ``compute_advantage`` call that invoked the estimator."""
-    def has_responses(data) -> bool:
+def _verl_data_with(key: str, bs: int, T: int) -> Any:
+    """The ``data`` (a ``DataProto``) of the verl ``compute_advantage`` call that invoked the
+    estimator, found by its ``batch[key]`` being a ``[bs, T]`` tensor (``None`` when not called from verl)."""
+    def fits(data) -> bool:
         batch = getattr(data, "batch", None)
         try:
-            r = batch["responses"] if batch is not None and "responses" in batch.keys() else None
+            t = batch[key] if batch is not None and key in batch.keys() else None
         except Exception:  # noqa: BLE001 - not a DataProto-like object
             return False
-        return isinstance(r, torch.Tensor) and tuple(r.shape) == (bs, T)
+        return isinstance(t, torch.Tensor) and tuple(t.shape) == (bs, T)
 
-    data = _verl_local("data", has_responses)
+    return _verl_local("data", fits)
+
+
+def _responses_from_verl(bs: int, T: int) -> Optional[torch.Tensor]:
+    """``data.batch["responses"]`` of the verl ``compute_advantage`` call that invoked the estimator."""
+    data = _verl_data_with("responses", bs, T)
     return None if data is None else data.batch["responses"]
 
 
@@ -493,15 +499,7 @@ _NTB_HINT = ("verl's legacy trainer (trainer.use_v1=False) keeps the rollout's n
 def _data_from_verl(bs: int, T: int) -> Any:
     """The ``data`` (a ``DataProto``) of the verl ``compute_advantage`` call that invoked the estimator:
     its ``batch["response_mask"]`` is ``[bs, T]`` (``None`` when not called from verl)."""
-    def fits(data) -> bool:
-        batch = getattr(data, "batch", None)
-        try:
-            m = batch["response_mask"] if batch is not None and "response_mask" in batch.keys() else None
-        except Exception:  # noqa: BLE001 - not a DataProto-like object
-            return False
-        return isinstance(m, torch.Tensor) and tuple(m.shape) == (bs, T)
-
-    return _verl_local("data", fits)
+    return _verl_data_with("response_mask", bs, T)
 
 
 def _column(col: Any, key: str, bs: int) -> list:
