@@ -47,13 +47,19 @@ def rand_model(tok):
 def warm_model(tok, src):
     """A model warmed up briefly on dial-walk demonstrations: it moves "+"/"-" and stops with EOS,
     often in the right direction, so sampled episodes mix successes, cuts and revisits."""
+    return _warm_up(tok, src, (32, 2, 2, 64), lr=3e-3, steps=60, batch=16)
+
+
+def _warm_up(tok, src, shape, *, lr: float, steps: int, batch: int):
+    """A tiny Qwen2 of ``shape`` (hidden, layers, heads, MLP) trained ``steps`` AdamW steps on the
+    source's demonstration episodes (labels on the policy's turns only)."""
     torch.manual_seed(0)
-    model = tiny_qwen2(len(tok), 32, 2, 2, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model = tiny_qwen2(len(tok), *shape)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pos = 0
-    for _ in range(60):
-        exs, pos = src.next_batch(pos, 16)
-        ids, attn, labels = src.encode_sft(exs)  # [16, L]
+    for _ in range(steps):
+        exs, pos = src.next_batch(pos, batch)
+        ids, attn, labels = src.encode_sft(exs)  # [batch, L]
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -476,17 +482,7 @@ def test_sft_warmup_on_demonstrations_learns_the_dial(tok, src):
 
 
 def _sft_smoke(tok, src):
-    torch.manual_seed(0)
-    model = tiny_qwen2(len(tok), 128, 2, 4, 256)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    pos = 0
-    for _ in range(300):
-        exs, pos = src.next_batch(pos, 32)
-        ids, attn, labels = src.encode_sft(exs)  # [32, L]
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = _warm_up(tok, src, (128, 2, 4, 256), lr=2e-3, steps=300, batch=32)
     kw = dict(max_turns=src.max_turns, max_turn_tokens=src.max_turn_tokens, process_reward=DialWalkScorer())
     train = [src.example(s, g, random.Random(0)) for s, g in src.train_pairs]
     held = src.heldout(100) + src.validation(100)
