@@ -71,7 +71,7 @@ def group(process_coef: float = 0.0):
         pos = []
         for k, a in enumerate(moves):
             st = env.step(a)
-            pos.append(int(st.observation))
+            pos.append(int(st.observation.rsplit("?", 1)[-1]))
             if k + 1 < len(moves):
                 state_ids[i, k + 1] = st.state_id
                 turn_rewards[i, k] = st.reward  # 0 before the last move (the dial walk rewards the end only)

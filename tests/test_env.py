@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 from creditlib.rl.data import Example  # noqa: E402
 from creditlib.rl.env import (EnvFailure, Reset, SafeEnv, Step, get_env, list_envs, register_env,  # noqa: E402
                               stable_state_id)
-from creditlib.rl.envs import (CalculatorEnv, CalculatorSource, DialWalkEnv, DialWalkScorer,  # noqa: E402
+from creditlib.rl.envs import (CalculatorEnv, CalculatorSource, DialWalkEnv, DialWalkScorer, EnvExample,  # noqa: E402
                                DialWalkSource, dial_distance, evaluate_expression, parse_dial_prompt)
 from creditlib.rl.task import CHAR_VOCAB, build_char_tokenizer  # noqa: E402
 
@@ -118,11 +118,11 @@ def test_safe_env_checks_process_scores():
         def score(self, example, actions, observations):
             return [float("nan")] * len(actions)
 
-    assert env.score(DialWalkScorer(), _dial(1, 3), ["+", "+"], ["2", "3"]) == [1.0, 1.0]
+    assert env.score(DialWalkScorer(), _dial(1, 3), ["+", "+"], ["3?2", "3?3"]) == [1.0, 1.0]
     with pytest.raises(EnvFailure, match="1 scores for 2 turns"):
-        env.score(Short(), _dial(1, 3), ["+", "+"], ["2", "3"])
+        env.score(Short(), _dial(1, 3), ["+", "+"], ["3?2", "3?3"])
     with pytest.raises(EnvFailure, match="non-finite"):
-        env.score(NaN(), _dial(1, 3), ["+"], ["2"])
+        env.score(NaN(), _dial(1, 3), ["+"], ["3?2"])
 
 
 # ----------------------------------------------------------------------------- registry
@@ -180,16 +180,16 @@ def test_dial_walk_steps_rewards_cut_and_states():
     seen = []
     for a, pos in (("+", 8), ("-", 7), ("=", 7), ("", 7), ("-", 6)):
         st = env.step(a)
-        assert st == Step(str(pos), 0.0, False, stable_state_id("dial-walk", pos, 3))
+        assert st == Step(f"3?{pos}", 0.0, False, stable_state_id("dial-walk", pos, 3))  # target restated
         seen.append(st.state_id)
     assert seen[1] == seen[2] == seen[3] == r.state_id  # a revisit and invalid moves repeat the state
     st = env.step("-")
-    assert st == Step("5", 0.0, True, stable_state_id("dial-walk", 5, 3))  # cut at 6 moves, not reached
+    assert st == Step("3?5", 0.0, True, stable_state_id("dial-walk", 5, 3))  # cut at 6 moves, not reached
     with pytest.raises(RuntimeError, match="after the episode ended"):
         env.step("-")
     env.reset(_dial(9, 1))  # wraps: 9 -> 0 -> 1
-    assert env.step("+") == Step("0", 0.0, False, stable_state_id("dial-walk", 0, 1))
-    assert env.step(" + ") == Step("1", 1.0, True, stable_state_id("dial-walk", 1, 1))
+    assert env.step("+") == Step("1?0", 0.0, False, stable_state_id("dial-walk", 0, 1))
+    assert env.step(" + ") == Step("1?1", 1.0, True, stable_state_id("dial-walk", 1, 1))
     env = DialWalkEnv(slack=0)
     env.reset(_dial(0, 5))
     assert env.max_turns == 5
@@ -207,7 +207,7 @@ def test_dial_walk_process_scorer_on_hand_made_moves():
     # target 3 from 7: 7 -(6) +(7) -(6) =(6) -(5) -(4) -(3)
     assert sc.score(_dial(7, 3), ["-", "+", "-", "=", "-", "-", "-"], [""] * 7) == [1, 0, 1, 0, 1, 1, 1]
     # wrapping: target 9 from 1 is 2 steps down (1 -> 0 -> 9); up is 8 steps
-    assert sc.score(_dial(1, 9), ["-", "-"], ["0", "9"]) == [1.0, 1.0]
+    assert sc.score(_dial(1, 9), ["-", "-"], ["9?0", "9?9"]) == [1.0, 1.0]
     assert sc.score(_dial(1, 9), ["+", "-", "-", "-"], [""] * 4) == [0.0, 1.0, 1.0, 1.0]
     # distance 5: both directions are right
     assert sc.score(_dial(5, 0), ["+"], [""]) == [1.0] and sc.score(_dial(5, 0), ["-"], [""]) == [1.0]
@@ -225,7 +225,8 @@ def test_dial_walk_process_scorer_on_hand_made_moves():
             a = rng.choice(["+", "-", "="])
             st = env.step(a)
             acts.append(a)
-            new = int(st.observation)
+            assert st.observation.startswith(f"{g}?")  # the target, restated
+            new = int(st.observation[len(f"{g}?"):])
             want.append(1.0 if dial_distance(new, g) < dial_distance(pos, g) else 0.0)
             pos = new
             if st.done:
@@ -248,18 +249,39 @@ def test_dial_walk_source_split_demonstrations_and_seeding(tok):
     assert src.next_batch(5, 3)[0] == train[5:8]  # the stream is a function of the position
     assert DialWalkSource(tok, data_seed=1234).heldout_pairs() == test
     assert DialWalkSource(tok, data_seed=99).heldout_pairs() != test
-    ties = set()
+    ties, detours = set(), 0
     for e in train + held + src.validation(10):
         g, s = parse_dial_prompt(e.prompt)
         assert e.answer == str(g) and set(e.prompt) <= set(CHAR_VOCAB)
-        assert len(e.actions) == dial_distance(s, g) and len(set(e.actions)) == 1  # the shortest path
+        assert e.explore in (0, 1) and (e in train or e.explore == 0)  # held-out demonstrations: no detour
+        p = s
+        if e.explore:  # a detour: one move against the shortest way (not trained on), then the shortest path
+            detours += 1
+            p = (s + (1 if e.actions[0] == "+" else -1)) % 10
+            assert dial_distance(p, g) == dial_distance(s, g) + 1 or dial_distance(s, g) == 5
+            assert len(e.actions) == 1 + dial_distance(p, g) <= dial_distance(s, g) + 2  # within the slack
+        rest = e.actions[e.explore:]
+        assert len(rest) == dial_distance(p, g) and len(set(rest)) == 1  # the shortest path
         env = DialWalkEnv()
         env.reset(e)
         obs = [env.step(a) for a in e.actions]
         assert obs[-1].reward == 1.0 and obs[-1].done and not any(o.done for o in obs[:-1])
-        assert e.solution == "".join(a + o.observation for a, o in zip(e.actions, obs))[:-1]
-        if dial_distance(s, g) == 5:
+        pos = [s]
+        for a in e.actions:
+            pos.append((pos[-1] + (1 if a == "+" else -1)) % 10)
+        assert [o.observation for o in obs] == [f"{g}?{q}" for q in pos[1:]]  # the target, then the position
+        # the transcript: move, observation, ..., the last move (its answer is not shown)
+        assert e.solution == "".join(a + o.observation for a, o in zip(e.actions[:-1], obs)) + e.actions[-1]
+        if dial_distance(s, g) == 5 and not e.explore:
             ties.add(e.actions[0])
+    assert 0.4 < detours / len(train) < 0.6  # detour = 0.5 of the training demonstrations
+    assert all(e.explore == 0 for e in DialWalkSource(tok, detour=0.0).next_batch(0, 200)[0])
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="detour"):
+            DialWalkSource(tok, detour=bad)
+    with pytest.raises(ValueError, match="slack >= 2"):
+        DialWalkSource(tok, slack=1)
+    assert DialWalkSource(tok, slack=1, detour=0.0).max_turns == 6
     assert ties == {"+", "-"}  # ties go either way (seeded)
     with pytest.raises(ValueError, match="more than half"):
         DialWalkSource(tok, heldout_sizes={"test": 40, "val": 10})
@@ -270,6 +292,7 @@ def test_dial_walk_source_split_demonstrations_and_seeding(tok):
 def test_dial_walk_demonstrations_label_only_policy_tokens(tok):
     src = DialWalkSource(tok)
     exs = src.next_batch(0, 12)[0]
+    assert {e.explore for e in exs} == {0, 1}  # both kinds in the batch
     ids, attn, labels = src.encode_sft(exs)  # [K, L] each
     assert ids.shape == attn.shape == labels.shape
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -277,7 +300,8 @@ def test_dial_walk_demonstrations_label_only_policy_tokens(tok):
         n = int(attn[i].sum())
         assert bool(attn[i, :n].all()) and not bool(attn[i, n:].any()) and bool((ids[i, n:] == pad).all())
         row, lab = ids[i, :n].tolist(), labels[i, :n].tolist()
-        # the expected transcript, replayed in a fresh env: prompt, then move+EOS, observation, ...
+        # the expected transcript, replayed in a fresh env: prompt, then move+EOS, observation, ...;
+        # a detour's first move is in the row but not labelled
         env = DialWalkEnv()
         env.reset(e)
         want, want_lab = tok(e.prompt)["input_ids"], None
@@ -285,7 +309,7 @@ def test_dial_walk_demonstrations_label_only_policy_tokens(tok):
         for k, a in enumerate(e.actions):
             toks = tok(a, add_special_tokens=False)["input_ids"] + [eos]
             want += toks
-            want_lab += toks
+            want_lab += toks if k >= e.explore else [-100] * len(toks)
             st = env.step(a)
             if k < len(e.actions) - 1:
                 o = tok(st.observation, add_special_tokens=False)["input_ids"]
@@ -294,7 +318,12 @@ def test_dial_walk_demonstrations_label_only_policy_tokens(tok):
         assert row == want and lab == want_lab
         assert all(x == -100 for x in labels[i, n:].tolist())
         labelled = [t for t, l in zip(row, lab) if l != -100]
-        assert tok.decode(labelled) == "<eos>".join(e.actions) + "<eos>"
+        assert tok.decode(labelled) == "<eos>".join(e.actions[e.explore:]) + "<eos>"
+    with pytest.raises(ValueError, match="explore"):
+        src._solution("3?7", "3", ["-"], explore=1)  # every move exploration: nothing to learn
+    e = exs[0]
+    with pytest.raises(ValueError, match="explore"):
+        src.encode_sft([EnvExample(e.prompt, e.answer, e.solution, e.actions, len(e.actions))])
 
 
 # ----------------------------------------------------------------------------- calculator
@@ -372,4 +401,4 @@ def test_demonstrations_that_do_not_replay_are_refused(tok):
     with pytest.raises(ValueError, match="environment failed"):
         encode_demonstrations(tok, DialWalkEnv, [Example("bad", "1")], actions=[["+"]])
     ids, attn, labels = encode_demonstrations(tok, DialWalkEnv, [_dial(1, 3)], actions=[["+", "-"]])  # not done: fine
-    assert tok.decode(ids[0]) == "<bos>3?1+<eos>2-<eos>"
+    assert tok.decode(ids[0]) == "<bos>3?1+<eos>3?2-<eos>"

@@ -168,7 +168,7 @@ def test_dial_rollout_rows_match_a_replay_in_a_fresh_env(which, tok, src, rand_m
     else:  # the warm model finishes some walks and gets others cut by the env
         assert seen["successes"] > 0 and seen["env_cut"] > 0
     tim = _turn_ids_from_mask()
-    if tim is not None:  # every observation is one digit, so no two turns touch: the mask's runs are the turns
+    if tim is not None:  # every observation is 'g?p' (3 chars), so no two turns touch: the mask's runs are the turns
         assert torch.equal(tim(b.completion_mask), b.turn_ids)
 
 
@@ -469,10 +469,12 @@ def _constant_policy_success(pairs, move, slack=2):
 
 @pytest.mark.slow  # 11-32 s on one thread of a shared 2-core machine (measured)
 def test_sft_warmup_on_demonstrations_learns_the_dial(tok, src):
-    """A tiny model warmed up on shortest-path demonstrations solves the training pairs and beats the
-    uniform random policy (the chance level, ~0.30) on the held-out pairs. It does not beat the best
-    constant policy there (always "+": 0.67 with slack 2): the first move of an unseen (start, target)
-    pair needs dial arithmetic that 60 training pairs do not teach; the later moves only repeat it."""
+    """A tiny model warmed up on the demonstrations (shortest paths, half of them after an untrained
+    detour) solves the training pairs and beats the uniform random policy (the chance level, ~0.30)
+    on the held-out pairs. This short warm-up (300 steps of 32 at lr 2e-3, MLP 256) reached 0.63 on
+    the 30 test + val pairs (measured 2026-12-06), below the best constant policy (always "+": 0.67
+    with slack 2); the recipe's longer one (300 steps of 64, MLP 512) reaches 1.0 on the 20 test
+    pairs (creditlib.rl.envs' docstring), so only the chance level is asserted here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

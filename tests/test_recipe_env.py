@@ -140,10 +140,10 @@ class _FlakySource(DialWalkSource):
         super().__init__(tokenizer)
         self.make_env = functools.partial(_FlakyDial, 2)
 
-    def _solution(self, prompt, answer, actions):
+    def _solution(self, prompt, answer, actions, explore=0):
         flaky, self.make_env = self.make_env, functools.partial(DialWalkEnv, 2)
         try:
-            return super()._solution(prompt, answer, actions)
+            return super()._solution(prompt, answer, actions, explore)
         finally:
             self.make_env = flaky
 

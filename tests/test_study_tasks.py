@@ -225,3 +225,70 @@ def test_the_recipe_runs_two_rl_steps(name, tmp_path, monkeypatch):
     for r in recs:  # the recipe scored the task's own completions with the task's own reward
         assert r["reward"] == reward([r["completion"]], [r["answer"]])[0]
         assert len(r["answer"]) == (4 if name.startswith("multi") else 1)
+
+
+# --------------------------------------------------------------------------- the multi-turn task (dial-walk-study)
+
+def test_dial_walk_study_env_registers_and_switches_its_heldout_split(monkeypatch):
+    from creditlib.rl import env as env_mod
+    from creditlib.rl.config import load_config
+    from creditlib.rl.envs import DialWalkEnv, DialWalkScorer, DialWalkSource, parse_dial_prompt
+
+    calls = []
+    real = env_mod.register_env
+    monkeypatch.setattr(env_mod, "register_env", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    T.register_tasks()
+    T.register_tasks()  # idempotent
+    assert calls == [T.STUDY_ENV] * 2 and T.STUDY_ENV == "dial-walk-study"
+    spec = env_mod.get_env("dial-walk-study")
+    assert spec.make_env is DialWalkEnv and isinstance(spec.process_reward, DialWalkScorer) and spec.embedded
+    assert env_mod.get_env("dial-walk").name == "dial-walk"  # the bundled one is untouched
+    tok = build_char_tokenizer()
+    cfg = load_config(overrides={"env": "dial-walk-study", "eval_size": 128, "data_seed": 7})
+    ref = DialWalkSource(tok, data_seed=7)
+    pairs = lambda exs: [parse_dial_prompt(e.prompt)[::-1] for e in exs]  # noqa: E731  (start, target)
+
+    monkeypatch.delenv("STUDY_EVAL_SPLIT", raising=False)
+    src = spec.build_source(cfg, tok)
+    assert isinstance(src, T.DialWalkSplitSource) and src.split == "test" and src.data_seed == 7
+    test = pairs(src.heldout(cfg.eval_size))
+    assert test == ref.heldout_pairs("test") and len(test) == 20  # capped by the pairs, not --eval-size
+    assert pairs(src.validation(256)) == ref.heldout_pairs("val")  # the warm-up's stop: always val
+    assert [e.solution for e in src.heldout(20)] == [e.solution for e in ref.heldout(20)]  # same demonstrations
+
+    monkeypatch.setenv("STUDY_EVAL_SPLIT", "val")
+    src_val = spec.build_source(cfg, tok)
+    val = pairs(src_val.heldout(cfg.eval_size))
+    assert src_val.split == "val" and val == ref.heldout_pairs("val") and len(val) == 10
+    assert pairs(src_val.validation(256)) == val and not set(val) & set(test)
+    train = {p for e in src_val.next_batch(0, 2000)[0] for p in pairs([e])}
+    assert train == set(ref.train_pairs) and not train & (set(val) | set(test))  # training never sees either split
+
+    monkeypatch.setenv("STUDY_EVAL_SPLIT", "train")
+    with pytest.raises(ValueError, match="STUDY_EVAL_SPLIT"):
+        spec.build_source(cfg, tok)
+    with pytest.raises(ValueError, match="split"):
+        T.DialWalkSplitSource(tok, split="train")
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_the_recipe_runs_the_dial_walk_study_env_on_the_chosen_split(split, tmp_path, monkeypatch):
+    from creditlib.rl.envs import DialWalkSource
+    from creditlib.rl.metrics import read_metrics
+
+    monkeypatch.setenv("STUDY_EVAL_SPLIT", split)
+    T.register_tasks()
+    out = tmp_path / split
+    i = TINY.index("--num-ops")
+    argv = TINY[:i] + TINY[i + 2:]  # no --num-ops: the environment brings its own problems
+    s = _grpo().main(argv + ["--env", "dial-walk-study", "--credit", "turn-grpo", "--max-steps", "2",
+                             "--eval-every", "2", "--eval-samples", "1", "--output-dir", str(out), "--seed", "1"])
+    assert s["steps"] == 2 and math.isfinite(s["accuracy_after"]) and s["sampled_accuracy_after"] is not None
+    ev = [r for r in read_metrics(out / "metrics.jsonl") if r["phase"] == "eval"]
+    assert [r["step"] for r in ev] == [0, 2]
+    assert all(0 <= r["sampled_accuracy"] <= 1 and "generated_tokens" in r for r in ev)  # --eval-samples 1
+    assert ev[0]["generated_tokens"] == 0 < ev[-1]["generated_tokens"]  # the RL rollouts' policy tokens so far
+    want = {e.prompt for e in DialWalkSource(build_char_tokenizer())._split(split, 100)}
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    held = [r for r in recs if r["phase"] == "eval"]
+    assert held and {r["prompt"] for r in held} <= want  # evaluated on the chosen split's pairs

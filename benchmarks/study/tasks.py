@@ -72,6 +72,13 @@ therefore warms ``late`` up with batches of 128 for up to 2500 steps (``TASKS`` 
 set in the run's process: the runner's learning-rate selection runs evaluate on ``val`` and the
 reported runs on ``test``. The splits are drawn like ChainTask's (``test`` first, then ``val``
 excluding ``test``) and never appear in training.
+
+**The multi-turn task.** :func:`register_tasks` also registers the environment ``dial-walk-study``
+(:data:`STUDY_ENV`; ``--env dial-walk-study``): the bundled dial walk
+(:class:`creditlib.rl.envs.DialWalkEnv`, its process score and its 90 (start, target) pairs), whose
+source (:class:`DialWalkSplitSource`) serves the ``test`` pairs (20) as ``heldout(n)``, or the ``val``
+pairs (10) under ``STUDY_EVAL_SPLIT=val``; ``validation(n)`` (the warm-up's early stop) always serves
+``val``. Both are capped by the pair counts whatever ``--eval-size`` asks.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ import random
 from typing import List, Optional, Sequence
 
 from creditlib.rl.data import SyntheticSource
+from creditlib.rl.envs import DialWalkEnv, DialWalkScorer, DialWalkSource
 from creditlib.rl.task import ChainProblem, ChainTask
 
 __all__ = ["DecisionTask", "EarlyDecisionTask", "LateDecisionTask", "LongDecisionTask", "SplitSource",
@@ -90,7 +98,7 @@ __all__ = ["DecisionTask", "EarlyDecisionTask", "LateDecisionTask", "LongDecisio
            "EARLY_DATASET", "EARLY_FILLER", "LONG_SIDE",
            "DistractorTask", "MultiDecisionTask", "distractor_reward", "extract_decisions", "count_decisions_reward",
            "all_decisions_reward", "DECISION_DATASETS", "CREDIT_DATASETS", "DISTRACTOR_FREE", "MULTI_DECISIONS",
-           "MULTI_GAP", "distractor_name"]
+           "MULTI_GAP", "distractor_name", "DialWalkSplitSource", "STUDY_ENV"]
 
 #: The ``--dataset`` name of the early-decision task, and its default filler length (the
 #: environment variable ``STUDY_EARLY_FILLER`` overrides it in a run; it also sets ``late``'s).
@@ -117,6 +125,8 @@ DECISION_DATASETS = ("walk", "early", "late", "long")
 CREDIT_DATASETS = tuple(distractor_name(f) for f in DISTRACTOR_FREE) + ("multi-decision-count", "multi-decision-all")
 #: The datasets :func:`register_tasks` adds, in its order (one register_dataset call each).
 STUDY_DATASETS = DECISION_DATASETS + CREDIT_DATASETS
+#: The multi-turn environment :func:`register_tasks` adds (one register_env call): ``--env dial-walk-study``.
+STUDY_ENV = "dial-walk-study"
 
 _MOVES = {"+": 1, "-": -1}
 
@@ -447,6 +457,26 @@ class SplitSource(SyntheticSource):
         return [self._ex(p) for p in self.task.heldout(self.split, n)]
 
 
+class DialWalkSplitSource(DialWalkSource):
+    """:class:`~creditlib.rl.envs.DialWalkSource` whose ``heldout(n)`` serves the ``split`` pairs
+    (``"test"`` or ``"val"``); ``validation(n)`` (the warm-up's early stop) always serves ``val``."""
+
+    def __init__(self, tokenizer, data_seed: int = 1234, split: str = "test"):
+        if split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        super().__init__(tokenizer, data_seed=data_seed)
+        self.split = split
+
+    def heldout(self, n: int):
+        return self._split(self.split, n)
+
+
+def _build_dial(cfg, tokenizer):
+    """The problem source of ``--env dial-walk-study`` (``cfg`` ``None``: data seed 1234)."""
+    return DialWalkSplitSource(tokenizer, data_seed=int(cfg.data_seed) if cfg is not None else 1234,
+                               split=eval_split())
+
+
 def _int_env(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     try:
@@ -505,8 +535,14 @@ def register_tasks() -> None:
     """Make every study dataset (:data:`STUDY_DATASETS`: ``walk | early | late | long``, then
     ``distractor-F`` for F in :data:`DISTRACTOR_FREE` and ``multi-decision-count | multi-decision-all``)
     available to the recipes in this process (idempotent): one
-    :func:`creditlib.rl.registry.register_dataset` call per task."""
+    :func:`creditlib.rl.registry.register_dataset` call per task; and the multi-turn environment
+    :data:`STUDY_ENV` (``--env dial-walk-study``), one :func:`creditlib.rl.env.register_env` call."""
+    from creditlib.rl.env import register_env
     from creditlib.rl.registry import register_dataset
+
+    register_env(STUDY_ENV, DialWalkEnv, source=_build_dial, process_reward=DialWalkScorer(), overwrite=True,
+                 description="learning study 3: the bundled dial walk (a move per turn, the environment restates "
+                             "the target and the new position), held-out pairs from STUDY_EVAL_SPLIT (test | val)")
 
     register_dataset("walk", _build_walk, reward=_walk_reward, embedded=True, overwrite=True,
                      description="learning study: the embedded dial walk ('synthetic'), held-out split from "

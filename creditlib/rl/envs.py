@@ -5,22 +5,23 @@ digits, ``+ - ? =`` and ``<eos>``), so the embedded tiny model runs them offline
 module registers them (:func:`creditlib.rl.env.register_env`):
 
 ``dial-walk`` (:class:`DialWalkEnv`): a 10-position dial, a target ``g`` and a start ``s != g``.
-    Prompt ``"g?s"`` (target, ``?``, start: ``"3?7"`` = "get to 3; you are at 7"), chosen so that
-    every turn starts right after the digit of the current position (the prompt's last character
-    for turn 0, the previous observation after that) and the target always sits at the same place.
-    Each turn the policy writes a move, ``"+"`` (one step up, mod 10) or ``"-"`` (one down), then EOS;
-    the environment answers with the new position (one digit). Any other action is an invalid move
-    (position unchanged, the same digit is answered). Reaching ``g`` ends the episode with reward 1;
-    after ``max_turns = shortest distance + slack`` moves (``slack`` default 2) it is cut with
-    reward 0. Every other step rewards 0. ``state_id = stable_state_id("dial-walk", position, g)``:
-    positions repeat across a group (every episode of a prompt starts at ``s``) and within an
-    episode (a ``+`` then a ``-``), so the anchor-state credit's groups are real.
+    Prompt ``"g?s"`` (target, ``?``, start: ``"3?7"`` = "get to 3; you are at 7"). Each turn the
+    policy writes a move, ``"+"`` (one step up, mod 10) or ``"-"`` (one down), then EOS; the
+    environment answers ``"g?p"``: the target restated, ``?``, the new position ``p`` (``"3?6"``).
+    So every turn's context ends with the same local pattern as the prompt, ``target ? position``:
+    the decision at turn ``k`` reads the same three characters whether ``k = 0`` (the prompt) or
+    later (the previous observation). Any other action is an invalid move (position unchanged, the
+    same ``g?p`` is answered). Reaching ``g`` ends the episode with reward 1; after ``max_turns =
+    shortest distance + slack`` moves (``slack`` default 2) it is cut with reward 0. Every other step
+    rewards 0. ``state_id = stable_state_id("dial-walk", position, g)``: positions repeat across a
+    group (every episode of a prompt starts at ``s``) and within an episode (a ``+`` then a ``-``),
+    so the anchor-state credit's groups are real.
 
     Transcripts (EOS written ``$``; the answer to the last turn is not in the row, see
     :mod:`creditlib.rl.multiturn`)::
 
-        3?7  -$ 6 -$ 5 -$ 4 -$                 the shortest path (4 moves): reward 1
-        3?7  +$ 8 +$ 9 +$ 0 =$ 0 +$ 1 +$       an invalid move ("="), 6 = 4 + 2 moves: cut at 2, reward 0
+        3?7  -$ 3?6 -$ 3?5 -$ 3?4 -$                       the shortest path (4 moves): reward 1
+        3?7  +$ 3?8 +$ 3?9 +$ 3?0 =$ 3?0 +$ 3?1 +$         an invalid move ("="), 6 = 4 + 2 moves: cut at 2, reward 0
 
     Process reward (:class:`DialWalkScorer`, registered as the environment's checkable step score):
     a move scores 1 when it decreased the dial distance to ``g``, else 0.
@@ -28,18 +29,35 @@ module registers them (:func:`creditlib.rl.env.register_env`):
     Problems: there are only 90 ``(s, g)`` pairs, so the held-out splits are a fixed subset of pairs
     (a permutation seeded by ``data_seed``: ``test`` 20 pairs, ``val`` 10), never used for training;
     training draws from the other 60 (``next_batch``: example ``i`` of the stream is seeded by
-    ``(data_seed, "train", i)``). Held-out start pairs are new, but their intermediate states
-    (position, target) also occur in training episodes with the same target: the split tests the
-    turn-0 decision in a new context, not unseen states. Demonstrations: the shortest path (at
-    distance 5 both ways are shortest; the direction is seeded with the example).
+    ``(data_seed, "train", i)``). Demonstrations: the shortest path (at distance 5 both ways are
+    shortest; the direction is seeded with the example). Half of the training demonstrations
+    (``detour = 0.5``) start with a detour: one move the wrong way, replayed but not trained on
+    (``EnvExample.explore = 1``: labels -100), then the shortest path from where it lands
+    (``"3?7  +$ 3?8 -$ 3?7 -$ 3?6 -$ 3?5 -$ 3?4 -$"``: 6 moves, within the slack). Held-out demonstrations
+    have none.
 
-    What the held-out split measures (measured, ``tests/test_multiturn.py``'s warm-up test): a tiny
-    model warmed up on the demonstrations solves the 60 training pairs (greedy success 1.0) but
-    reaches only 0.67-0.83 on the held-out pairs: about the best constant policy (always ``+``: 0.67,
-    since with slack 2 the long way round still arrives at distance 4 and 5), well above the uniform
-    random policy (0.30). In a shortest path every move after the first repeats the first, so the
-    demonstrations teach the direction rule only at turn 0 of 60 pairs; an unseen pair's first move
-    needs dial arithmetic the model does not get from them.
+    What the held-out split measures. A held-out pair's first decision, at ``g?s``, is an
+    intermediate state of training episodes (for ``data_seed`` 1234: 17 of the 20 ``test`` pairs,
+    2 of the 10 ``val`` pairs, which are mostly at distance 4-5); the split tests whether the policy
+    reads its decision from the current ``target ? position`` rather than from the episode's
+    history. Both changes are needed for that (measured with the recipe's warm-up, 300 steps, the
+    embedded model, ``data_seed`` 1234, seed 0, greedy success on the 20 ``test`` pairs): shortest
+    paths only, old single-digit answers 0.75, restated target 0.75 (the model solves every training
+    pair but copies its first move: in a shortest path every move repeats the first, so the
+    direction rule is taught at turn 0 of the 60 training pairs only, and an unseen pair gets about
+    the best constant policy, always ``+``: 0.67 with slack 2); with the detours, single-digit
+    answers 0.95, restated target 1.00 (mean probability of the right first move 0.99 on ``test``,
+    0.89 on ``val``: the one uncovered distance-1 ``val`` pair is missed). The uniform random policy
+    gets 0.30.
+
+    RL does not yet raise held-out success here (measured 2026-12-06, the recipe, 8 prompts x 8
+    episodes, temperature 1, one or two seeds, 50-150 steps at lr 1e-4 / 3e-4 / 1e-3, ``turn-grpo``
+    and ``grpo`` alike): greedy success on the ``test`` pairs stays at 0.55-0.65 (from warm-ups of
+    40 or 100 steps, which start at 0.55-0.60); train success rises a little (0.51-0.62 -> 0.67-0.72
+    from the 40-step warm-up). The policy settles on a constant first move (probability of ``+`` near
+    0 or 1 for every pair). Why: with slack 2 a wrong first move followed by the way back still
+    arrives (that is what the detour demonstrations show), and a constant policy succeeds on 0.67 of
+    the pairs, so the outcome reward barely separates the right first move from the wrong one.
 
 ``calculator`` (:class:`CalculatorEnv`, tool use): a sum / difference of three two-digit numbers,
     prompt ``"47+38-12?"``. A policy turn ending in ``=`` is a calculator call: ``"47+38="`` is
@@ -56,10 +74,11 @@ Sources (:class:`DialWalkSource`, :class:`CalculatorSource`) have the interface 
 :class:`creditlib.rl.data.SyntheticSource` (``next_batch / heldout / validation / encode /
 encode_sft``) plus ``make_env`` (the factory for :func:`creditlib.rl.multiturn.rollout_episodes`),
 ``max_turns`` and ``max_turn_tokens`` (the rollout settings the task needs). Their examples are
-:class:`EnvExample`: an :class:`~creditlib.rl.data.Example` with the demonstration's ``actions``;
-``solution`` is the demonstration transcript as ``EpisodeBatch.texts`` shows it. ``encode_sft`` gives
-whole demonstration transcripts (:func:`creditlib.rl.multiturn.encode_demonstrations`): the prompt,
-then each policy turn with its EOS (labels on), the observations between turns (labels -100).
+:class:`EnvExample`: an :class:`~creditlib.rl.data.Example` with the demonstration's ``actions``
+(the first ``explore`` of them replayed but not trained on); ``solution`` is the demonstration
+transcript as ``EpisodeBatch.texts`` shows it. ``encode_sft`` gives whole demonstration transcripts
+(:func:`creditlib.rl.multiturn.encode_demonstrations`): the prompt, then each policy turn with its
+EOS (labels on, except the ``explore`` first turns), the observations between turns (labels -100).
 """
 
 from __future__ import annotations
@@ -82,9 +101,12 @@ _MOVES = {"+": 1, "-": -1}
 
 @dataclass(frozen=True)
 class EnvExample(Example):
-    """An :class:`~creditlib.rl.data.Example` with a demonstration: the policy turns' texts (no EOS)."""
+    """An :class:`~creditlib.rl.data.Example` with a demonstration: the policy turns' texts (no EOS).
+    The first ``explore`` actions are replayed (they are in the transcript, the later turns see them)
+    but not trained on: :meth:`EnvSource.encode_sft` gives them labels -100."""
 
     actions: Tuple[str, ...] = ()
+    explore: int = 0
 
 
 def _nonneg_int(name: str, v) -> int:
@@ -106,10 +128,20 @@ class EnvSource(_Source):
         (the policy turns' tokens and their EOS; -100 on the prompt, observations and padding)."""
         from .multiturn import encode_demonstrations
 
-        return encode_demonstrations(self.tokenizer, self.make_env, examples,
-                                     add_special_tokens=self.add_special_tokens, device=device)
+        ids, attn, labels = encode_demonstrations(self.tokenizer, self.make_env, examples,
+                                                  add_special_tokens=self.add_special_tokens, device=device)
+        eos = self.tokenizer.eos_token_id
+        for i, e in enumerate(examples):  # the exploration turns: labels off up to their last EOS
+            n = int(getattr(e, "explore", 0) or 0)
+            if n:
+                ends = ((labels[i] == eos) & (ids[i] == eos)).nonzero().flatten()  # [turns] each turn's EOS
+                if not 0 < n < len(ends):
+                    raise ValueError(f"example {i} ({e.prompt!r}): explore must be in [0, {len(ends)}) (its turns), "
+                                     f"got {n}")
+                labels[i, :int(ends[n - 1]) + 1] = -100
+        return ids, attn, labels
 
-    def _solution(self, prompt: str, answer: str, actions: Sequence[str]) -> EnvExample:
+    def _solution(self, prompt: str, answer: str, actions: Sequence[str], explore: int = 0) -> EnvExample:
         """The example with its demonstration; ``solution`` = the transcript text (actions and the
         observations between them, as ``EpisodeBatch.texts`` shows it)."""
         env = self.make_env()
@@ -122,7 +154,9 @@ class EnvSource(_Source):
                 if st.done:
                     raise ValueError(f"demonstration {list(actions)} of {prompt!r} ends the episode at turn {k}")
                 parts.append(st.observation)
-        return EnvExample(prompt, answer, "".join(parts), tuple(actions))
+        if not 0 <= explore < len(actions):
+            raise ValueError(f"explore must be in [0, {len(actions)}) for {prompt!r}, got {explore!r}")
+        return EnvExample(prompt, answer, "".join(parts), tuple(actions), int(explore))
 
 
 # ----------------------------------------------------------------------------- dial-walk
@@ -169,7 +203,7 @@ class DialWalkEnv:
         self.turn += 1
         reward = 1.0 if self.pos == self.goal else 0.0
         self.done = self.pos == self.goal or self.turn >= self.max_turns
-        return Step(str(self.pos), reward, self.done, stable_state_id("dial-walk", self.pos, self.goal))
+        return Step(f"{self.goal}?{self.pos}", reward, self.done, stable_state_id("dial-walk", self.pos, self.goal))
 
 
 class DialWalkScorer:
@@ -199,12 +233,19 @@ class DialWalkSource(EnvSource):
         heldout_sizes: pairs per held-out split, in order (default ``{"test": 20, "val": 10}``;
             at most 45 in all, so at least half of the 90 pairs are trained on).
         slack: the environment's slack (:class:`DialWalkEnv`).
+        detour: the fraction of training demonstrations that start with a detour (one move the wrong
+            way, not trained on, then the shortest path from there; needs ``slack >= 2``). 0: none.
     """
 
     def __init__(self, tokenizer, data_seed: int = 1234, heldout_sizes: Optional[Dict[str, int]] = None,
-                 slack: int = 2):
+                 slack: int = 2, detour: float = 0.5):
         self.tokenizer, self.data_seed = tokenizer, int(data_seed)
         self.slack = _nonneg_int("slack", slack)
+        if isinstance(detour, bool) or not isinstance(detour, (int, float)) or not 0.0 <= float(detour) <= 1.0:
+            raise ValueError(f"detour must be a fraction in [0, 1], got {detour!r}")
+        if detour > 0 and self.slack < 2:
+            raise ValueError(f"detour > 0 needs slack >= 2 (a wrong move costs 2 moves), got slack={slack!r}")
+        self.detour = float(detour)
         sizes = dict(heldout_sizes if heldout_sizes is not None else {"test": 20, "val": 10})
         for name, n in sizes.items():
             _nonneg_int(f"heldout_sizes[{name!r}]", n)
@@ -228,18 +269,26 @@ class DialWalkSource(EnvSource):
             raise ValueError(f"split must be one of {sorted(self._heldout)}, got {split!r}")
         return list(self._heldout[split])
 
-    def example(self, s: int, g: int, rng: random.Random) -> EnvExample:
-        """The problem ``s -> g`` with its shortest-path demonstration (a tie broken by ``rng``)."""
+    def example(self, s: int, g: int, rng: random.Random, detour: bool = False) -> EnvExample:
+        """The problem ``s -> g`` with its shortest-path demonstration (a tie broken by ``rng``);
+        ``detour``: first one move against that path (``explore = 1``: not trained on), then the
+        shortest path from where it lands (a tie there broken by ``rng``)."""
         up, down = (g - s) % 10, (s - g) % 10
         move = "+" if up < down or (up == down and rng.random() < 0.5) else "-"
-        return self._solution(f"{g}?{s}", str(g), [move] * min(up, down))
+        if not detour:
+            return self._solution(f"{g}?{s}", str(g), [move] * min(up, down))
+        wrong = "-" if move == "+" else "+"
+        p = (s + _MOVES[wrong]) % 10
+        up, down = (g - p) % 10, (p - g) % 10
+        back = "+" if up < down or (up == down and rng.random() < 0.5) else "-"
+        return self._solution(f"{g}?{s}", str(g), [wrong] + [back] * min(up, down), explore=1)
 
     def next_batch(self, position: int, k: int) -> Tuple[List[EnvExample], int]:
         out = []
         for i in range(position, position + k):
             rng = random.Random(f"{self.data_seed}:train:{i}")
             s, g = rng.choice(self.train_pairs)
-            out.append(self.example(s, g, rng))
+            out.append(self.example(s, g, rng, detour=rng.random() < self.detour))
         return out, position + k
 
     def _split(self, split: str, n: int) -> List[EnvExample]:
