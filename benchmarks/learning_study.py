@@ -24,7 +24,7 @@ bootstrap intervals and the ratio method / GRPO of steps-to-threshold (``benchma
     python benchmarks/learning_study.py                                 # the whole sweep (resumable)
     python benchmarks/learning_study.py --tasks default,late --methods grpo,grpo-lambda --seeds 3
     python benchmarks/learning_study.py --lr-grid 1e-4 --methods grpo,clamp   # one rate, no selection
-    python benchmarks/learning_study.py --analyze-only --report docs/results.md --img-dir docs/img
+    python benchmarks/learning_study.py --analyze-only --report docs/results-study2.md --img-dir docs/img
     python benchmarks/learning_study.py --list                          # tasks and methods
 
 Layout (``--out``, default ``runs/study2``)::

@@ -32,6 +32,8 @@ SLOW_TESTS = {
                              "test_build_command_check_on_an_empty_cache"),
     "test_kernel_cpu.py": ("test_cache_loads_in_a_new_process_without_building",),    # fresh interpreter
     "test_kernel_triton.py": ("test_triton_kernel_matches_reference",),               # interpreter worker
+    "test_study3.py": ("test_tiny_sweep_independent_warmups_selection_report",),  # recipe processes
+    "test_study3_checkpoints.py": ("test_shipped_warmup_evaluates_to_its_recorded_accuracy",),  # recipe processes
     "test_recipes.py": ("test_resume_after_sigkill_matches_uninterrupted_run",        # recipe processes
                         "test_sigterm_checkpoints_the_current_step_and_exits",
                         "test_torchrun_two_processes_fsdp2_gloo"),

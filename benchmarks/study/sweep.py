@@ -307,7 +307,7 @@ def sweep_history(out: Path) -> List[str]:
     f = out / "sweeps.jsonl"
     recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
     lines = [f"- {r['start']} -> {r['end']}: {r['wall_seconds'] / 60:.1f} min, {r['failed']} failed, on "
-             f"{r['machine']}: `{' '.join(r['argv'])}`" for r in recs]
+             f"{r['machine']}: `{' '.join(r['argv'])}`" + (f" ({r['note']})" if r.get("note") else "") for r in recs]
     if recs:
         lines.append(f"- total wall time of the invocations: {sum(r['wall_seconds'] for r in recs) / 60:.1f} min")
     return lines or ["- no sweep invocation recorded in this output folder"]
