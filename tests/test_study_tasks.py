@@ -147,17 +147,24 @@ def test_heldout_splits_are_disjoint_from_each_other_and_training(task):
         task.heldout("dev")
 
 
+def _registrations_of_two_calls(monkeypatch, module, fn: str) -> list:
+    """The names ``module.fn`` registers during two calls of :func:`register_tasks` (the second one
+    must be idempotent), each registration still done by the real function."""
+    calls = []
+    real = getattr(module, fn)
+    monkeypatch.setattr(module, fn, lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    T.register_tasks()
+    T.register_tasks()  # idempotent
+    return calls
+
+
 def test_each_task_registers_with_one_call_and_switches_its_heldout_split(monkeypatch):
     from creditlib.rl import registry
     from creditlib.rl.config import load_config
     from creditlib.rl.data import build_source
     from creditlib.rl.rewards import reward_for_dataset
 
-    calls = []
-    real = registry.register_dataset
-    monkeypatch.setattr(registry, "register_dataset", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
-    T.register_tasks()
-    T.register_tasks()  # idempotent
+    calls = _registrations_of_two_calls(monkeypatch, registry, "register_dataset")
     assert calls == 2 * list(T.STUDY_DATASETS) and len(set(T.STUDY_DATASETS)) == len(T.STUDY_DATASETS)
     assert set(T.CREDIT_DATASETS) == {f"distractor-{f}" for f in T.DISTRACTOR_FREE} | {"multi-decision-count",
                                                                                       "multi-decision-all"}
@@ -234,11 +241,7 @@ def test_dial_walk_study_env_registers_and_switches_its_heldout_split(monkeypatc
     from creditlib.rl.config import load_config
     from creditlib.rl.envs import DialWalkEnv, DialWalkScorer, DialWalkSource, parse_dial_prompt
 
-    calls = []
-    real = env_mod.register_env
-    monkeypatch.setattr(env_mod, "register_env", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
-    T.register_tasks()
-    T.register_tasks()  # idempotent
+    calls = _registrations_of_two_calls(monkeypatch, env_mod, "register_env")
     assert calls == [T.STUDY_ENV] * 2 and T.STUDY_ENV == "dial-walk-study"
     spec = env_mod.get_env("dial-walk-study")
     assert spec.make_env is DialWalkEnv and isinstance(spec.process_reward, DialWalkScorer) and spec.embedded

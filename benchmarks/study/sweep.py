@@ -246,17 +246,18 @@ def task_pipeline(out: Path, plan: Plan, base: Tuple[List[str], List[str]], task
     runner.run(final, f"{task}: reported runs (test split)")
 
 
-def sweep(out: Path, plan: Plan, base: Tuple[List[str], List[str]], jobs: int, dry_run: bool, time_budget: float) -> int:
-    """Every task's chain (:func:`task_pipeline`), concurrently, on ``jobs`` shared slots; the task with the
-    costliest warm-up starts first. Returns the number of failed runs."""
+def run_chains(order: List[str], chain, jobs: int, dry_run: bool, time_budget: float) -> int:
+    """Run ``chain(task, runner)`` for every task of ``order`` concurrently, their runs sharing one
+    :class:`Runner` of ``jobs`` slots (submission order = queue order of the first runs); report runs the
+    ``time_budget`` left unstarted and failed runs. Returns the number of failed runs. Both studies' sweeps
+    (:func:`sweep`, :func:`study.three.sweep3`) are this with their own chain and task order."""
     t0 = time.time()
     runner = Runner(jobs, dry_run, t0 + time_budget if time_budget else None, t0)
-    order = sorted(plan.tasks, key=lambda t: -TASKS[t]["cost"]["sft"])
     try:
         with ThreadPoolExecutor(max_workers=len(order)) as drivers:
             futs = []
             for t in order:
-                futs.append(drivers.submit(task_pipeline, out, plan, base, t, runner, dry_run))
+                futs.append(drivers.submit(chain, t, runner))
                 time.sleep(0.05)  # submission order = queue order of the first jobs
             for f in futs:
                 f.result()
@@ -269,6 +270,14 @@ def sweep(out: Path, plan: Plan, base: Tuple[List[str], List[str]], jobs: int, d
         print(f"failed (see their run.log; rerun to retry): {', '.join(runner.failed)}", flush=True)
     print(f"sweep wall time: {time.time() - t0:.0f} s", flush=True)
     return len(runner.failed)
+
+
+def sweep(out: Path, plan: Plan, base: Tuple[List[str], List[str]], jobs: int, dry_run: bool, time_budget: float) -> int:
+    """Every task's chain (:func:`task_pipeline`), concurrently, on ``jobs`` shared slots; the task with the
+    costliest warm-up starts first. Returns the number of failed runs."""
+    order = sorted(plan.tasks, key=lambda t: -TASKS[t]["cost"]["sft"])
+    return run_chains(order, lambda t, runner: task_pipeline(out, plan, base, t, runner, dry_run), jobs, dry_run,
+                      time_budget)
 
 
 def machine() -> str:

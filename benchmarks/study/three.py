@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from study.plan import Job, is_done, read_done, to_flags
 from study.stats import choose_lr, load_run, lr_tag, selection_score, truncate
-from study.sweep import Runner, _say, start_flags
+from study.sweep import Runner, _say, run_chains, start_flags
 
 # --------------------------------------------------------------------------- arms and tasks (data)
 
@@ -144,6 +144,7 @@ class Plan3:
     eval_samples: int = 1
     jobs: int = 2
     explicit_grid: bool = False  # --lr-grid given: it replaces every task's own grid
+    explicit_samples: bool = False  # --eval-samples given: it replaces every task's own
 
     def grid_of(self, task: str) -> List[float]:
         """The task's learning-rate grid: ``--lr-grid`` when given, else the task's own (``lr_grid``) or the default."""
@@ -151,8 +152,6 @@ class Plan3:
 
     def samples_of(self, task: str) -> int:
         return self.eval_samples if self.explicit_samples else TASKS[task].get("eval_samples", self.eval_samples)
-
-    explicit_samples: bool = False
 
     @property
     def selecting(self) -> bool:
@@ -282,28 +281,9 @@ def task_chain(out: Path, plan: Plan3, task: str, runner: Runner, extra: Sequenc
 def sweep3(out: Path, plan: Plan3, jobs: int, extra: Sequence[str], dry_run: bool, time_budget: float) -> int:
     """Every task's chain, concurrently, on ``jobs`` shared slots (the cheapest task first: its warm-ups are
     short and its runs finish early; the costly task's runs queue behind them)."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    t0 = time.time()
-    runner = Runner(jobs, dry_run, t0 + time_budget if time_budget else None, t0)
     order = sorted(plan.tasks, key=lambda t: COST[t]["step"])
-    try:
-        with ThreadPoolExecutor(max_workers=len(order)) as drivers:
-            futs = []
-            for t in order:
-                futs.append(drivers.submit(task_chain, out, plan, t, runner, extra, dry_run))
-                time.sleep(0.05)
-            for f in futs:
-                f.result()
-    finally:
-        runner.close()
-    if runner.skipped:
-        print(f"--time-budget reached: {len(runner.skipped)} run(s) not started (rerun to continue)", flush=True)
-    if runner.failed:
-        print(f"failed (see their run.log; rerun to retry): {', '.join(runner.failed)}", flush=True)
-    print(f"sweep wall time: {time.time() - t0:.0f} s", flush=True)
-    return len(runner.failed)
+    return run_chains(order, lambda t, runner: task_chain(out, plan, t, runner, extra, dry_run), jobs, dry_run,
+                      time_budget)
 
 
 def chosen_lr(out: Path, task: str, arm: str) -> Optional[float]:
