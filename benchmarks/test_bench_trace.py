@@ -272,3 +272,29 @@ def test_scaling_check_catches_a_quadratic_backend():
 
     ratio = scaling_ratio(make, sizes=(1024, 8192))
     assert ratio >= SCALING_LIMIT, f"a dense [T, T] product scaled only {ratio:.1f}x for 8x T"
+
+
+@pytest.mark.slow
+def test_fallback_vs_cumsum_script_runs_and_summarises(tmp_path):
+    """``benchmarks/fallback_vs_cumsum.py`` (the issue-18 check of the pure-PyTorch trace), tiny
+    sizes: one process with the backward calls, then ``--processes 2 --forward-only``; the summary
+    line carries every process's ratio. Bad options are refused by name."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("fallback_vs_cumsum.py"))
+    small = ["--rounds", "3", "--B", "2", "--T", "64"]
+    out = subprocess.run([sys.executable, script, *small], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"wall: fwd/cumsum [0-9.]+x \(min-to-min [0-9.]+x\); fwd\+bwd/cumsum fwd\+bwd [0-9.]+x", out), out
+    out = subprocess.run([sys.executable, script, *small, "--processes", "2", "--forward-only"],
+                         capture_output=True, text=True, check=True).stdout
+    per = [float(v) for v in re.findall(r"process \d/2: fwd/cumsum ([0-9.]+)x", out)]
+    assert len(per) == 2 and "fwd+bwd" not in out, out
+    m = re.search(r"over 2 processes \(wall-clock medians\): fwd/cumsum median ([0-9.]+)x \(range ([0-9.]+)-([0-9.]+)x\)$",
+                  out.strip().splitlines()[-1])
+    assert m, out
+    assert float(m[2]) == min(per) and float(m[3]) == max(per)
+    bad = subprocess.run([sys.executable, script, "--processes", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--processes" in bad.stderr
