@@ -67,8 +67,8 @@ from study.plan import (BASELINE, LONG_METHODS, LR_GRID, MAIN_METHODS, METHODS, 
                         default_plan_text, final_dir, is_done, make_plan, parse_floats, parse_names, parse_seeds,
                         read_done, select_dir, selection_state, to_flags)
 from study.report import analyze, censored, headline, with_shared_start, write_report  # noqa: E402,F401
-from study.sweep import (Runner, code_root, log_sweep, make_snapshot, recipe_child, run_job,  # noqa: E402,F401
-                         sft_checkpoint, start_flags, sweep, sweep_history)
+from study.sweep import (Runner, add_sweep_flags, code_root, log_sweep, make_snapshot,  # noqa: E402,F401
+                         recipe_child, run_job, sft_checkpoint, start_flags, sweep, sweep_history)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,17 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run collapses when its last quarter of evaluations all sit this far below its start "
                         "(default: 0.05)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default: 10000)")
-    p.add_argument("--code-snapshot", default=None,
-                   help="run every run with a copy of creditlib/, recipes/ and benchmarks/study/ made in this folder "
-                        "at the first call (reused later), so edits to the working tree during a sweep cannot mix code "
-                        "versions")
-    p.add_argument("--time-budget", type=float, default=0.0,
-                   help="seconds after which no new run starts (running ones finish; rerun later to continue); 0 = none")
-    p.add_argument("--plan", action="store_true",
-                   help="print the planned sizes and the estimated wall time, launch nothing")
-    p.add_argument("--analyze-only", action="store_true", help="launch nothing; tabulate and plot the finished runs")
-    p.add_argument("--no-analyze", action="store_true", help="run, but skip the tables and plots")
-    p.add_argument("--dry-run", action="store_true", help="print the commands the next phase would run, launch nothing")
+    add_sweep_flags(p)
     p.add_argument("--list", action="store_true", help="print the tasks and methods and exit")
     return p
 

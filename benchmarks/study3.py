@@ -35,7 +35,7 @@ for _p in (_BENCH.parent, _BENCH):
         sys.path.insert(0, str(_p))
 
 from study.plan import ROOT  # noqa: E402
-from study.sweep import log_sweep, make_snapshot, recipe_child, sweep_history  # noqa: E402
+from study.sweep import add_sweep_flags, log_sweep, make_snapshot, recipe_child, sweep_history  # noqa: E402
 from study.three import ARMS, LR_GRID, TASKS, default_plan, make_plan3, sweep3  # noqa: E402
 
 
@@ -60,13 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="also write the results page here (e.g. docs/results.md)")
     p.add_argument("--recipe-args", default="", help="extra recipe flags for every run, one string, placed last")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default: 10000)")
-    p.add_argument("--code-snapshot", default=None, help="run every run with a frozen copy of creditlib/, recipes/ and "
-                                                         "benchmarks/study/ made in this folder at the first call")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds after which no new run starts; 0 = none")
-    p.add_argument("--plan", action="store_true", help="print the plan and the estimated wall time, launch nothing")
-    p.add_argument("--dry-run", action="store_true", help="print the commands of the next phase, launch nothing")
-    p.add_argument("--analyze-only", action="store_true", help="launch nothing; tabulate and plot the finished runs")
-    p.add_argument("--no-analyze", action="store_true", help="run, but skip the tables and plots")
+    add_sweep_flags(p)
     p.add_argument("--pack", default=None, metavar="DIR",
                    help="write DIR/study3-runs.tar.xz (every run's metrics.jsonl, study_done.json and command, the lr "
                         "choices, the sweep log: what --analyze-only reads) and DIR/study3-warmups.tar.xz (the reported "

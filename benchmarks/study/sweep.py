@@ -32,6 +32,22 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def add_sweep_flags(p) -> None:
+    """The options both study command lines share: how a sweep runs, resumes and reports (an
+    ``argparse.ArgumentParser`` ``p``)."""
+    p.add_argument("--code-snapshot", default=None,
+                   help="run every run with a copy of creditlib/, recipes/ and benchmarks/study/ made in this folder "
+                        "at the first call (reused later), so edits to the working tree during a sweep cannot mix code "
+                        "versions")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds after which no new run starts (running ones finish; rerun later to continue); 0 = none")
+    p.add_argument("--plan", action="store_true",
+                   help="print the planned sizes and the estimated wall time, launch nothing")
+    p.add_argument("--analyze-only", action="store_true", help="launch nothing; tabulate and plot the finished runs")
+    p.add_argument("--no-analyze", action="store_true", help="run, but skip the tables and plots")
+    p.add_argument("--dry-run", action="store_true", help="print the commands the next phase would run, launch nothing")
+
+
 def code_root() -> Path:
     """Where the runs import creditlib and the recipe from: a ``--code-snapshot`` copy, else this checkout."""
     return Path(os.environ.get("STUDY_CODE_ROOT") or ROOT)
