@@ -87,6 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     out = Path(a.out)
     out = out if out.is_absolute() else ROOT / out
+    if (a.analyze_only or a.pack) and not out.is_dir():
+        p.error(f"--out {out}: no such folder, so no runs to analyse; run the sweep first, or unpack the "
+                "shipped runs: mkdir -p runs && tar -xJf benchmarks/study/results/study3-runs.tar.xz -C runs")
     if a.pack:
         from study.three import pack
 

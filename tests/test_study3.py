@@ -74,6 +74,16 @@ def test_plan_and_argument_errors():
             T.make_plan3(*bad)
 
 
+def test_analyze_only_without_runs_names_the_folder_and_the_archive(tmp_path, capsys):
+    # a fresh clone has no runs/study3: a clear error, not a traceback from writing the tables
+    missing = tmp_path / "no-runs-here"
+    with pytest.raises(SystemExit) as e:
+        _load_cli().main(["--analyze-only", "--out", str(missing)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(missing) in err and "study3-runs.tar.xz" in err
+    assert not missing.exists()
+
+
 def test_exact_permutation_p_values_known_answers():
     # all five differences positive: only the identity and the all-flipped sign patterns are as extreme
     assert R.paired_signflip_p([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
